@@ -1,0 +1,3 @@
+"""megagen: train Movie-Gen-class media foundation models with 3D parallelism."""
+
+__version__ = "0.1.0"

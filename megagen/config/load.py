@@ -1,0 +1,174 @@
+"""YAML + dotted command-line overrides → a validated `Config`.
+
+Values from YAML keep their YAML types; override values are strings parsed against the field's declared
+type, so `parallel.tp=abc` fails with the key named instead of surfacing later as a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megagen.config.errors import ConfigError
+from megagen.config.schema import Config
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _field_type(owner: Any, name: str) -> type:
+    hints = typing.get_type_hints(type(owner))
+    return hints[name]
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Convert `value` (YAML scalar or override string) to `typ`, or raise naming `key`."""
+    from_string = isinstance(value, str)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(key, f"expected a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_string:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_string:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    raise ConfigError(key, f"unsupported field type {typ}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        groups = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(key, f"keys have the form group.name; groups are: {groups}")
+    group_name, name = parts
+    group = getattr(cfg, group_name, None)
+    if group is None or not dataclasses.is_dataclass(group):
+        groups = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(key, f"unknown group {group_name!r}; groups are: {groups}")
+    names = [f.name for f in dataclasses.fields(group)]
+    if name not in names:
+        raise ConfigError(key, f"unknown key; {group_name} has: {', '.join(names)}")
+    setattr(group, name, _coerce(key, value, _field_type(group, name)))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(tree).__name__}")
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key))
+        else:
+            flat[key] = v
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """`key.sub=value` → (key, value)."""
+    if "=" not in text:
+        raise ConfigError(text, "overrides have the form key.sub=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults ← YAML file ← overrides, then validated. Raises ConfigError naming the bad key."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("<config>", f"file not found: {p}")
+        with open(p, encoding="utf-8") as fh:
+            tree = yaml.safe_load(fh) or {}
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Field-level checks (choices, bounds) and cross-field checks that need no model."""
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        for f in dataclasses.fields(sub):
+            key, value = f"{group.name}.{f.name}", getattr(sub, f.name)
+            choices, low = f.metadata.get("choices"), f.metadata.get("min")
+            if choices is not None and value not in choices:
+                raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, choices))}")
+            if low is not None and value < low:
+                raise ConfigError(key, f"got {value!r}; must be >= {low}")
+    if cfg.parallel.dp_shard == 0:
+        raise ConfigError("parallel.dp_shard", "got 0; use a positive size or -1 for the rest of the world")
+    if cfg.train.cond_dropout > 1.0:
+        raise ConfigError("train.cond_dropout", f"got {cfg.train.cond_dropout}; must be in [0, 1]")
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            "train.micro_batch_size",
+            f"{cfg.train.micro_batch_size} does not divide train.global_batch_size={cfg.train.global_batch_size}",
+        )
+    if not cfg.data.synthetic and not cfg.data.path:
+        raise ConfigError("data.path", "required when data.synthetic=false")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (what actually ran, overrides applied)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    return json.dumps(config_to_dict(cfg), sort_keys=True)
+
+
+def describe_keys() -> str:
+    """Every key group and key with its default and help, for `megagen train --help`."""
+    lines = []
+    cfg = Config()
+    for group in dataclasses.fields(cfg):
+        sub = getattr(cfg, group.name)
+        doc = (type(sub).__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {group.name}: {doc}")
+        for f in dataclasses.fields(sub):
+            choices = f.metadata.get("choices")
+            extra = f" {{{'|'.join(map(str, choices))}}}" if choices else ""
+            lines.append(f"    {group.name}.{f.name}={getattr(sub, f.name)!r}{extra}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)

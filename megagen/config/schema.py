@@ -1,0 +1,127 @@
+"""The one config object: typed dataclasses per component, from YAML to every part of a run.
+
+Each field carries its help text and constraints in `metadata` so that validation and `--help` come
+from the same place as the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str, choices: tuple | None = None, min: float | None = None, **extra):
+    """A config field: default, help line, optional allowed values and lower bound."""
+    meta = {"help": help, "choices": choices, "min": min, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    dir: str = opt("runs/default", "run directory: resolved config, metrics.jsonl, TensorBoard, checkpoints")
+    seed: int = opt(0, "global seed; sample i of step s depends only on (seed, s, i)", min=0)
+    name: str = opt("", "free-form run name shown in logs")
+
+
+@dataclass
+class ModelConfig:
+    """Which registered spec to build, and at which size."""
+
+    spec: str = opt("video", "registered spec name (`megagen specs`) or a dotted path `pkg.module:SPEC`")
+    preset: str = opt("tiny", "size preset defined by the spec (video: tiny, 1b, 5b, 30b)")
+    init_std: float = opt(0.02, "std of the normal init of linear weights", min=0.0)
+
+
+@dataclass
+class ParallelConfig:
+    """The device mesh and how the model is sharded over it (see docs/parallelism.md)."""
+
+    dp_replicate: int = opt(1, "HSDP replica groups (outermost mesh axis)", min=1)
+    dp_shard: int = opt(-1, "FSDP shard group size; -1 = the rest of the world", min=-1)
+    cp: int = opt(1, "context-parallel size over the video-token sequence", min=1)
+    tp: int = opt(1, "tensor-parallel size (innermost axis, inside a node); must divide the heads", min=1)
+    cp_kind: str = opt("allgather_kv", "context-parallel attention", choices=("allgather_kv", "ulysses"))
+    sequence_parallel: bool = opt(True, "shard activations between TP regions on the sequence dim over tp")
+    param_dtype: str = opt("fp32", "FSDP compute dtype of parameters", choices=("fp32", "bf16"))
+    reduce_dtype: str = opt("fp32", "FSDP gradient reduction dtype", choices=("fp32", "bf16"))
+    reshard_after_forward: bool = opt(True, "FSDP frees gathered parameters after each block's forward")
+    compile: bool = opt(False, "torch.compile each transformer block")
+    backend: str = opt("auto", "process-group backend", choices=("auto", "gloo", "nccl"))
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. Synthetic data is a learnable, seeded stand-in for real latents."""
+
+    synthetic: bool = opt(True, "generate seeded synthetic latents instead of reading shards")
+    path: str = opt("", "directory of bucketed latent shards (when synthetic=false)")
+    latent_frames: int = opt(4, "synthetic: latent frames T", min=1)
+    latent_height: int = opt(8, "synthetic: latent height H (divisible by the spec's patch size)", min=1)
+    latent_width: int = opt(8, "synthetic: latent width W (divisible by the spec's patch size)", min=1)
+    text_tokens: int = opt(8, "synthetic: tokens per text encoder", min=1)
+    synthetic_classes: int = opt(8, "synthetic: distinct (caption, video) pairs the model can learn", min=1)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = opt(3e-4, "peak learning rate", min=0.0)
+    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak (cosine)", min=0.0)
+    warmup_steps: int = opt(10, "linear warmup steps", min=0)
+    schedule: str = opt("cosine", "lr schedule after warmup", choices=("cosine", "constant", "linear"))
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay", min=0.0)
+    beta1: float = opt(0.9, "AdamW beta1", min=0.0)
+    beta2: float = opt(0.95, "AdamW beta2", min=0.0)
+    eps: float = opt(1e-8, "AdamW epsilon", min=0.0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables", min=0.0)
+    fused: str = opt("auto", "fused AdamW kernel", choices=("auto", "true", "false"))
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = opt(100, "optimizer steps to run", min=1)
+    global_batch_size: int = opt(8, "samples per optimizer step over all data-parallel ranks", min=1)
+    micro_batch_size: int = opt(8, "samples per forward/backward on one rank", min=1)
+    cond_dropout: float = opt(0.1, "probability of replacing each text condition by its null embedding", min=0.0)
+    recompute: str = opt("none", "activation recompute per block", choices=("none", "full", "selective"))
+    t_mean: float = opt(0.0, "logit-normal timestep mean", min=None)
+    t_std: float = opt(1.0, "logit-normal timestep std", min=0.0)
+    log_every: int = opt(1, "print a line every N steps", min=1)
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written."""
+
+    every: int = opt(0, "save every N steps; 0 disables", min=0)
+    dir: str = opt("", "checkpoint directory; empty = <run.dir>/checkpoints")
+
+
+@dataclass
+class MetricsConfig:
+    """Where per-step metrics go."""
+
+    tensorboard: bool = opt(True, "write TensorBoard event files under <run.dir>/tb")
+    jsonl: bool = opt(True, "write <run.dir>/metrics.jsonl, one JSON object per step")
+    progress: str = opt("auto", "progress display", choices=("auto", "bar", "lines", "none"))
+    comm: bool = opt(False, "count collective bytes per mesh axis and log them as comm_bytes")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; one object flows to every component."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)

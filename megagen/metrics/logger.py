@@ -1,0 +1,99 @@
+"""Per-step metrics to stdout (progress bar on a TTY, plain lines otherwise), JSON lines and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("megagen")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class MetricsLogger:
+    """Writes one record per step to every enabled sink. Only rank 0 should construct an enabled one."""
+
+    SHOWN = ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s")
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        total_steps: int,
+        jsonl: bool = True,
+        tensorboard: bool = True,
+        progress: str = "auto",
+        log_every: int = 1,
+        stream=None,
+    ):
+        self.total, self.log_every = total_steps, log_every
+        self.stream = stream or sys.stdout
+        self.enabled = run_dir is not None
+        self._jsonl = None
+        self._tb = None
+        if progress == "auto":
+            progress = "bar" if self.stream.isatty() else "lines"
+        self.progress = progress if self.enabled else "none"
+        if not self.enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            self._tb = _open_tensorboard(run_dir / "tb")
+        self._t0 = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+                elif isinstance(v, dict):
+                    for sub, sv in v.items():
+                        if isinstance(sv, (int, float)):
+                            self._tb.add_scalar(f"{k}/{sub}", sv, step)
+        self._print(step, metrics)
+
+    def _print(self, step: int, metrics: dict[str, Any]) -> None:
+        shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in self.SHOWN if k in metrics)
+        if self.progress == "bar":
+            done = int(30 * step / max(1, self.total))
+            self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} {shown}")
+            if step >= self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif self.progress == "lines" and (step % self.log_every == 0 or step >= self.total):
+            self.stream.write(f"step {step}/{self.total} {shown}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _open_tensorboard(path: Path):
+    """A SummaryWriter, or None with one log line when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        log.warning("tensorboard not available (%s): TensorBoard logging disabled", exc)
+        return None
+    return SummaryWriter(str(path))

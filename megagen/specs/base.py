@@ -1,0 +1,69 @@
+"""What a model spec is: the contract between a model family and the rest of megagen.
+
+A spec builds its module, declares its parallel plan, adapts a data batch into model inputs and states
+the per-token target; the trainer and the engine know nothing else about the model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from megagen.config import Config, ConfigError
+from megagen.parallel.plan import ParallelPlan
+
+
+class ModelSpec(ABC):
+    """A named, registered model family with size presets."""
+
+    name: str = ""
+    presets: dict[str, Any] = {}
+
+    def arch(self, cfg: Config) -> Any:
+        """The preset's architecture, or a ConfigError naming `model.preset` and the allowed values."""
+        if cfg.model.preset not in self.presets:
+            allowed = ", ".join(self.presets)
+            raise ConfigError("model.preset", f"{cfg.model.preset!r} is not a {self.name} preset; allowed: {allowed}")
+        return self.presets[cfg.model.preset]
+
+    @abstractmethod
+    def build(self, cfg: Config) -> nn.Module:
+        """Construct the module on the current default device (use the meta device for large presets)."""
+
+    def init_weights(self, model: nn.Module, cfg: Config) -> None:
+        model.init_weights(cfg.model.init_std)
+
+    @abstractmethod
+    def parallel_plan(self, cfg: Config) -> ParallelPlan:
+        """How the engine may shard this model."""
+
+    @abstractmethod
+    def sample_shapes(self, cfg: Config) -> dict[str, tuple[int, ...]]:
+        """Per-sample tensor shapes of a data sample (e.g. `latents`, `text.ul2`) for this config."""
+
+    @abstractmethod
+    def condition_names(self, cfg: Config) -> list[str]:
+        """Conditions that `train.cond_dropout` may replace by their null embedding."""
+
+    @abstractmethod
+    def model_inputs(
+        self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, drop: dict[str, torch.Tensor] | None
+    ) -> dict[str, Any]:
+        """Keyword arguments of the model's forward for noisy latents x_t at time t."""
+
+    @abstractmethod
+    def to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, ...) → per-token targets (B, S, P) in the model output's token order."""
+
+    @abstractmethod
+    def from_tokens(self, tokens: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """Inverse of `to_tokens` for one latent shape (C, ...)."""
+
+    def validate(self, cfg: Config) -> None:
+        """Cross-checks between this spec and the config (e.g. heads divisible by tp)."""
+
+    def flops_per_sample(self, cfg: Config) -> float:
+        raise NotImplementedError(f"spec {self.name!r}: FLOP counting is not implemented yet")

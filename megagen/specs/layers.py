@@ -1,0 +1,106 @@
+"""Transformer building blocks shared by the specs.
+
+Every projection is a bias-free `nn.Linear` named so a `ParallelPlan` can point at it, and attention
+reshapes by `head_dim` (not head count) so the same code runs on a tensor-parallel shard of the heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megagen.kernels import AttentionCore, swiglu
+
+
+class SelfAttention(nn.Module):
+    """Full bidirectional multi-head self-attention over the token sequence."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.core = AttentionCore()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, -1, self.head_dim)
+        k = self.k(x).view(b, s, -1, self.head_dim)
+        v = self.v(x).view(b, s, -1, self.head_dim)
+        return self.o(self.core(q, k, v).reshape(b, s, -1))
+
+
+class CrossAttention(nn.Module):
+    """Video tokens (queries) attend to the concatenated text context (keys/values)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+        self.core = AttentionCore()
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        lc = context.shape[1]
+        q = self.q(x).view(b, s, -1, self.head_dim)
+        k = self.k(context).view(b, lc, -1, self.head_dim)
+        v = self.v(context).view(b, lc, -1, self.head_dim)
+        return self.o(self.core(q, k, v, context_valid).reshape(b, s, -1))
+
+
+class SwiGLUMLP(nn.Module):
+    """Llama-3 feed-forward: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class GELUMLP(nn.Module):
+    """DiT feed-forward with two matrices: w2(gelu(w1 x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(nn.functional.gelu(self.w1(x), approximate="tanh"))
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t ∈ [0, 1] (scaled by 1000 so the frequencies resolve small steps)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t → sinusoidal features → MLP → (B, dim): the one shared timestep network of adaLN-single."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, dim, bias=True)
+        self.fc2 = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = timestep_frequencies(t, self.freq_dim).to(self.fc1.weight.dtype)
+        return self.fc2(nn.functional.silu(self.fc1(h)))

@@ -1,0 +1,152 @@
+"""Movie Gen Video transformer: per-token in, per-token out.
+
+Patchify (1×2×2 over 16-channel TAE latents) is a reshape done by the spec, so the network sees patch
+vectors and `patch_embed` is the stride-equals-kernel conv written as a linear. Working per token lets the
+engine shard the sequence from the first layer to the loss without gathering it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megagen.kernels import RMSNorm, modulate
+from megagen.specs.layers import CrossAttention, SelfAttention, SwiGLUMLP, TimestepEmbedder
+
+
+@dataclass(frozen=True)
+class VideoArch:
+    """Sizes of one video preset."""
+
+    layers: int
+    dim: int
+    ffn: int
+    heads: int
+    latent_channels: int = 16
+    patch: tuple[int, int, int] = (1, 2, 2)
+    max_latent_thw: tuple[int, int, int] = (32, 96, 96)
+    text_encoders: dict[str, int] = field(default_factory=lambda: {"ul2": 4096, "byt5": 1472, "metaclip": 1280})
+    norm_eps: float = 1e-6
+
+    @property
+    def patch_dim(self) -> int:
+        pt, ph, pw = self.patch
+        return self.latent_channels * pt * ph * pw
+
+
+class VideoBlock(nn.Module):
+    """Llama-3 block with cross-attention and adaLN-single modulation.
+
+    `mod_table` is the small per-block learnable table added to the shared timestep projection
+    (adaLN-single); per-block d→6d adaLN would add ≈11 B parameters at 30B.
+    """
+
+    def __init__(self, arch: VideoArch):
+        super().__init__()
+        d = arch.dim
+        self.attn_norm = RMSNorm(d, arch.norm_eps)
+        self.attn = SelfAttention(d, arch.heads)
+        self.cross_norm = RMSNorm(d, arch.norm_eps)
+        self.cross_attn = CrossAttention(d, arch.heads)
+        self.mlp_norm = RMSNorm(d, arch.norm_eps)
+        self.mlp = SwiGLUMLP(d, arch.ffn)
+        self.mod_table = nn.Parameter(torch.zeros(6, d))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        t_mod: torch.Tensor,
+        context: torch.Tensor,
+        context_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        mod = t_mod.view(t_mod.shape[0], 6, -1) + self.mod_table
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
+        x = x + pos
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.attn_norm(x), shift1, scale1))
+        x = x + self.cross_attn(self.cross_norm(x), context, context_valid)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.mlp_norm(x), shift2, scale2))
+        return x
+
+
+class TextProjector(nn.Module):
+    """One text encoder's linear + norm into the model width, with a learned null for CFG dropout."""
+
+    def __init__(self, in_dim: int, dim: int, eps: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim, bias=False)
+        self.norm = RMSNorm(dim, eps)
+        self.null = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, emb: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm(self.proj(emb))
+        if drop is None:
+            return h
+        return torch.where(drop.view(-1, 1, 1), self.null.to(h.dtype).expand_as(h), h)
+
+
+class VideoTransformer(nn.Module):
+    """tokens (B, S, patch_dim), pos_ids (B|1, S, 3), t (B,), text embeddings → velocity (B, S, patch_dim)."""
+
+    def __init__(self, arch: VideoArch):
+        super().__init__()
+        self.arch = arch
+        d = arch.dim
+        self.patch_embed = nn.Linear(arch.patch_dim, d, bias=True)
+        mt, mh, mw = arch.max_latent_thw
+        pt, ph, pw = arch.patch
+        self.pos_t = nn.Embedding(mt // pt, d)
+        self.pos_h = nn.Embedding(mh // ph, d)
+        self.pos_w = nn.Embedding(mw // pw, d)
+        self.text = nn.ModuleDict({n: TextProjector(k, d, arch.norm_eps) for n, k in arch.text_encoders.items()})
+        self.t_embed = TimestepEmbedder(d)
+        self.t_mod = nn.Linear(d, 6 * d, bias=True)
+        self.blocks = nn.ModuleList(VideoBlock(arch) for _ in range(arch.layers))
+        self.out_norm = RMSNorm(d, arch.norm_eps, affine=False)
+        self.out_table = nn.Parameter(torch.zeros(2, d))
+        self.out_proj = nn.Linear(d, arch.patch_dim, bias=True)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal linears, small position embeddings, zero output so training starts at v̂ = 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)
+        for blk in self.blocks:
+            nn.init.normal_(blk.mod_table, std=self.arch.dim**-0.5)
+        for proj in self.text.values():
+            nn.init.normal_(proj.null, std=std)
+        nn.init.zeros_(self.out_table)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        pos_ids: torch.Tensor,
+        t: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        text_valid: dict[str, torch.Tensor] | None = None,
+        text_drop: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = self.patch_embed(tokens)
+        pos = self.pos_t(pos_ids[..., 0]) + self.pos_h(pos_ids[..., 1]) + self.pos_w(pos_ids[..., 2])
+        context = torch.cat(
+            [proj(text[n], None if text_drop is None else text_drop[n]) for n, proj in self.text.items()], dim=1
+        )
+        context_valid = None
+        if text_valid is not None:
+            context_valid = torch.cat([text_valid[n] for n in self.text], dim=1)
+        t_emb = self.t_embed(t)
+        t_mod = self.t_mod(nn.functional.silu(t_emb))
+        for blk in self.blocks:
+            x = blk(x, pos, t_mod, context, context_valid)
+        shift, scale = (t_emb.unsqueeze(1) + self.out_table).unbind(1)
+        return self.out_proj(modulate(self.out_norm(x), shift, scale))

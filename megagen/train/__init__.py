@@ -1,0 +1,5 @@
+"""Training: objective, optimizer, loop."""
+
+from megagen.train.loop import TrainResult, train
+
+__all__ = ["TrainResult", "train"]

@@ -1,0 +1,129 @@
+"""The training loop: config → runtime → spec → parallelize → data → steps → metrics.
+
+The hooks where parallelism enters (`runtime.*`) sit at fixed points, so the loop is the same for one
+process and for any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megagen.config import Config, ConfigError, save_config
+from megagen.data import SyntheticDataset
+from megagen.metrics import MetricsLogger
+from megagen.specs import get_spec
+from megagen.train.objective import draw_for_samples, flow_matching_micro_step
+from megagen.train.optim import build_optimizer
+
+log = logging.getLogger("megagen")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (tests compare these across meshes)."""
+
+    losses: list[float]
+    grad_norms: list[float]
+    model: torch.nn.Module
+    runtime: object
+
+
+def grad_accumulation_steps(cfg: Config, dp_size: int) -> int:
+    """global ÷ (micro × data-parallel size), or a ConfigError naming the batch keys."""
+    per_step = cfg.train.micro_batch_size * dp_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{cfg.train.global_batch_size} is not divisible by train.micro_batch_size × data-parallel size "
+            f"= {cfg.train.micro_batch_size} × {dp_size}",
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def max_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def make_runtime(cfg: Config):
+    """The single-process runtime, or the distributed one when launched by torchrun."""
+    from megagen.parallel.runtime import LocalRuntime
+
+    return LocalRuntime()
+
+
+def build_model(cfg: Config, spec, runtime):
+    """Build and initialise the full model from the seed, then let the runtime shard it."""
+    torch.manual_seed(cfg.run.seed)
+    model = spec.build(cfg)
+    spec.init_weights(model, cfg)
+    return runtime.parallelize(model.to(runtime.device), spec.parallel_plan(cfg), cfg)
+
+
+def train(cfg: Config, runtime=None) -> TrainResult:
+    """Run `train.steps` optimizer steps; rank 0 writes metrics and the resolved config."""
+    spec = get_spec(cfg.model.spec)
+    spec.validate(cfg)
+    runtime = runtime or make_runtime(cfg)
+    accum = grad_accumulation_steps(cfg, runtime.dp_size)
+    model = build_model(cfg, spec, runtime)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(params, cfg)
+    dataset = SyntheticDataset(spec.sample_shapes(cfg), cfg.run.seed, cfg.data.synthetic_classes)
+    latent_shape = spec.sample_shapes(cfg)["latents"]
+
+    run_dir = Path(cfg.run.dir) if runtime.is_logging_rank else None
+    if run_dir is not None:
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(
+        run_dir, cfg.train.steps, cfg.metrics.jsonl, cfg.metrics.tensorboard, cfg.metrics.progress, cfg.train.log_every
+    )
+    losses, norms = [], []
+    try:
+        for step in range(cfg.train.steps):
+            t_start = time.perf_counter()
+            step_loss = torch.zeros((), device=runtime.device)
+            tokens_per_sample = 0
+            for micro in range(accum):
+                runtime.set_grad_sync(model, micro == accum - 1)
+                indices = runtime.sample_indices(micro, cfg.train.micro_batch_size)
+                batch = {k: v.to(runtime.device) for k, v in dataset.batch(step, indices).items()}
+                draws = draw_for_samples(cfg, spec, step, indices, latent_shape)
+                loss_sum, _, tokens_per_sample = flow_matching_micro_step(
+                    cfg, spec, model, batch, draws, runtime.shard_targets
+                )
+                loss = loss_sum / (cfg.train.global_batch_size * tokens_per_sample)
+                loss.backward()
+                step_loss += loss.detach()
+            runtime.finish_grads(model)
+            grad_norm = runtime.clip_grads(params, cfg.optim.grad_clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_loss = runtime.global_loss(step_loss)
+            dt = time.perf_counter() - t_start
+            losses.append(global_loss)
+            norms.append(grad_norm)
+            logger.log(
+                step + 1,
+                {
+                    "loss": global_loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "samples_per_s": cfg.train.global_batch_size / dt,
+                    "tokens_per_s": cfg.train.global_batch_size * tokens_per_sample / dt,
+                    "step_time_s": dt,
+                    "max_mem_gb": max_memory_gb(runtime.device),
+                },
+            )
+    finally:
+        logger.close()
+    return TrainResult(losses, norms, model, runtime)

@@ -1,0 +1,37 @@
+"""Packaging for megagen: one distribution, three import packages.
+
+`parallel/` and `kernels/` live at the top of the repository (they are the engine and the fused ops, and
+know nothing of models) but install as `megagen.parallel` and `megagen.kernels`.
+"""
+
+from setuptools import find_packages, setup
+
+_core = find_packages(include=["megagen", "megagen.*"])
+_parallel = ["megagen.parallel"] + [
+    "megagen.parallel." + p for p in find_packages(where="parallel")
+]
+_kernels = ["megagen.kernels"] + ["megagen.kernels." + p for p in find_packages(where="kernels")]
+
+setup(
+    name="megagen",
+    version="0.1.0",
+    description="3D-parallel training of Movie-Gen-class media foundation models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=_core + _parallel + _kernels,
+    package_dir={"megagen.parallel": "parallel", "megagen.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tensorboard>=2.14",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100"],
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+        "gpu": ["transformer-engine[pytorch]>=1.10", "nvtx>=0.2", "triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["megagen = megagen.cli:main"]},
+)
