@@ -7,9 +7,7 @@ know nothing of models) but install as `megagen.parallel` and `megagen.kernels`.
 from setuptools import find_packages, setup
 
 _core = find_packages(include=["megagen", "megagen.*"])
-_parallel = ["megagen.parallel"] + [
-    "megagen.parallel." + p for p in find_packages(where="parallel")
-]
+_parallel = ["megagen.parallel"] + ["megagen.parallel." + p for p in find_packages(where="parallel")]
 _kernels = ["megagen.kernels"] + ["megagen.kernels." + p for p in find_packages(where="kernels")]
 
 setup(

@@ -17,7 +17,9 @@ def attention_reference(
     """Bidirectional attention. q: (B, Sq, H, D); k, v: (B, Skv, H, D); kv_valid: (B, Skv) or (Skv,) bool."""
     mask = None
     if kv_valid is not None:
-        mask = kv_valid.view(kv_valid.shape[0], 1, 1, -1) if kv_valid.dim() == 2 else kv_valid.view(1, 1, 1, -1)
+        mask = (
+            kv_valid.view(kv_valid.shape[0], 1, 1, -1) if kv_valid.dim() == 2 else kv_valid.view(1, 1, 1, -1)
+        )
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
     )

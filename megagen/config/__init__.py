@@ -15,7 +15,18 @@ from megagen.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "MetricsConfig", "ModelConfig",
-    "OptimConfig", "ParallelConfig", "RunConfig", "TrainConfig", "describe_keys", "load_config",
-    "save_config", "validate",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "describe_keys",
+    "load_config",
+    "save_config",
+    "validate",
 ]

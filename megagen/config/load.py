@@ -138,7 +138,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             "train.micro_batch_size",
-            f"{cfg.train.micro_batch_size} does not divide train.global_batch_size={cfg.train.global_batch_size}",
+            f"{cfg.train.micro_batch_size} does not divide "
+            f"train.global_batch_size={cfg.train.global_batch_size}",
         )
     if not cfg.data.synthetic and not cfg.data.path:
         raise ConfigError("data.path", "required when data.synthetic=false")
@@ -170,5 +171,7 @@ def describe_keys() -> str:
         for f in dataclasses.fields(sub):
             choices = f.metadata.get("choices")
             extra = f" {{{'|'.join(map(str, choices))}}}" if choices else ""
-            lines.append(f"    {group.name}.{f.name}={getattr(sub, f.name)!r}{extra}  {f.metadata.get('help', '')}")
+            lines.append(
+                f"    {group.name}.{f.name}={getattr(sub, f.name)!r}{extra}  {f.metadata.get('help', '')}"
+            )
     return "\n".join(lines)

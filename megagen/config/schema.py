@@ -88,7 +88,9 @@ class TrainConfig:
     steps: int = opt(100, "optimizer steps to run", min=1)
     global_batch_size: int = opt(8, "samples per optimizer step over all data-parallel ranks", min=1)
     micro_batch_size: int = opt(8, "samples per forward/backward on one rank", min=1)
-    cond_dropout: float = opt(0.1, "probability of replacing each text condition by its null embedding", min=0.0)
+    cond_dropout: float = opt(
+        0.1, "probability of replacing each text condition by its null embedding", min=0.0
+    )
     recompute: str = opt("none", "activation recompute per block", choices=("none", "full", "selective"))
     t_mean: float = opt(0.0, "logit-normal timestep mean", min=None)
     t_std: float = opt(1.0, "logit-normal timestep std", min=0.0)

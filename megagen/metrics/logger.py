@@ -32,6 +32,7 @@ class MetricsLogger:
         progress: str = "auto",
         log_every: int = 1,
         stream=None,
+        resume: bool = False,
     ):
         self.total, self.log_every = total_steps, log_every
         self.stream = stream or sys.stdout
@@ -46,7 +47,7 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
         if tensorboard:
             self._tb = _open_tensorboard(run_dir / "tb")
         self._t0 = time.perf_counter()

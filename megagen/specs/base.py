@@ -26,7 +26,9 @@ class ModelSpec(ABC):
         """The preset's architecture, or a ConfigError naming `model.preset` and the allowed values."""
         if cfg.model.preset not in self.presets:
             allowed = ", ".join(self.presets)
-            raise ConfigError("model.preset", f"{cfg.model.preset!r} is not a {self.name} preset; allowed: {allowed}")
+            raise ConfigError(
+                "model.preset", f"{cfg.model.preset!r} is not a {self.name} preset; allowed: {allowed}"
+            )
         return self.presets[cfg.model.preset]
 
     @abstractmethod
@@ -50,7 +52,11 @@ class ModelSpec(ABC):
 
     @abstractmethod
     def model_inputs(
-        self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, drop: dict[str, torch.Tensor] | None
+        self,
+        batch: dict[str, torch.Tensor],
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        drop: dict[str, torch.Tensor] | None,
     ) -> dict[str, Any]:
         """Keyword arguments of the model's forward for noisy latents x_t at time t."""
 
@@ -64,6 +70,7 @@ class ModelSpec(ABC):
 
     def validate(self, cfg: Config) -> None:
         """Cross-checks between this spec and the config (e.g. heads divisible by tp)."""
+        return None
 
     def flops_per_sample(self, cfg: Config) -> float:
         raise NotImplementedError(f"spec {self.name!r}: FLOP counting is not implemented yet")

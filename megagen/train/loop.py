@@ -83,7 +83,12 @@ def train(cfg: Config, runtime=None) -> TrainResult:
     if run_dir is not None:
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(
-        run_dir, cfg.train.steps, cfg.metrics.jsonl, cfg.metrics.tensorboard, cfg.metrics.progress, cfg.train.log_every
+        run_dir,
+        cfg.train.steps,
+        cfg.metrics.jsonl,
+        cfg.metrics.tensorboard,
+        cfg.metrics.progress,
+        cfg.train.log_every,
     )
     losses, norms = [], []
     try:

@@ -27,7 +27,9 @@ class VideoArch:
     latent_channels: int = 16
     patch: tuple[int, int, int] = (1, 2, 2)
     max_latent_thw: tuple[int, int, int] = (32, 96, 96)
-    text_encoders: dict[str, int] = field(default_factory=lambda: {"ul2": 4096, "byt5": 1472, "metaclip": 1280})
+    text_encoders: dict[str, int] = field(
+        default_factory=lambda: {"ul2": 4096, "byt5": 1472, "metaclip": 1280}
+    )
     norm_eps: float = 1e-6
 
     @property
@@ -100,7 +102,9 @@ class VideoTransformer(nn.Module):
         self.pos_t = nn.Embedding(mt // pt, d)
         self.pos_h = nn.Embedding(mh // ph, d)
         self.pos_w = nn.Embedding(mw // pw, d)
-        self.text = nn.ModuleDict({n: TextProjector(k, d, arch.norm_eps) for n, k in arch.text_encoders.items()})
+        self.text = nn.ModuleDict(
+            {n: TextProjector(k, d, arch.norm_eps) for n, k in arch.text_encoders.items()}
+        )
         self.t_embed = TimestepEmbedder(d)
         self.t_mod = nn.Linear(d, 6 * d, bias=True)
         self.blocks = nn.ModuleList(VideoBlock(arch) for _ in range(arch.layers))
@@ -139,7 +143,8 @@ class VideoTransformer(nn.Module):
         x = self.patch_embed(tokens)
         pos = self.pos_t(pos_ids[..., 0]) + self.pos_h(pos_ids[..., 1]) + self.pos_w(pos_ids[..., 2])
         context = torch.cat(
-            [proj(text[n], None if text_drop is None else text_drop[n]) for n, proj in self.text.items()], dim=1
+            [proj(text[n], None if text_drop is None else text_drop[n]) for n, proj in self.text.items()],
+            dim=1,
         )
         context_valid = None
         if text_valid is not None:

@@ -16,7 +16,9 @@ from megagen.specs.video.model import VideoArch, VideoTransformer
 TINY_TEXT = {"ul2": 24, "byt5": 16, "metaclip": 12}
 
 VIDEO_PRESETS: dict[str, VideoArch] = {
-    "tiny": VideoArch(layers=2, dim=64, ffn=128, heads=8, max_latent_thw=(16, 32, 32), text_encoders=TINY_TEXT),
+    "tiny": VideoArch(
+        layers=2, dim=64, ffn=128, heads=8, max_latent_thw=(16, 32, 32), text_encoders=TINY_TEXT
+    ),
     "1b": VideoArch(layers=24, dim=1536, ffn=4096, heads=16),
     "5b": VideoArch(layers=32, dim=3072, ffn=8192, heads=24),
     "30b": VideoArch(layers=48, dim=6144, ffn=16384, heads=48),
@@ -32,7 +34,9 @@ def patchify(latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor
     return x.reshape(b, (t // pt) * (h // ph) * (w // pw), c * pt * ph * pw)
 
 
-def unpatchify(tokens: torch.Tensor, patch: tuple[int, int, int], latent_shape: tuple[int, ...]) -> torch.Tensor:
+def unpatchify(
+    tokens: torch.Tensor, patch: tuple[int, int, int], latent_shape: tuple[int, ...]
+) -> torch.Tensor:
     """Inverse of `patchify` for latents of shape (C, T, H, W)."""
     c, t, h, w = latent_shape
     pt, ph, pw = patch
@@ -93,14 +97,20 @@ class VideoSpec(ModelSpec):
         arch: VideoArch = self.arch(cfg)
         tp, cp = cfg.parallel.tp, cfg.parallel.cp
         if arch.heads % tp:
-            raise ConfigError("parallel.tp", f"{tp} does not divide the {arch.heads} heads of video/{cfg.model.preset}")
+            raise ConfigError(
+                "parallel.tp", f"{tp} does not divide the {arch.heads} heads of video/{cfg.model.preset}"
+            )
         if cfg.parallel.cp_kind == "ulysses" and arch.heads % (tp * cp):
             raise ConfigError(
                 "parallel.cp",
-                f"ulysses needs heads ({arch.heads}) divisible by cp*tp = {cp}*{tp}; use cp_kind=allgather_kv",
+                f"ulysses needs heads ({arch.heads}) divisible by cp*tp = {cp}*{tp}; "
+                "use cp_kind=allgather_kv",
             )
-        dims = {"data.latent_frames": cfg.data.latent_frames, "data.latent_height": cfg.data.latent_height,
-                "data.latent_width": cfg.data.latent_width}
+        dims = {
+            "data.latent_frames": cfg.data.latent_frames,
+            "data.latent_height": cfg.data.latent_height,
+            "data.latent_width": cfg.data.latent_width,
+        }
         for (key, size), p, limit in zip(dims.items(), arch.patch, arch.max_latent_thw):
             if size % p:
                 raise ConfigError(key, f"{size} is not divisible by the patch size {p}")
@@ -116,7 +126,11 @@ class VideoSpec(ModelSpec):
         return unpatchify(tokens, self._patch, latent_shape)
 
     def model_inputs(
-        self, batch: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, drop: dict[str, torch.Tensor] | None
+        self,
+        batch: dict[str, torch.Tensor],
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        drop: dict[str, torch.Tensor] | None,
     ) -> dict[str, Any]:
         grid = tuple(n // p for n, p in zip(x_t.shape[2:], self._patch))
         text = {k.split(".", 1)[1]: v for k, v in batch.items() if k.startswith("text.")}

@@ -1,0 +1,84 @@
+"""The `megagen` command line. Bad input ends in one line naming the key and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megagen.config import ConfigError, describe_keys, load_config
+
+DESCRIPTION = """megagen: train Movie-Gen-class media foundation models with 3D parallelism.
+
+commands:
+  train   train a model from a YAML config with dotted key=value overrides (single process or torchrun)
+  specs   list the registered model specs and their presets
+  config  print the resolved config (YAML + overrides) without running anything
+"""
+
+TRAIN_EPILOG = "config keys (group.key=default {allowed}  help):\n" + describe_keys()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megagen", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in (("train", "train a model"), ("config", "print the resolved config")):
+        c = sub.add_parser(
+            name,
+            help=help_text,
+            description=f"{help_text}: CONFIG is a YAML file; each OVERRIDE is group.key=value.",
+            epilog=TRAIN_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        c.add_argument(
+            "config", metavar="CONFIG", help="YAML config file (e.g. examples/configs/video_tiny.yaml)"
+        )
+        c.add_argument(
+            "overrides", metavar="OVERRIDE", nargs="*", help="dotted overrides, e.g. train.steps=5"
+        )
+    sub.add_parser("specs", help="list registered model specs", description="List registered model specs.")
+    return p
+
+
+def _cmd_train(args) -> int:
+    from megagen.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    import yaml
+
+    from megagen.config.load import config_to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def _cmd_specs(args) -> int:
+    from megagen.specs import list_specs
+
+    for name, spec in list_specs().items():
+        doc = (type(spec).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:12s} presets: {', '.join(spec.presets)}  — {doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handlers = {"train": _cmd_train, "config": _cmd_config, "specs": _cmd_specs}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"megagen: {exc}", file=sys.stderr)
+        return 2
