@@ -67,3 +67,123 @@ class LocalRuntime:
 
     def close(self) -> None:
         pass
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _replication(p: torch.Tensor, world_size: int) -> int:
+    """How many ranks hold an identical copy of this rank's piece of `p`."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Shard
+
+    if not isinstance(p, DTensor):
+        return world_size
+    mesh, distinct = p.device_mesh, 1
+    for axis, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard":
+            distinct *= mesh.size(axis)
+    return world_size // distinct
+
+
+class DistributedRuntime(LocalRuntime):
+    """The runtime on a device mesh (torchrun / several processes): same hooks, real collectives."""
+
+    def __init__(self, cfg):
+        import torch.distributed as dist
+        from megagen.parallel.mesh import Mesh, ParallelDims, device_and_backend
+
+        device, backend = device_and_backend(cfg.parallel.backend)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        super().__init__(device)
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        p = cfg.parallel
+        self.dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, self.world_size)
+        self.mesh = Mesh(self.dims, device.type)
+        self.dp_rank, self.dp_size = self.mesh.local_rank("dp"), self.dims.dp
+        self.is_logging_rank = self.rank == 0
+        self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
+        self.state = None
+        self._owns_group = True
+
+    def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
+        from megagen.parallel.parallelize import parallelize
+
+        self.state = parallelize(model, plan, self.mesh, cfg.parallel, cfg.train.recompute)
+        self._partial = set(self.state.tp_partial_grads)
+        return model
+
+    @property
+    def loss_scale(self) -> float:
+        """Undo FSDP's averaging where this torch cannot be told to sum."""
+        if self.state is None or self.state.grads_summed or not self.state.fsdp:
+            return 1.0
+        return float(self.dims.fsdp * self.dims.dp_replicate)
+
+    def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.state.sharder.shard_targets(target)
+
+    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
+        from megagen.parallel.fsdp import set_gradient_sync
+
+        set_gradient_sync(model, enabled)
+
+    def finish_grads(self, model: nn.Module) -> None:
+        """Sum the partial gradients of tp-replicated parameters over tp (sequence parallelism)."""
+        if not self._partial:
+            return
+        import torch.distributed as dist
+
+        grads = [_local(p.grad) for n, p in model.named_parameters() if n in self._partial and p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.mesh.group("tp"))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in params:
+            if p.grad is not None:
+                sq = _local(p.grad).double().pow(2).sum()
+                total += sq / _replication(p.grad, self.world_size)
+        dist.all_reduce(total)
+        return total.sqrt().float()
+
+    def clip_grads(self, params: list[nn.Parameter], max_norm: float) -> float:
+        norm = self.grad_norm(params)
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for p in params:
+                if p.grad is not None:
+                    g = _local(p.grad)
+                    g.mul_(coef.to(g.dtype))
+        value = float(norm)
+        return value if math.isfinite(value) else float("nan")
+
+    def global_loss(self, local_sum: torch.Tensor) -> float:
+        """Sum over all ranks; tp ranks without SP computed the same tokens, so count them once."""
+        import torch.distributed as dist
+
+        total = local_sum.detach().clone().double()
+        dist.all_reduce(total)
+        duplicates = 1 if self.sequence_parallel else self.dims.tp
+        return float(total) / duplicates / self.loss_scale
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and self._owns_group:
+            dist.destroy_process_group()

@@ -54,8 +54,17 @@ def max_memory_gb(device: torch.device) -> float:
 
 def make_runtime(cfg: Config):
     """The single-process runtime, or the distributed one when launched by torchrun."""
-    from megagen.parallel.runtime import LocalRuntime
+    import os
 
+    import torch.distributed as dist
+
+    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return DistributedRuntime(cfg)
+    p = cfg.parallel
+    if max(p.dp_replicate, p.cp, p.tp, p.dp_shard) > 1:
+        raise ConfigError("parallel", "a mesh larger than 1 needs several processes: launch with torchrun")
     return LocalRuntime()
 
 
@@ -104,7 +113,7 @@ def train(cfg: Config, runtime=None) -> TrainResult:
                 loss_sum, _, tokens_per_sample = flow_matching_micro_step(
                     cfg, spec, model, batch, draws, runtime.shard_targets
                 )
-                loss = loss_sum / (cfg.train.global_batch_size * tokens_per_sample)
+                loss = loss_sum * getattr(runtime, "loss_scale", 1.0) / (cfg.train.global_batch_size * tokens_per_sample)
                 loss.backward()
                 step_loss += loss.detach()
             runtime.finish_grads(model)

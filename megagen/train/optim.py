@@ -31,6 +31,14 @@ def _use_fused(cfg: Config, params: list[torch.nn.Parameter]) -> bool:
     return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
+def _mixes_dtensors(params: list[torch.nn.Parameter]) -> bool:
+    """foreach kernels cannot take DTensors and plain tensors in one list (TP without FSDP)."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {isinstance(p, DTensor) for p in params}
+    return len(kinds) > 1
+
+
 def build_optimizer(
     params: list[torch.nn.Parameter], cfg: Config
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -49,6 +57,7 @@ def build_optimizer(
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         fused=_use_fused(cfg, params) or None,
+        foreach=False if _mixes_dtensors(params) else None,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
     return opt, sched

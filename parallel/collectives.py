@@ -1,0 +1,110 @@
+"""Raw collectives along a tensor dimension over a process group (no autograd).
+
+The engine's autograd functions (Megatron-style pairs: all-gather / reduce-scatter, all-to-all / its
+inverse) are built on these. Every function communicates a contiguous buffer laid out so that the chunk of
+rank j is the j-th block of dim 0, which is what `all_gather_single` / `reduce_scatter_single` /
+`all_to_all_single` exchange; the result comes back contiguous in the caller's layout. The same code runs
+on gloo (CPU) and NCCL (CUDA).
+
+With a group of one rank (or no initialised process group) every function is a no-op that may return its
+input itself. Sizes that do not split evenly raise ValueError with the numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "group_size",
+    "all_gather_along",
+    "reduce_scatter_along",
+    "all_reduce_sum",
+    "all_to_all_along",
+]
+
+# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor in favour of the *_single names;
+# torch 2.11 has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Number of ranks in `group` (the default group when None); 1 when torch.distributed is not running."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _split_size(x: torch.Tensor, dim: int, n: int, what: str) -> int:
+    size = x.shape[dim]
+    if size % n:
+        raise ValueError(f"{what}: dim {dim} of shape {tuple(x.shape)} has size {size}, not divisible by "
+                         f"the group size {n}")
+    return size // n
+
+
+def _chunks_first(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """(..., n*c, ...) -> contiguous (n, ..., c, ...): the j-th chunk along `dim` becomes block j of dim 0."""
+    return x.unflatten(dim, (n, x.shape[dim] // n)).movedim(dim, 0).contiguous()  # a view when dim == 0
+
+
+def _blocks_into(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """(n, ..., c, ...) -> contiguous (..., n*c, ...): concatenate the dim-0 blocks along `dim`."""
+    if dim == 0:
+        return y.flatten(0, 1)
+    return y.movedim(0, dim).flatten(dim, dim + 1).contiguous()
+
+
+def all_gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate every rank's `x` (same shape everywhere) along `dim`, in rank order."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    dim = dim % x.dim()
+    x = x.contiguous()
+    # Concatenation form (n * d0, ...): gloo rejects the stacked (n, d0, ...) form of the output.
+    out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x, group=group)
+    return _blocks_into(out.view(n, *x.shape), dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `x` over the group and keep this rank's chunk along `dim` (chunk r of n equal chunks)."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    dim = dim % x.dim()
+    c = _split_size(x, dim, n, "reduce_scatter_along")
+    out_shape = list(x.shape)
+    out_shape[dim] = c
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    # (n * out_shape[0], ...) contiguous, block j of dim 0 for rank j (concatenation form, as for gather).
+    inp = _chunks_first(x, dim, n).flatten(0, 1)
+    _reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of `x` over the group, in a new tensor (`x` is left untouched)."""
+    if group_size(group) == 1:
+        return x
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_to_all_along(
+    x: torch.Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Split `x` into n chunks along `scatter_dim`, send chunk j to rank j, and concatenate the chunks
+    received from ranks 0..n-1 along `gather_dim` (Ulysses: scatter heads, gather sequence, and back)."""
+    n = group_size(group)
+    if n == 1:
+        return x
+    scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
+    _split_size(x, scatter_dim, n, "all_to_all_along")
+    inp = _chunks_first(x, scatter_dim, n)  # (n, *chunk_shape)
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp, group=group)  # block j of out = the chunk rank j sent to us
+    return _blocks_into(out, gather_dim)

@@ -1,0 +1,198 @@
+"""Communication accounting: bytes and calls per collective kind and per mesh axis.
+
+`CommCounter` is a TorchDispatchMode: while it is active it sees every c10d collective at the dispatcher
+level — the `c10d::*` ops behind `torch.distributed.*` (ours in `parallel/collectives.py`, FSDP2's, DTensor
+redistributions through functional collectives) and the `_c10d_functional::*` ops — including those issued
+by the autograd engine during `backward()`. It counts at issue time (async work included; waiting is not
+communication) and passes every op through unchanged.
+
+    axes = mesh_axis_groups(mesh, {"dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp")})
+    with CommCounter(axes) as comm:
+        loss.backward()
+    comm.summary()   # {"dp_shard_cp": {"reduce_scatter": {"bytes": 4096, "calls": 2}}, "tp": {...}}
+
+Bytes are the per-rank payload of the actual tensors passed (so FSDP2's padding is included):
+all-gather -> output bytes, reduce-scatter -> input bytes, all-reduce / broadcast / reduce -> tensor bytes,
+all-to-all -> input bytes, gather -> input bytes, scatter -> output bytes, send / recv -> tensor bytes.
+Barriers are not counted. A group is named by the axis it was registered under (first registration wins
+when two axes share one ProcessGroup), else "world" for the default group, else "other:<group name>".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["CommCounter", "CommRecord", "mesh_axis_groups"]
+
+_OUT = "<result>"  # the payload is the op's return value
+
+# (op namespace, op name) -> (kind, name of the schema argument whose tensors make the payload)
+_C10D = {
+    "allgather_": ("all_gather", "output_tensors"),
+    "_allgather_base_": ("all_gather", "output_tensor"),
+    "allgather_coalesced_": ("all_gather", "output_lists"),
+    "allgather_into_tensor_coalesced_": ("all_gather", "outputs"),
+    "reduce_scatter_": ("reduce_scatter", "input_tensors"),
+    "_reduce_scatter_base_": ("reduce_scatter", "input_tensor"),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", "inputs"),
+    "allreduce_": ("all_reduce", "tensors"),
+    "allreduce_coalesced_": ("all_reduce", "tensors"),
+    "alltoall_": ("all_to_all", "input_tensors"),
+    "alltoall_base_": ("all_to_all", "input"),
+    "broadcast_": ("broadcast", "tensors"),
+    "reduce_": ("reduce", "tensors"),
+    "gather_": ("gather", "input_tensors"),
+    "scatter_": ("scatter", "output_tensors"),
+    "send": ("send", "tensors"),
+    "recv_": ("recv", "tensors"),
+    "recv_any_source_": ("recv", "tensors"),
+}
+_FUNCTIONAL = {
+    "all_gather_into_tensor": ("all_gather", _OUT),
+    "all_gather_into_tensor_out": ("all_gather", "out"),
+    "all_gather_into_tensor_coalesced": ("all_gather", _OUT),
+    "reduce_scatter_tensor": ("reduce_scatter", "input"),
+    "reduce_scatter_tensor_out": ("reduce_scatter", "input"),
+    "reduce_scatter_tensor_coalesced": ("reduce_scatter", "inputs"),
+    "all_reduce": ("all_reduce", "input"),
+    "all_reduce_": ("all_reduce", "input"),
+    "all_reduce_coalesced": ("all_reduce", "inputs"),
+    "all_reduce_coalesced_": ("all_reduce", "inputs"),
+    "all_to_all_single": ("all_to_all", "input"),
+    "broadcast": ("broadcast", "input"),
+    "broadcast_": ("broadcast", "input"),
+    "isend": ("send", "tensor"),
+    "irecv": ("recv", "tensor"),
+}
+# The autograd wrappers (`_c10d_functional_autograd`) dispatch to `_c10d_functional`; whichever of the two
+# reaches this mode is counted, never both (ops run inside the handler are not seen again).
+_OPS: dict[tuple[str, str], tuple[str, str]] = {
+    **{("c10d", k): v for k, v in _C10D.items()},
+    **{(ns, k): v for ns in ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional")
+       for k, v in _FUNCTIONAL.items()},
+}
+_NAMESPACES = frozenset(ns for ns, _ in _OPS)
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    kind: str  # all_gather, reduce_scatter, all_reduce, all_to_all, broadcast, reduce, gather, scatter, ...
+    axis: str  # mesh axis name, "world", or "other:<group name>"
+    bytes: int  # per-rank payload
+    op: str  # the dispatcher op, e.g. "c10d._allgather_base_"
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _group_name(value) -> str | None:
+    """The name of a process group given as a ProcessGroup, its boxed ScriptObject, or a name string."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, torch.ScriptObject):
+        value = dist.ProcessGroup.unbox(value)
+    if isinstance(value, dist.ProcessGroup):
+        return value.group_name
+    return None
+
+
+def _as_group(value) -> dist.ProcessGroup:
+    if isinstance(value, dist.ProcessGroup):
+        return value
+    get_group = getattr(value, "get_group", None)  # a 1-D DeviceMesh (e.g. a flattened one)
+    if get_group is not None:
+        return get_group()
+    raise TypeError(f"expected a ProcessGroup or a 1-D DeviceMesh, got {type(value).__name__}")
+
+
+def mesh_axis_groups(mesh, extra: Mapping[str, object] | None = None) -> dict[str, dist.ProcessGroup]:
+    """{axis name: ProcessGroup} for every named axis of `mesh`, then `extra` ({name: 1-D mesh or group},
+    e.g. flattened meshes such as `dp` or `dp_shard_cp`)."""
+    names = mesh.mesh_dim_names
+    if not names:
+        raise ValueError("mesh_axis_groups needs a DeviceMesh with mesh_dim_names")
+    groups = {name: mesh.get_group(name) for name in names}
+    for name, value in (extra or {}).items():
+        groups[name] = _as_group(value)
+    return groups
+
+
+class CommCounter(TorchDispatchMode):
+    """Counts every collective issued while active; see the module docstring for what is counted."""
+
+    def __init__(self, mesh_axes: Mapping[str, object] | None = None, *, keep_records: bool = True):
+        super().__init__()
+        self._axis_of: dict[str, str] = {}
+        for axis, group in (mesh_axes or {}).items():
+            self._axis_of.setdefault(_as_group(group).group_name, axis)  # first registration wins
+        self.keep_records = keep_records
+        self.records: list[CommRecord] = []
+        self._totals: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+
+    # ------------------------------------------------------------------ results
+    def reset(self) -> None:
+        self.records.clear()
+        self._totals.clear()
+
+    def summary(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{axis: {kind: {"bytes": int, "calls": int}}}."""
+        return {
+            axis: {kind: {"bytes": b, "calls": c} for kind, (b, c) in kinds.items()}
+            for axis, kinds in self._totals.items()
+        }
+
+    def bytes_by_axis(self) -> dict[str, int]:
+        return {axis: sum(b for b, _ in kinds.values()) for axis, kinds in self._totals.items()}
+
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_axis().values())
+
+    # ------------------------------------------------------------------ interception
+    def _axis(self, group_name: str | None) -> str:
+        if group_name is None:
+            return "other:?"
+        axis = self._axis_of.get(group_name)
+        if axis is not None:
+            return axis
+        if dist.is_initialized() and group_name == dist.distributed_c10d._get_default_group().group_name:
+            return "world"
+        return f"other:{group_name}"
+
+    def _record(self, func, spec, args, kwargs, out) -> None:
+        kind, payload = spec
+        bound = dict(zip((a.name for a in func._schema.arguments), args))
+        bound.update(kwargs)
+        group = bound.get("process_group", bound.get("group_name"))
+        nbytes = _nbytes(out if payload == _OUT else bound.get(payload))
+        axis = self._axis(_group_name(group))
+        op = f"{func.namespace}.{func._opname}"
+        if self.keep_records:
+            self.records.append(CommRecord(kind, axis, nbytes, op))
+        total = self._totals[axis][kind]
+        total[0] += nbytes
+        total[1] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
+        # Let tensor subclasses (DTensor) desugar first: their collectives come back here on plain tensors.
+        if any(t is not torch.Tensor and t is not torch.nn.Parameter for t in types):
+            return NotImplemented
+        out = func(*args, **kwargs)
+        if func.namespace in _NAMESPACES:
+            spec = _OPS.get((func.namespace, func._opname))
+            if spec is not None:
+                self._record(func, spec, args, kwargs, out)
+        return out

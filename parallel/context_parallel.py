@@ -1,0 +1,60 @@
+"""Context parallelism for bidirectional self-attention over the video-token sequence.
+
+Tokens are split contiguously over cp (bidirectional attention needs no load balancing). Two ways to let
+each rank's queries see every key, behind the attention-core interface `(q, k, v) → out` on (B, S, H, D):
+
+- `allgather_kv` (Movie Gen / Llama 3): all-gather K and V over cp; their gradients are reduce-scattered.
+- `ulysses`: all-to-all from sequence-sharded/all-heads to full-sequence/heads-sharded, attend, and back.
+
+The engine also pads sequences to a multiple of the shard count; `SequenceLayout` carries the true length
+so padded keys are masked out of attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megagen.parallel.mappings import all_to_all, gather_along
+from torch import nn
+
+SEQ_DIM, HEAD_DIM = 1, 2
+
+
+@dataclass
+class SequenceLayout:
+    """The current global sequence: its true length and padded length (set per forward by the engine)."""
+
+    valid_len: int = 0
+    padded_len: int = 0
+
+    def key_mask(self, device: torch.device) -> torch.Tensor | None:
+        """(padded_len,) bool: True for real keys; None when there is no padding."""
+        if self.padded_len == self.valid_len:
+            return None
+        return torch.arange(self.padded_len, device=device) < self.valid_len
+
+
+class ContextParallelAttention(nn.Module):
+    """Wraps a model's attention core; `inner` still does the attention math (any kernel backend)."""
+
+    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None, layout: SequenceLayout):
+        super().__init__()
+        if kind not in ("allgather_kv", "ulysses"):
+            raise ValueError(f"parallel.cp_kind: {kind!r}; allowed: allgather_kv, ulysses")
+        self.inner, self.kind, self.group, self.layout = inner, kind, group, layout
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid=None) -> torch.Tensor:
+        if kv_valid is not None:
+            raise ValueError("context-parallel self-attention takes its key mask from the sequence layout")
+        mask = self.layout.key_mask(q.device)
+        if self.group is None:
+            return self.inner(q, k, v, mask)
+        if self.kind == "allgather_kv":
+            k = gather_along(k, SEQ_DIM, self.group)
+            v = gather_along(v, SEQ_DIM, self.group)
+            return self.inner(q, k, v, mask)
+        q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group) for x in (q, k, v))
+        out = self.inner(q, k, v, mask)
+        return all_to_all(out, SEQ_DIM, HEAD_DIM, self.group)

@@ -1,0 +1,118 @@
+"""Activation recompute per transformer block (`train.recompute = none | full | selective`).
+
+`apply_recompute` swaps the forward of each block *instance* in the plan's block list for a checkpointed
+one. No wrapper module is inserted, so parameter names and state_dict keys are unchanged (checkpoints and
+parallel plans address parameters by name).
+
+Policies:
+  none       nothing is recomputed; autograd saves whatever each op needs.
+  full       only the block's inputs are kept; the whole block is re-run in backward.
+  selective  matmul outputs (mm / addmm / bmm / baddbmm / _scaled_mm) are kept; the cheap ops around them
+             (norms, elementwise, activations, and the attention core including its softmax) are
+             re-run in backward. Built on `torch.utils.checkpoint.create_selective_checkpoint_contexts`.
+
+Composition with FSDP2: apply recompute first, then `fully_shard` each block. FSDP2's hooks live on the
+module's `__call__` (forward pre/post hooks, and a pre-backward hook on the block's outputs), i.e. *outside*
+the checkpointed region, exactly like torchtitan's checkpoint-wrapper-inside-fully_shard: the forward
+runs between FSDP's unshard and reshard, and in backward FSDP's pre-backward hook (fired when the gradient
+reaches the block's outputs) unshards the parameters before the first of the block's autograd nodes
+unpacks a saved tensor, which is what triggers the recompute, so the recompute sees unsharded
+parameters. Gradients reach the same unsharded parameter objects FSDP reduce-scatters from.
+
+RNG: `preserve_rng_state=True` by default, so a block with dropout or any other random op recomputes the
+same values it produced in forward (gradients stay exact). The cost is stashing the CPU (and, for CUDA
+inputs, the device) generator state once per block per forward, which is negligible next to a block.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+POLICIES = ("none", "full", "selective")
+
+# Instance attribute of a block with recompute applied; see apply_recompute for the tuple it holds.
+_STATE_ATTR = "_megagen_recompute"
+
+
+def _matmul_packets() -> frozenset:
+    aten = torch.ops.aten
+    # aten.linear / aten.matmul are CompositeImplicitAutograd: below autograd (where the selective-checkpoint
+    # dispatch mode sits) they show up as view/t + mm or addmm (2-D after flattening) or bmm / baddbmm
+    # (batched matmul). They are listed anyway in case a backend keeps them whole.
+    names = ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_scaled_mm")
+    return frozenset(getattr(aten, n) for n in names if hasattr(aten, n))
+
+
+_SAVE_OPS = _matmul_packets()
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep matmul outputs; recompute everything else (norms, elementwise, activations, attention)."""
+    packet = getattr(op, "overloadpacket", op)
+    return CheckpointPolicy.MUST_SAVE if packet in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    policy, inner, preserve_rng_state, _ = self.__dict__[_STATE_ATTR]
+    if not torch.is_grad_enabled():
+        # Nothing is saved for backward under no_grad / inference_mode: run the block as is.
+        return inner(*args, **kwargs)
+    # Keyword arguments go through a partial so that a block keyword that happens to share a name with a
+    # `checkpoint` option (debug, context_fn, ...) is never swallowed by checkpoint itself.
+    fn = functools.partial(inner, **kwargs) if kwargs else inner
+    extra = {"context_fn": _selective_context} if policy == "selective" else {}
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **extra)
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError as e:
+        raise ValueError(f"recompute: no submodule {path!r} in {type(model).__name__}: {e}") from None
+
+
+def apply_recompute(
+    model: nn.Module, blocks_path: str, policy: str, *, preserve_rng_state: bool = True
+) -> None:
+    """Checkpoint every block of the `nn.ModuleList` at `blocks_path` (dotted) inside `model`, in place.
+
+    `policy` is the value of `train.recompute`: "none", "full" or "selective". Apply before `fully_shard`.
+    Calling it again replaces the previous policy ("none" restores the plain forward).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"train.recompute must be one of {', '.join(POLICIES)}; got {policy!r}")
+    blocks = _get_submodule(model, blocks_path)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(
+            f"recompute: {blocks_path!r} must be an nn.ModuleList of blocks, got {type(blocks).__name__}"
+        )
+    for block in blocks:
+        state = block.__dict__.pop(_STATE_ATTR, None)
+        if state is not None:  # undo a previous application before re-applying
+            del block.__dict__["forward"]
+            if state[3] is not None:
+                block.__dict__["forward"] = state[3]
+        if policy == "none":
+            continue
+        # The original forward is kept as a bound method: copy.deepcopy (e.g. for an EMA copy) rebinds
+        # bound methods to the copy, so a copied block recomputes its own parameters, not the original's.
+        # state = (policy, forward to run, preserve_rng_state, instance-level forward override to restore)
+        override = block.__dict__.get("forward")
+        block.__dict__[_STATE_ATTR] = (policy, block.forward, preserve_rng_state, override)
+        block.__dict__["forward"] = types.MethodType(_checkpointed_forward, block)
+
+
+def recompute_policy(block: nn.Module) -> str:
+    """The recompute policy currently applied to `block` ("none" if none)."""
+    state = block.__dict__.get(_STATE_ATTR)
+    return "none" if state is None else state[0]

@@ -1,0 +1,31 @@
+"""Fixtures for multi-process (gloo) tests: one shared worker pool per world size for the whole session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = str(Path(__file__).resolve().parents[2])
+if _ROOT not in sys.path:  # `tests.distributed.*` must import here and in the spawned workers
+    sys.path.insert(0, _ROOT)
+
+from tests.distributed.pool import DistributedPool  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    """`dist_pool(4)` -> the session's DistributedPool of 4 gloo ranks (started on first use)."""
+    pools: dict[int, DistributedPool] = {}
+
+    def get(world_size: int) -> DistributedPool:
+        pool = pools.get(world_size)
+        if pool is None:
+            pool = pools[world_size] = DistributedPool(world_size)
+        pool.start()  # no-op when running; a pool torn down by a failed call restarts in `run`
+        return pool
+
+    yield get
+    for pool in pools.values():
+        pool.close()
