@@ -46,7 +46,8 @@ def _cmd_train(args) -> int:
     from megagen.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    result = train(cfg)
+    result.runtime.close()
     return 0
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megagen.parallel.mappings import all_to_all, gather_along
 from torch import nn
+
+from megagen.parallel.mappings import all_to_all, gather_along
 
 SEQ_DIM, HEAD_DIM = 1, 2
 

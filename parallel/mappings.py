@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from megagen.parallel.collectives import (
     all_gather_along,
     all_reduce_sum,

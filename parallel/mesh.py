@@ -14,15 +14,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from megagen.config.errors import ConfigError
+
 AXES = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
-class MeshError(ValueError):
-    """Mesh sizes that cannot work with this world or this model; names the config keys involved."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config error: {key}: {message}")
+class MeshError(ConfigError):
+    """Mesh sizes that cannot work with this world; names the config keys involved."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from torch import nn
+
 from megagen.parallel.context_parallel import ContextParallelAttention, SequenceLayout
 from megagen.parallel.fsdp import apply_fsdp
 from megagen.parallel.mesh import Mesh
@@ -17,7 +19,6 @@ from megagen.parallel.plan import ParallelPlan
 from megagen.parallel.recompute import apply_recompute
 from megagen.parallel.sequence import SequenceSharder
 from megagen.parallel.tensor_parallel import apply_tensor_parallel, replicated_params
-from torch import nn
 
 
 @dataclass
@@ -37,7 +38,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def parallelize(model: nn.Module, plan: ParallelPlan, mesh: Mesh, parallel_cfg, recompute: str) -> ParallelState:
+def parallelize(
+    model: nn.Module, plan: ParallelPlan, mesh: Mesh, parallel_cfg, recompute: str
+) -> ParallelState:
     """Shard `model` in place over `mesh` as `plan` declares."""
     dims = mesh.dims
     sp = parallel_cfg.sequence_parallel and dims.tp > 1
@@ -55,12 +58,20 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: Mesh, parallel_cfg, 
             state.tp_partial_grads = [n for n, p in model.named_parameters() if id(p) in ids]
 
     if shards > 1:
-        cores = [n for n, _ in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in plan.self_attention)]
+        cores = [
+            n for n, _ in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in plan.self_attention)
+        ]
         if not cores:
-            raise ValueError("parallel plan declares no self-attention core, so the sequence cannot be sharded")
+            raise ValueError(
+                "parallel plan declares no self-attention core, so the sequence cannot be sharded"
+            )
         group = mesh.group("cp") if dims.cp > 1 else None
         for name in cores:
-            _replace(model, name, ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group, layout))
+            _replace(
+                model,
+                name,
+                ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group, layout),
+            )
         sharder.install(model, plan.sequence_inputs)
 
     blocks = model.get_submodule(plan.blocks)

@@ -94,9 +94,11 @@ class DistributedRuntime(LocalRuntime):
 
     def __init__(self, cfg):
         import torch.distributed as dist
+
         from megagen.parallel.mesh import Mesh, ParallelDims, device_and_backend
 
         device, backend = device_and_backend(cfg.parallel.backend)
+        self._owns_group = not dist.is_initialized()
         if not dist.is_initialized():
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         super().__init__(device)
@@ -108,7 +110,6 @@ class DistributedRuntime(LocalRuntime):
         self.is_logging_rank = self.rank == 0
         self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
         self.state = None
-        self._owns_group = True
 
     def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
         from megagen.parallel.parallelize import parallelize
@@ -138,7 +139,9 @@ class DistributedRuntime(LocalRuntime):
             return
         import torch.distributed as dist
 
-        grads = [_local(p.grad) for n, p in model.named_parameters() if n in self._partial and p.grad is not None]
+        grads = [
+            _local(p.grad) for n, p in model.named_parameters() if n in self._partial and p.grad is not None
+        ]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.mesh.group("tp"))
         offset = 0

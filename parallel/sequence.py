@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megagen.parallel.context_parallel import SequenceLayout
 from torch import nn
+
+from megagen.parallel.context_parallel import SequenceLayout
 
 
 class SequenceSharder:

@@ -16,6 +16,10 @@ import inspect
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
 from megagen.parallel.mappings import (
     copy_to_region,
     gather_along,
@@ -23,9 +27,6 @@ from megagen.parallel.mappings import (
     reduce_scatter_along_dim,
 )
 from megagen.parallel.plan import ParallelPlan, TPRegion
-from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 SEQ_DIM = 1  # activations inside blocks are (batch, sequence, features)
 
@@ -105,14 +106,18 @@ def _region_hook(region: TPRegion, arg_names: list[str], group: dist.ProcessGrou
                 if isinstance(args[i], torch.Tensor):
                     args[i] = enter(args[i], name in region.seq_args)
         for name in list(kwargs):
-            if (name in region.seq_args or name in region.replicated_args) and isinstance(kwargs[name], torch.Tensor):
+            if (name in region.seq_args or name in region.replicated_args) and isinstance(
+                kwargs[name], torch.Tensor
+            ):
                 kwargs[name] = enter(kwargs[name], name in region.seq_args)
         return tuple(args), kwargs
 
     return hook
 
 
-def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool
+) -> None:
     """Shard the plan's linears over the tp mesh and install region-entry hooks (in place)."""
     col = _matching(model, plan.colwise)
     row = _matching(model, plan.rowwise)
@@ -134,7 +139,9 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh
             raise ValueError(f"parallel plan region {pattern!r} matches no module")
         for _, module in hits:
             names = list(inspect.signature(module.forward).parameters)
-            module.register_forward_pre_hook(_region_hook(region, names, group, sequence_parallel), with_kwargs=True)
+            module.register_forward_pre_hook(
+                _region_hook(region, names, group, sequence_parallel), with_kwargs=True
+            )
 
 
 def replicated_params(model: nn.Module) -> list[nn.Parameter]:

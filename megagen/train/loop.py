@@ -32,6 +32,22 @@ class TrainResult:
     grad_norms: list[float]
     model: torch.nn.Module
     runtime: object
+    optimizer: torch.optim.Optimizer | None = None
+    last_grads: dict[str, torch.Tensor] | None = None
+    """Full (gathered) gradients of the last step after clipping, when `train(capture_grads=True)`."""
+
+
+def full_tensors(named: list[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """Gather sharded tensors to full CPU copies (a collective for DTensors: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, t in named:
+        if t is None:
+            continue
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        out[name] = t.detach().to("cpu", copy=True)
+    return out
 
 
 def grad_accumulation_steps(cfg: Config, dp_size: int) -> int:
@@ -76,7 +92,7 @@ def build_model(cfg: Config, spec, runtime):
     return runtime.parallelize(model.to(runtime.device), spec.parallel_plan(cfg), cfg)
 
 
-def train(cfg: Config, runtime=None) -> TrainResult:
+def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult:
     """Run `train.steps` optimizer steps; rank 0 writes metrics and the resolved config."""
     spec = get_spec(cfg.model.spec)
     spec.validate(cfg)
@@ -99,7 +115,7 @@ def train(cfg: Config, runtime=None) -> TrainResult:
         cfg.metrics.progress,
         cfg.train.log_every,
     )
-    losses, norms = [], []
+    losses, norms, last_grads = [], [], None
     try:
         for step in range(cfg.train.steps):
             t_start = time.perf_counter()
@@ -113,11 +129,17 @@ def train(cfg: Config, runtime=None) -> TrainResult:
                 loss_sum, _, tokens_per_sample = flow_matching_micro_step(
                     cfg, spec, model, batch, draws, runtime.shard_targets
                 )
-                loss = loss_sum * getattr(runtime, "loss_scale", 1.0) / (cfg.train.global_batch_size * tokens_per_sample)
+                loss = (
+                    loss_sum
+                    * getattr(runtime, "loss_scale", 1.0)
+                    / (cfg.train.global_batch_size * tokens_per_sample)
+                )
                 loss.backward()
                 step_loss += loss.detach()
             runtime.finish_grads(model)
             grad_norm = runtime.clip_grads(params, cfg.optim.grad_clip)
+            if capture_grads and step == cfg.train.steps - 1:
+                last_grads = full_tensors([(n, p.grad) for n, p in model.named_parameters()])
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -140,4 +162,4 @@ def train(cfg: Config, runtime=None) -> TrainResult:
             )
     finally:
         logger.close()
-    return TrainResult(losses, norms, model, runtime)
+    return TrainResult(losses, norms, model, runtime, optimizer, last_grads)

@@ -218,6 +218,9 @@ class DistributedPool:
     # ------------------------------------------------------------------ calls
     def run(self, target: str, *, timeout: float = 300.0, **kwargs) -> list:
         """Call `target(**kwargs)` on every rank; return the per-rank results in rank order."""
+        module_name, sep, attr = target.partition(":")
+        if not (module_name and sep and attr):
+            raise ValueError(f"target must look like 'package.module:function', got {target!r}")
         if not self.alive:
             self._teardown()
             self.start()
@@ -273,15 +276,18 @@ class DistributedPool:
         return [pickle.loads(values[r]) for r in range(self.world_size)]
 
     def _dump_stacks(self) -> None:
+        """Have each live worker print its Python stacks to the shared stderr, one rank at a time."""
         if not hasattr(signal, "SIGUSR1"):
             return
-        for p in self._procs:
+        for rank, p in enumerate(self._procs):
             if p.is_alive() and p.pid is not None:
+                os.write(2, f"\n--- DistributedPool({self.world_size}): stacks of rank {rank} (pid {p.pid}) ---\n"
+                         .encode())
                 try:
                     os.kill(p.pid, signal.SIGUSR1)
                 except OSError:
-                    pass
-        time.sleep(0.5)
+                    continue
+                time.sleep(0.3)
 
 
 @atexit.register

@@ -13,11 +13,12 @@ import socket
 import pytest
 import torch
 import torch.nn.functional as F
-from megagen.parallel.recompute import POLICIES, apply_recompute, recompute_policy
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from megagen.parallel.recompute import POLICIES, apply_recompute, recompute_policy
 
 D, HEADS, HIDDEN, SEQ, BATCH, DEPTH = 64, 4, 256, 256, 2, 4
 
