@@ -6,7 +6,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from parallel.collectives import all_gather_along, all_reduce_sum, all_to_all_along, reduce_scatter_along
+from megagen.parallel.collectives import (
+    all_gather_along,
+    all_reduce_sum,
+    all_to_all_along,
+    reduce_scatter_along,
+)
 
 BASE = (3, 5, 7)  # odd sizes: only the split dim must divide the group
 
@@ -40,7 +45,8 @@ def _run_all(group, members: list[int]) -> list[str]:
     failures: list[str] = []
     for dim in (0, 1, 2, -1):
         xs = [_data(r, BASE) for r in members]
-        _check(failures, f"all_gather_along dim={dim}", all_gather_along(xs[me], dim, group), torch.cat(xs, dim))
+        got = all_gather_along(xs[me], dim, group)
+        _check(failures, f"all_gather_along dim={dim}", got, torch.cat(xs, dim))
         # non-contiguous input
         xt = [x.transpose(0, 2) for x in xs]
         _check(failures, f"all_gather_along transposed dim={dim}", all_gather_along(xt[me], dim, group),

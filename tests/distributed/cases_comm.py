@@ -9,8 +9,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from parallel.collectives import all_gather_along, all_reduce_sum, all_to_all_along, reduce_scatter_along
-from parallel.comm import CommCounter, mesh_axis_groups
+from megagen.parallel.collectives import (
+    all_gather_along,
+    all_reduce_sum,
+    all_to_all_along,
+    reduce_scatter_along,
+)
+from megagen.parallel.comm import CommCounter, mesh_axis_groups
 
 
 def _mesh_2x2():

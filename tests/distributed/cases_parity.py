@@ -68,9 +68,16 @@ def state_bytes(overrides: list[str]) -> dict[str, int]:
     return {"params": params, "optimizer": optim}
 
 
-def count_meshes(overrides: list[str]) -> None:
-    """Only build the runtime (used to check mesh errors are raised on every rank)."""
+def mesh_error(overrides: list[str]) -> str:
+    """Build spec checks + runtime with a bad mesh; return the error text this rank raised."""
+    from megagen.config import ConfigError
     from megagen.parallel.runtime import DistributedRuntime
+    from megagen.specs import get_spec
 
-    DistributedRuntime(config(overrides, "/tmp/megagen-mesh"))
-    torch.zeros(1)
+    cfg = config(overrides, "/tmp/megagen-mesh")
+    try:
+        get_spec(cfg.model.spec).validate(cfg)
+        DistributedRuntime(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    return ""

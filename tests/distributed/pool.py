@@ -281,8 +281,8 @@ class DistributedPool:
             return
         for rank, p in enumerate(self._procs):
             if p.is_alive() and p.pid is not None:
-                os.write(2, f"\n--- DistributedPool({self.world_size}): stacks of rank {rank} (pid {p.pid}) ---\n"
-                         .encode())
+                header = f"\n--- DistributedPool({self.world_size}): stacks of rank {rank}, pid {p.pid} ---\n"
+                os.write(2, header.encode())
                 try:
                     os.kill(p.pid, signal.SIGUSR1)
                 except OSError:

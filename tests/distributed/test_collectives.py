@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.collectives import (
+from megagen.parallel.collectives import (
     all_gather_along,
     all_reduce_sum,
     all_to_all_along,

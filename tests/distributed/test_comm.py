@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from parallel.comm import CommCounter, mesh_axis_groups
+from megagen.parallel.comm import CommCounter, mesh_axis_groups
 
 CASES = "tests.distributed.cases_comm"
 F32 = 4
@@ -105,7 +105,8 @@ def test_fsdp2_mixed_precision_bytes(dist_pool):
     shapes1, shapes2 = [(7, 5), (7,)], [(3, 7), (3,)]
     (res, *_) = dist_pool(world).run(f"{CASES}:fsdp_step", dims=(5, 7, 3), reshard_after_forward=False,
                                      param_dtype="bfloat16")
-    assert res["summary"] == {"dp_shard": {
-        "all_gather": _entry(_fsdp_layer_bytes(shapes1, world, 2) + _fsdp_layer_bytes(shapes2, world, 2), 2),
-        "reduce_scatter": _entry(_fsdp_layer_bytes(shapes1, world, 4) + _fsdp_layer_bytes(shapes2, world, 4), 2),
-    }}
+    def both(itemsize: int) -> int:
+        return _fsdp_layer_bytes(shapes1, world, itemsize) + _fsdp_layer_bytes(shapes2, world, itemsize)
+
+    expected = {"all_gather": _entry(both(2), 2), "reduce_scatter": _entry(both(4), 2)}
+    assert res["summary"] == {"dp_shard": expected}
