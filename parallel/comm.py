@@ -20,15 +20,40 @@ when two axes share one ProcessGroup), else "world" for the default group, else 
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CommCounter", "CommRecord", "mesh_axis_groups"]
+__all__ = ["CommCounter", "CommRecord", "comm_axis", "mesh_axis_groups"]
+
+_SCOPE = threading.local()
+
+
+@contextmanager
+def comm_axis(axis: str | None):
+    """Attribute collectives issued inside to `axis`, whatever their process group.
+
+    Two axes can share one ProcessGroup (e.g. cp and dp_shard_cp when dp_shard = 1), so the engine names
+    the axis of each collective it issues; collectives outside any scope (FSDP2's) are named by group.
+    """
+    if axis is None:
+        yield
+        return
+    stack = getattr(_SCOPE, "stack", None)
+    if stack is None:
+        stack = _SCOPE.stack = []
+    stack.append(axis)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 _OUT = "<result>"  # the payload is the op's return value
 
@@ -160,6 +185,9 @@ class CommCounter(TorchDispatchMode):
 
     # ------------------------------------------------------------------ interception
     def _axis(self, group_name: str | None) -> str:
+        stack = getattr(_SCOPE, "stack", None)
+        if stack:
+            return stack[-1]
         if group_name is None:
             return "other:?"
         axis = self._axis_of.get(group_name)
@@ -188,7 +216,7 @@ class CommCounter(TorchDispatchMode):
         if isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **kwargs)
         # Let tensor subclasses (DTensor) desugar first: their collectives come back here on plain tensors.
-        if any(t is not torch.Tensor and t is not torch.nn.Parameter for t in types):
+        if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
         out = func(*args, **kwargs)
         if func.namespace in _NAMESPACES:

@@ -53,9 +53,9 @@ class ContextParallelAttention(nn.Module):
         if self.group is None:
             return self.inner(q, k, v, mask)
         if self.kind == "allgather_kv":
-            k = gather_along(k, SEQ_DIM, self.group)
-            v = gather_along(v, SEQ_DIM, self.group)
+            k = gather_along(k, SEQ_DIM, self.group, "cp")
+            v = gather_along(v, SEQ_DIM, self.group, "cp")
             return self.inner(q, k, v, mask)
-        q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group) for x in (q, k, v))
+        q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group, "cp") for x in (q, k, v))
         out = self.inner(q, k, v, mask)
-        return all_to_all(out, SEQ_DIM, HEAD_DIM, self.group)
+        return all_to_all(out, SEQ_DIM, HEAD_DIM, self.group, "cp")

@@ -105,8 +105,12 @@ class Mesh:
         return self[axis].get_local_rank()
 
     def axis_groups(self) -> dict[str, dist.ProcessGroup]:
-        """Every named axis (and derived mesh) → its process group, for communication accounting."""
-        names = (*AXES, "dp", "dp_shard_cp")
+        """Every named axis (and derived mesh) → its process group, for communication accounting.
+
+        Where two axes share a group, the first name wins: FSDP's (unscoped) collectives are on
+        dp_shard_cp / dp_replicate; the engine names the axis of its own collectives explicitly.
+        """
+        names = ("dp_shard_cp", "dp_replicate", "dp_shard", "cp", "tp", "dp")
         return {n: self.group(n) for n in names}
 
     def fsdp_mesh(self) -> DeviceMesh:

@@ -7,6 +7,7 @@ distributed runtime (built from the device mesh) implements the same interface.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -62,6 +63,9 @@ class LocalRuntime:
         """The step's loss over all ranks, already normalised by the global token count."""
         return float(local_sum)
 
+    def comm_counter(self):
+        return None
+
     def barrier(self) -> None:
         pass
 
@@ -97,6 +101,8 @@ class DistributedRuntime(LocalRuntime):
 
         from megagen.parallel.mesh import Mesh, ParallelDims, device_and_backend
 
+        # FSDP2 warns that the root returns a view; nothing in megagen writes to the output in place.
+        warnings.filterwarnings("ignore", message=r".*returned a view tensor.*")
         device, backend = device_and_backend(cfg.parallel.backend)
         self._owns_group = not dist.is_initialized()
         if not dist.is_initialized():
@@ -142,8 +148,11 @@ class DistributedRuntime(LocalRuntime):
         grads = [
             _local(p.grad) for n, p in model.named_parameters() if n in self._partial and p.grad is not None
         ]
+        from megagen.parallel.comm import comm_axis
+
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.mesh.group("tp"))
+        with comm_axis("tp"):
+            dist.all_reduce(flat, group=self.mesh.group("tp"))
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -157,7 +166,10 @@ class DistributedRuntime(LocalRuntime):
             if p.grad is not None:
                 sq = _local(p.grad).double().pow(2).sum()
                 total += sq / _replication(p.grad, self.world_size)
-        dist.all_reduce(total)
+        from megagen.parallel.comm import comm_axis
+
+        with comm_axis("world"):
+            dist.all_reduce(total)
         return total.sqrt().float()
 
     def clip_grads(self, params: list[nn.Parameter], max_norm: float) -> float:
@@ -175,10 +187,19 @@ class DistributedRuntime(LocalRuntime):
         """Sum over all ranks; tp ranks without SP computed the same tokens, so count them once."""
         import torch.distributed as dist
 
+        from megagen.parallel.comm import comm_axis
+
         total = local_sum.detach().clone().double()
-        dist.all_reduce(total)
+        with comm_axis("world"):
+            dist.all_reduce(total)
         duplicates = 1 if self.sequence_parallel else self.dims.tp
         return float(total) / duplicates / self.loss_scale
+
+    def comm_counter(self):
+        """A collective counter keyed by mesh axis (FSDP's traffic is named by its process group)."""
+        from megagen.parallel.comm import CommCounter
+
+        return CommCounter(self.mesh.axis_groups(), keep_records=False)
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -35,6 +35,8 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
     last_grads: dict[str, torch.Tensor] | None = None
     """Full (gathered) gradients of the last step after clipping, when `train(capture_grads=True)`."""
+    comm: list[dict] | None = None
+    """Per-step {axis: {kind: {bytes, calls}}} when `metrics.comm=true`."""
 
 
 def full_tensors(named: list[tuple[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
@@ -60,6 +62,12 @@ def grad_accumulation_steps(cfg: Config, dp_size: int) -> int:
             f"= {cfg.train.micro_batch_size} × {dp_size}",
         )
     return cfg.train.global_batch_size // per_step
+
+
+def _active_modes() -> list:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return list(_get_current_dispatch_mode_stack())
 
 
 def max_memory_gb(device: torch.device) -> float:
@@ -116,8 +124,13 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
         cfg.train.log_every,
     )
     losses, norms, last_grads = [], [], None
+    counter = runtime.comm_counter() if cfg.metrics.comm else None
+    comm = [] if counter is not None else None
     try:
         for step in range(cfg.train.steps):
+            if counter is not None:
+                counter.reset()
+                counter.__enter__()
             t_start = time.perf_counter()
             step_loss = torch.zeros((), device=runtime.device)
             tokens_per_sample = 0
@@ -146,6 +159,11 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
             optimizer.zero_grad(set_to_none=True)
             global_loss = runtime.global_loss(step_loss)
             dt = time.perf_counter() - t_start
+            extra = {}
+            if counter is not None:
+                counter.__exit__(None, None, None)
+                extra = {"comm_bytes": counter.bytes_by_axis()}
+                comm.append(counter.summary())
             losses.append(global_loss)
             norms.append(grad_norm)
             logger.log(
@@ -158,8 +176,11 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
                     "tokens_per_s": cfg.train.global_batch_size * tokens_per_sample / dt,
                     "step_time_s": dt,
                     "max_mem_gb": max_memory_gb(runtime.device),
+                    **extra,
                 },
             )
     finally:
         logger.close()
-    return TrainResult(losses, norms, model, runtime, optimizer, last_grads)
+        if counter is not None and counter in _active_modes():
+            counter.__exit__(None, None, None)
+    return TrainResult(losses, norms, model, runtime, optimizer, last_grads, comm)

@@ -81,3 +81,12 @@ def mesh_error(overrides: list[str]) -> str:
     except ConfigError as exc:
         return str(exc)
     return ""
+
+
+def comm_of_one_step(overrides: list[str]) -> dict:
+    """{axis: {kind: {bytes, calls}}} counted during one optimizer step (one micro-batch)."""
+    from megagen.parallel.runtime import DistributedRuntime
+
+    cfg = config([*overrides, "train.steps=1", "metrics.comm=true"], "/tmp/megagen-comm")
+    result = train(cfg, DistributedRuntime(cfg))
+    return result.comm[0]
