@@ -39,8 +39,10 @@ def group_size(group: dist.ProcessGroup | None) -> int:
 def _split_size(x: torch.Tensor, dim: int, n: int, what: str) -> int:
     size = x.shape[dim]
     if size % n:
-        raise ValueError(f"{what}: dim {dim} of shape {tuple(x.shape)} has size {size}, not divisible by "
-                         f"the group size {n}")
+        raise ValueError(
+            f"{what}: dim {dim} of shape {tuple(x.shape)} has size {size}, not divisible by "
+            f"the group size {n}"
+        )
     return size // n
 
 

@@ -55,6 +55,7 @@ def comm_axis(axis: str | None):
     finally:
         stack.pop()
 
+
 _OUT = "<result>"  # the payload is the op's return value
 
 # (op namespace, op name) -> (kind, name of the schema argument whose tensors make the payload)
@@ -99,8 +100,11 @@ _FUNCTIONAL = {
 # reaches this mode is counted, never both (ops run inside the handler are not seen again).
 _OPS: dict[tuple[str, str], tuple[str, str]] = {
     **{("c10d", k): v for k, v in _C10D.items()},
-    **{(ns, k): v for ns in ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional")
-       for k, v in _FUNCTIONAL.items()},
+    **{
+        (ns, k): v
+        for ns in ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional")
+        for k, v in _FUNCTIONAL.items()
+    },
 }
 _NAMESPACES = frozenset(ns for ns, _ in _OPS)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megagen.parallel.comm import comm_axis
 from megagen.parallel.collectives import (
     all_gather_along,
     all_reduce_sum,
@@ -18,6 +17,7 @@ from megagen.parallel.collectives import (
     group_size,
     reduce_scatter_along,
 )
+from megagen.parallel.comm import comm_axis
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -102,7 +102,9 @@ def gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup, axis: str 
     return x if group_size(group) == 1 else _GatherAlong.apply(x, dim, group, axis)
 
 
-def reduce_scatter_along_dim(x: torch.Tensor, dim: int, group: dist.ProcessGroup, axis: str = "tp") -> torch.Tensor:
+def reduce_scatter_along_dim(
+    x: torch.Tensor, dim: int, group: dist.ProcessGroup, axis: str = "tp"
+) -> torch.Tensor:
     """Forward reduce-scatter along `dim`, backward all-gather: partial full → summed shard (SP out)."""
     return x if group_size(group) == 1 else _ReduceScatterAlong.apply(x, dim, group, axis)
 

@@ -32,8 +32,10 @@ def _shape(dim: int, size: int) -> tuple[int, ...]:
 
 def _check(failures, what, got, want):
     if got.shape != want.shape or not torch.equal(got, want):
-        failures.append(f"{what}: got {tuple(got.shape)} {got.flatten()[:6].tolist()}, "
-                        f"want {tuple(want.shape)} {want.flatten()[:6].tolist()}")
+        failures.append(
+            f"{what}: got {tuple(got.shape)} {got.flatten()[:6].tolist()}, "
+            f"want {tuple(want.shape)} {want.flatten()[:6].tolist()}"
+        )
     elif not got.is_contiguous():
         failures.append(f"{what}: result not contiguous")
 
@@ -49,8 +51,12 @@ def _run_all(group, members: list[int]) -> list[str]:
         _check(failures, f"all_gather_along dim={dim}", got, torch.cat(xs, dim))
         # non-contiguous input
         xt = [x.transpose(0, 2) for x in xs]
-        _check(failures, f"all_gather_along transposed dim={dim}", all_gather_along(xt[me], dim, group),
-               torch.cat(xt, dim))
+        _check(
+            failures,
+            f"all_gather_along transposed dim={dim}",
+            all_gather_along(xt[me], dim, group),
+            torch.cat(xt, dim),
+        )
 
         xs = [_data(r, _shape(dim, 2 * n)) for r in members]
         want = torch.stack(xs).sum(0).chunk(n, dim)[me]
@@ -59,8 +65,12 @@ def _run_all(group, members: list[int]) -> list[str]:
         for gather_dim in (0, 1, 2):
             xs = [_data(r, _shape(dim, 3 * n)) for r in members]
             want = torch.cat([x.chunk(n, dim)[me] for x in xs], gather_dim)
-            _check(failures, f"all_to_all_along scatter={dim} gather={gather_dim}",
-                   all_to_all_along(xs[me], dim, gather_dim, group), want)
+            _check(
+                failures,
+                f"all_to_all_along scatter={dim} gather={gather_dim}",
+                all_to_all_along(xs[me], dim, gather_dim, group),
+                want,
+            )
 
     xs = [_data(r, BASE) for r in members]
     x = xs[me].clone()

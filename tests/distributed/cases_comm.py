@@ -64,9 +64,11 @@ def functional_and_dtensor() -> dict:
     flat = mesh["dp", "tp"]._flatten("dp_tp")
     d = distribute_tensor(torch.ones(4, 3), mesh["tp"], [Shard(0)])  # outside the counter (it scatters)
     with CommCounter(mesh_axis_groups(mesh, {"dp_tp": flat})) as comm:
-        y = funcol.all_gather_single(torch.ones(4, 3), 0, mesh.get_group("tp")) \
-            if hasattr(funcol, "all_gather_single") else \
-            funcol.all_gather_tensor(torch.ones(4, 3), 0, mesh.get_group("tp"))
+        y = (
+            funcol.all_gather_single(torch.ones(4, 3), 0, mesh.get_group("tp"))
+            if hasattr(funcol, "all_gather_single")
+            else funcol.all_gather_tensor(torch.ones(4, 3), 0, mesh.get_group("tp"))
+        )
         y = y + 1  # waits
         d.redistribute(mesh["tp"], [Replicate()]).to_local()  # all-gather of 2 x (2,3) fp32 = 48 bytes
         dist.all_reduce(torch.ones(2), group=flat.get_group())
@@ -98,7 +100,7 @@ def backward_collectives() -> dict:
         (y * weight).sum().backward()
         backward = comm.summary()
     # d loss / d x on tp rank r = sum over the 2 tp ranks of weight[r*4:(r+1)*4]
-    expected = 2 * weight[rank_tp * 4:(rank_tp + 1) * 4].expand(3, 4)
+    expected = 2 * weight[rank_tp * 4 : (rank_tp + 1) * 4].expand(3, 4)
     return {"forward": forward, "backward": backward, "grad_ok": torch.equal(x.grad, expected)}
 
 
@@ -113,8 +115,9 @@ def fsdp_step(dims=(5, 7, 3), reshard_after_forward: bool = True, param_dtype: s
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp_shard",))
     model = _mlp(*dims)
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype) if param_dtype else None,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, param_dtype) if param_dtype else None, reduce_dtype=torch.float32
+    )
     for layer in model:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 import torch.distributed as dist
 
 from megagen.config import load_config

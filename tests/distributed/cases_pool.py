@@ -11,9 +11,15 @@ import torch.distributed as dist
 def identity(value):
     total = torch.tensor([float(dist.get_rank())])
     dist.all_reduce(total)
-    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "value": value,
-            "rank_sum": total.item(), "threads": torch.get_num_threads(), "pid": os.getpid(),
-            "tensor": torch.full((2,), float(dist.get_rank()))}
+    return {
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "value": value,
+        "rank_sum": total.item(),
+        "threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+        "tensor": torch.full((2,), float(dist.get_rank())),
+    }
 
 
 def fail_on(bad_rank: int):

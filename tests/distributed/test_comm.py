@@ -44,10 +44,15 @@ def test_each_collective_counted_exactly(dist_pool):
             f"other:{res['other_name']}": {"all_reduce": _entry(8)},
         }
         assert res["summary"] == expected, f"rank {rank}"
-        assert res["bytes_by_axis"] == {axis: sum(e["bytes"] for e in kinds.values())
-                                        for axis, kinds in expected.items()}
-        assert res["ops"][:4] == ["c10d._allgather_base_", "c10d._reduce_scatter_base_", "c10d.allreduce_",
-                                  "c10d.alltoall_base_"]
+        assert res["bytes_by_axis"] == {
+            axis: sum(e["bytes"] for e in kinds.values()) for axis, kinds in expected.items()
+        }
+        assert res["ops"][:4] == [
+            "c10d._allgather_base_",
+            "c10d._reduce_scatter_base_",
+            "c10d.allreduce_",
+            "c10d.alltoall_base_",
+        ]
         assert res["after_reset"] == ({}, 0)
         assert not [w for w in res["warnings"] if "dispatch" in w.lower() or "mode" in w.lower()]
 
@@ -57,8 +62,10 @@ def test_functional_collectives_and_dtensor_counted_once(dist_pool):
     for res in dist_pool(4).run(f"{CASES}:functional_and_dtensor"):
         # funcol output 2 x (4,3) + DTensor redistribute output 2 x (2,3), fp32; 2x2 flattened = world group,
         # registered as "dp_tp" (a registered axis wins over "world").
-        assert res["summary"] == {"tp": {"all_gather": _entry(96 + 48, 2)},
-                                  "dp_tp": {"all_reduce": _entry(8)}}
+        assert res["summary"] == {
+            "tp": {"all_gather": _entry(96 + 48, 2)},
+            "dp_tp": {"all_reduce": _entry(8)},
+        }
         assert res["ops"] == ["_c10d_functional.all_gather_into_tensor"] * 2 + ["c10d.allreduce_"]
 
 
@@ -84,8 +91,9 @@ def test_fsdp2_closed_form(dist_pool, world, reshard):
     d_in, d_hidden, d_out = 5, 7, 3  # no dim 0 divides 2 or 4: every parameter is padded
     layer1 = _fsdp_layer_bytes([(d_hidden, d_in), (d_hidden,)], world, F32)
     layer2 = _fsdp_layer_bytes([(d_out, d_hidden), (d_out,)], world, F32)
-    results = dist_pool(world).run(f"{CASES}:fsdp_step", dims=(d_in, d_hidden, d_out),
-                                   reshard_after_forward=reshard)
+    results = dist_pool(world).run(
+        f"{CASES}:fsdp_step", dims=(d_in, d_hidden, d_out), reshard_after_forward=reshard
+    )
     for res in results:
         kinds = [(kind, nbytes) for kind, _, nbytes, _ in res["records"]]
         ag = [b for k, b in kinds if k == "all_gather"]
@@ -103,8 +111,10 @@ def test_fsdp2_mixed_precision_bytes(dist_pool):
     """bf16 parameters, fp32 reduction: all-gathers move 2-byte elements, reduce-scatters 4-byte ones."""
     world = 2
     shapes1, shapes2 = [(7, 5), (7,)], [(3, 7), (3,)]
-    (res, *_) = dist_pool(world).run(f"{CASES}:fsdp_step", dims=(5, 7, 3), reshard_after_forward=False,
-                                     param_dtype="bfloat16")
+    (res, *_) = dist_pool(world).run(
+        f"{CASES}:fsdp_step", dims=(5, 7, 3), reshard_after_forward=False, param_dtype="bfloat16"
+    )
+
     def both(itemsize: int) -> int:
         return _fsdp_layer_bytes(shapes1, world, itemsize) + _fsdp_layer_bytes(shapes2, world, itemsize)
 

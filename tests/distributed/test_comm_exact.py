@@ -87,8 +87,15 @@ def test_tensor_parallel_with_sequence_parallel(dist_pool):
 
 def test_tensor_parallel_without_sequence_parallel(dist_pool):
     arch, s, lc, model = shapes()
-    got = run(dist_pool, ["parallel.tp=2", "parallel.sequence_parallel=false", "parallel.dp_shard=1",
-                          f"train.global_batch_size={B}"])
+    got = run(
+        dist_pool,
+        [
+            "parallel.tp=2",
+            "parallel.sequence_parallel=false",
+            "parallel.dp_shard=1",
+            f"train.global_batch_size={B}",
+        ],
+    )
     act, ctx = B * s * arch.dim * F, B * lc * arch.dim * F
     # forward: 3 row-parallel all-reduces; backward: 3 region-input all-reduces + the text context's
     assert got["tp"] == {"all_reduce": {"bytes": arch.layers * (6 * act + ctx), "calls": arch.layers * 7}}

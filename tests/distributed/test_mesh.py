@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
         (["parallel.tp=3"], "parallel.tp: 3 does not divide the 8 heads"),
         (["parallel.tp=2", "parallel.cp=3"], "world size 4 is not divisible by dp_replicate*cp*tp"),
         (["parallel.dp_shard=4", "parallel.tp=2"], "does not equal the world size 4"),
-        (["parallel.cp=4", "parallel.tp=4", "parallel.cp_kind=ulysses", "parallel.dp_shard=1"],
-         "ulysses needs heads (8) divisible by cp*tp"),
+        (
+            ["parallel.cp=4", "parallel.tp=4", "parallel.cp_kind=ulysses", "parallel.dp_shard=1"],
+            "ulysses needs heads (8) divisible by cp*tp",
+        ),
     ],
 )
 def test_bad_mesh_fails_on_every_rank(dist_pool, overrides, needle):
@@ -33,8 +35,20 @@ def test_bad_mesh_fails_on_every_rank(dist_pool, overrides, needle):
 
 def test_bad_mesh_under_torchrun_exits_nonzero_without_hanging(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "megagen", "train",
-           "examples/configs/video_tiny.yaml", "parallel.tp=2", "parallel.cp=3", f"run.dir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "megagen",
+        "train",
+        "examples/configs/video_tiny.yaml",
+        "parallel.tp=2",
+        "parallel.cp=3",
+        f"run.dir={tmp_path}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
     assert "world size 2 is not divisible by dp_replicate*cp*tp" in proc.stderr

@@ -32,13 +32,21 @@ MESHES = {
         "hsdp2x2": ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
         "cp2xtp2-padded": ["parallel.cp=2", "parallel.tp=2", *PADDED],
         "cp2xtp2-ulysses-padded-recompute": [
-            "parallel.cp=2", "parallel.tp=2", "parallel.cp_kind=ulysses", "train.recompute=selective", *PADDED,
+            "parallel.cp=2",
+            "parallel.tp=2",
+            "parallel.cp_kind=ulysses",
+            "train.recompute=selective",
+            *PADDED,
         ],
     },
     8: {
         "fsdp2xcp2xtp2": ["parallel.dp_shard=2", "parallel.cp=2", "parallel.tp=2"],
         "fsdp2xcp2xtp2-ulysses-padded": [
-            "parallel.dp_shard=2", "parallel.cp=2", "parallel.tp=2", "parallel.cp_kind=ulysses", *PADDED,
+            "parallel.dp_shard=2",
+            "parallel.cp=2",
+            "parallel.tp=2",
+            "parallel.cp_kind=ulysses",
+            *PADDED,
         ],
     },
 }
