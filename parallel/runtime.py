@@ -28,11 +28,6 @@ class LocalRuntime:
     def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
         return model
 
-    def sample_indices(self, micro: int, micro_batch: int) -> list[int]:
-        """Global sample indices of this rank's micro-batch `micro` within a step."""
-        start = (micro * self.dp_size + self.dp_rank) * micro_batch
-        return list(range(start, start + micro_batch))
-
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return target, None
 

@@ -56,6 +56,17 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             except ValueError:
                 pass
         raise ConfigError(key, f"expected a number, got {value!r}")
+    if typ is dict:
+        if from_string:
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(key, f"expected a mapping, could not parse {value!r}: {exc}") from exc
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return value
     if typ is str:
         if isinstance(value, str):
             return value
@@ -81,16 +92,16 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     setattr(group, name, _coerce(key, value, _field_type(group, name)))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Any) -> dict[str, Any]:
+    """{group: {key: value}} → {"group.key": value}; values may themselves be mappings."""
     if not isinstance(tree, dict):
-        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(tree).__name__}")
+        raise ConfigError("<root>", f"expected a mapping of groups, got {type(tree).__name__}")
     flat: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            flat.update(_flatten(v, key))
-        else:
-            flat[key] = v
+    for group, keys in tree.items():
+        if not isinstance(keys, dict):
+            raise ConfigError(str(group), f"expected a mapping of keys, got {keys!r}")
+        for k, v in keys.items():
+            flat[f"{group}.{k}"] = v
     return flat
 
 
@@ -120,6 +131,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+def _check_bucket_tables(cfg: Config) -> None:
+    for bucket, sizes in cfg.data.bucket_batch.items():
+        key = f"data.bucket_batch.{bucket}"
+        if not isinstance(sizes, dict) or set(sizes) - {"global", "micro"}:
+            raise ConfigError(key, f"expected {{global: G, micro: M}}, got {sizes!r}")
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key}.{name}", f"expected a positive integer, got {value!r}")
+    for bucket, weight in cfg.data.bucket_weights.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise ConfigError(f"data.bucket_weights.{bucket}", f"expected a weight >= 0, got {weight!r}")
+    try:
+        values = [float(v) for v in cfg.eval.t_values.split(",")]
+    except ValueError as exc:
+        raise ConfigError(
+            "eval.t_values", f"expected comma-separated numbers, got {cfg.eval.t_values!r}"
+        ) from exc
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise ConfigError("eval.t_values", f"values must lie in [0, 1], got {cfg.eval.t_values!r}")
+
+
 def validate(cfg: Config) -> None:
     """Field-level checks (choices, bounds) and cross-field checks that need no model."""
     for group in dataclasses.fields(cfg):
@@ -143,6 +175,7 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.data.synthetic and not cfg.data.path:
         raise ConfigError("data.path", "required when data.synthetic=false")
+    _check_bucket_tables(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

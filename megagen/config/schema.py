@@ -56,13 +56,41 @@ class ParallelConfig:
 class DataConfig:
     """Where samples come from. Synthetic data is a learnable, seeded stand-in for real latents."""
 
-    synthetic: bool = opt(True, "generate seeded synthetic latents instead of reading shards")
-    path: str = opt("", "directory of bucketed latent shards (when synthetic=false)")
+    synthetic: bool = opt(True, "generate seeded synthetic latents when data.path is empty")
+    path: str = opt("", "directory of bucketed latent shards; when set, training reads it")
     latent_frames: int = opt(4, "synthetic: latent frames T", min=1)
     latent_height: int = opt(8, "synthetic: latent height H (divisible by the spec's patch size)", min=1)
     latent_width: int = opt(8, "synthetic: latent width W (divisible by the spec's patch size)", min=1)
     text_tokens: int = opt(8, "synthetic: tokens per text encoder", min=1)
     synthetic_classes: int = opt(8, "synthetic: distinct (caption, video) pairs the model can learn", min=1)
+    loader: str = opt(
+        "auto", "shard loader (auto = DALI when installed, else torch)", choices=("auto", "dali", "torch")
+    )
+    num_workers: int = opt(2, "loader worker processes (torch) / python workers (DALI)", min=0)
+    prefetch: int = opt(2, "micro-batches prefetched per worker / DALI queue depth", min=1)
+    threads: int = opt(2, "DALI CPU threads", min=1)
+    on_error: str = opt(
+        "fail", "unreadable sample: stop, or skip it (logged and counted)", choices=("fail", "skip")
+    )
+    verify: str = opt("size", "shard verification at start-up", choices=("none", "size", "checksum"))
+    bucket_batch: dict = opt(
+        {}, "per-bucket batch sizes {bucket: {global: G, micro: M}}; default train.global/micro_batch_size"
+    )
+    bucket_weights: dict = opt(
+        {}, "per-bucket draw weights {bucket: w}; default: each bucket's share of steps"
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss per bucket on a fixed t grid with fixed noise (comparable across runs and meshes)."""
+
+    path: str = opt("", "dataset directory of held-out shards; empty disables evaluation")
+    every: int = opt(0, "evaluate every N steps (and after the last); 0 disables", min=0)
+    samples: int = opt(8, "samples per bucket (the first N of each bucket)", min=1)
+    micro_batch_size: int = opt(4, "samples per evaluation forward", min=1)
+    t_values: str = opt("0.1,0.3,0.5,0.7,0.9", "comma-separated timesteps of the evaluation grid")
+    seed: int = opt(1234, "seed of the fixed evaluation noise", min=0)
 
 
 @dataclass
@@ -123,6 +151,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from megagen.config import Config, ConfigError, save_config
-from megagen.data import SyntheticDataset
 from megagen.metrics import MetricsLogger
 from megagen.specs import get_spec
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
@@ -50,18 +49,6 @@ def full_tensors(named: list[tuple[str, torch.Tensor | None]]) -> dict[str, torc
         t = t.full_tensor() if isinstance(t, DTensor) else t
         out[name] = t.detach().to("cpu", copy=True)
     return out
-
-
-def grad_accumulation_steps(cfg: Config, dp_size: int) -> int:
-    """global ÷ (micro × data-parallel size), or a ConfigError naming the batch keys."""
-    per_step = cfg.train.micro_batch_size * dp_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{cfg.train.global_batch_size} is not divisible by train.micro_batch_size × data-parallel size "
-            f"= {cfg.train.micro_batch_size} × {dp_size}",
-        )
-    return cfg.train.global_batch_size // per_step
 
 
 def _active_modes() -> list:
@@ -100,87 +87,141 @@ def build_model(cfg: Config, spec, runtime):
     return runtime.parallelize(model.to(runtime.device), spec.parallel_plan(cfg), cfg)
 
 
+class Trainer:
+    """Owns one run's model, optimizer, schedule, data stream and loggers; `run()` does the steps.
+
+    Checkpointing saves and restores exactly `state_for_checkpoint()`: model, optimizer, schedule, the next
+    step and the sampler state (which is independent of the mesh).
+    """
+
+    def __init__(self, cfg: Config, runtime=None):
+        self.cfg = cfg
+        self.spec = get_spec(cfg.model.spec)
+        self.spec.validate(cfg)
+        self.runtime = runtime or make_runtime(cfg)
+        self.model = build_model(cfg, self.spec, self.runtime)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
+        self.step = 0
+        self.sampler_state: dict | None = None
+        self.data = None
+        self.skipped_samples = 0
+
+    def state_for_checkpoint(self, steps_done: int) -> dict:
+        sampler = self.data.state_after(steps_done - self.first_step) if self.data else self.sampler_state
+        return {"step": steps_done, "sampler": sampler}
+
+    def _micro_step(self, req, batch: dict[str, torch.Tensor], global_batch: int):
+        cfg, spec, runtime = self.cfg, self.spec, self.runtime
+        latent_shape = tuple(batch["latents"].shape[1:])
+        draws = draw_for_samples(cfg, spec, req.step, list(req.positions), latent_shape)
+        sample_valid = batch.pop("sample_valid", None)
+        loss_sum, _, tokens_per_sample = flow_matching_micro_step(
+            cfg, spec, self.model, batch, draws, runtime.shard_targets, sample_valid
+        )
+        scale = getattr(runtime, "loss_scale", 1.0)
+        loss = loss_sum * scale / (global_batch * tokens_per_sample)
+        loss.backward()
+        if sample_valid is not None:
+            self.skipped_samples += int((~sample_valid).sum())
+        return loss.detach(), tokens_per_sample
+
+    def run(self, capture_grads: bool = False, on_step_end=None) -> TrainResult:
+        """Train from `self.step` to `train.steps`; `on_step_end(trainer, steps_done)` follows each step."""
+        cfg, runtime, model = self.cfg, self.runtime, self.model
+        from megagen.data.pipeline import build_data
+
+        self.first_step = self.step
+        remaining = cfg.train.steps - self.step
+        self.data = build_data(cfg, self.spec, runtime, max(0, remaining), self.sampler_state)
+        run_dir = Path(cfg.run.dir) if runtime.is_logging_rank else None
+        if run_dir is not None:
+            save_config(cfg, run_dir / "config.yaml")
+        logger = MetricsLogger(
+            run_dir,
+            cfg.train.steps,
+            cfg.metrics.jsonl,
+            cfg.metrics.tensorboard,
+            cfg.metrics.progress,
+            cfg.train.log_every,
+            resume=self.step > 0,
+        )
+        evaluator = None
+        if cfg.eval.path and cfg.eval.every:
+            from megagen.train.evaluate import Evaluator
+
+            evaluator = Evaluator(cfg, self.spec, runtime)
+        losses, norms, last_grads = [], [], None
+        counter = runtime.comm_counter() if cfg.metrics.comm else None
+        comm = [] if counter is not None else None
+        stream = iter(self.data.loader)
+        try:
+            for step in range(self.step, cfg.train.steps):
+                if counter is not None:
+                    counter.reset()
+                    counter.__enter__()
+                t_start = time.perf_counter()
+                step_loss = torch.zeros((), device=runtime.device)
+                wait = 0.0
+                micro, accum = 0, 1
+                while micro < accum:
+                    t_wait = time.perf_counter()
+                    req, batch = next(stream)
+                    wait += time.perf_counter() - t_wait
+                    if req.step != step or req.micro != micro:
+                        raise RuntimeError(f"data stream out of order: got step {req.step} micro {req.micro}")
+                    accum = req.accumulation
+                    global_batch = accum * len(req.sample_ids) * runtime.dp_size
+                    runtime.set_grad_sync(model, micro == accum - 1)
+                    loss, tokens_per_sample = self._micro_step(req, batch, global_batch)
+                    step_loss += loss
+                    micro += 1
+                runtime.finish_grads(model)
+                grad_norm = runtime.clip_grads(self.params, cfg.optim.grad_clip)
+                if capture_grads and step == cfg.train.steps - 1:
+                    last_grads = full_tensors([(n, p.grad) for n, p in model.named_parameters()])
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                global_loss = runtime.global_loss(step_loss)
+                dt = time.perf_counter() - t_start
+                self.step = step + 1
+                extra = {"bucket": req.bucket}
+                if counter is not None:
+                    counter.__exit__(None, None, None)
+                    extra["comm_bytes"] = counter.bytes_by_axis()
+                    comm.append(counter.summary())
+                if self.skipped_samples:
+                    extra["skipped_samples"] = self.skipped_samples
+                last = self.step == cfg.train.steps
+                if evaluator is not None and (self.step % cfg.eval.every == 0 or last):
+                    extra.update(evaluator.evaluate(model))
+                losses.append(global_loss)
+                norms.append(grad_norm)
+                logger.log(
+                    self.step,
+                    {
+                        "loss": global_loss,
+                        "grad_norm": grad_norm,
+                        "lr": lr,
+                        "samples_per_s": global_batch / dt,
+                        "tokens_per_s": global_batch * tokens_per_sample / dt,
+                        "step_time_s": dt,
+                        "data_wait_s": wait,
+                        "max_mem_gb": max_memory_gb(runtime.device),
+                        **extra,
+                    },
+                )
+                if on_step_end is not None:
+                    on_step_end(self, self.step)
+        finally:
+            logger.close()
+            if counter is not None and counter in _active_modes():
+                counter.__exit__(None, None, None)
+        return TrainResult(losses, norms, model, runtime, self.optimizer, last_grads, comm)
+
+
 def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult:
     """Run `train.steps` optimizer steps; rank 0 writes metrics and the resolved config."""
-    spec = get_spec(cfg.model.spec)
-    spec.validate(cfg)
-    runtime = runtime or make_runtime(cfg)
-    accum = grad_accumulation_steps(cfg, runtime.dp_size)
-    model = build_model(cfg, spec, runtime)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, cfg)
-    dataset = SyntheticDataset(spec.sample_shapes(cfg), cfg.run.seed, cfg.data.synthetic_classes)
-    latent_shape = spec.sample_shapes(cfg)["latents"]
-
-    run_dir = Path(cfg.run.dir) if runtime.is_logging_rank else None
-    if run_dir is not None:
-        save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(
-        run_dir,
-        cfg.train.steps,
-        cfg.metrics.jsonl,
-        cfg.metrics.tensorboard,
-        cfg.metrics.progress,
-        cfg.train.log_every,
-    )
-    losses, norms, last_grads = [], [], None
-    counter = runtime.comm_counter() if cfg.metrics.comm else None
-    comm = [] if counter is not None else None
-    try:
-        for step in range(cfg.train.steps):
-            if counter is not None:
-                counter.reset()
-                counter.__enter__()
-            t_start = time.perf_counter()
-            step_loss = torch.zeros((), device=runtime.device)
-            tokens_per_sample = 0
-            for micro in range(accum):
-                runtime.set_grad_sync(model, micro == accum - 1)
-                indices = runtime.sample_indices(micro, cfg.train.micro_batch_size)
-                batch = {k: v.to(runtime.device) for k, v in dataset.batch(step, indices).items()}
-                draws = draw_for_samples(cfg, spec, step, indices, latent_shape)
-                loss_sum, _, tokens_per_sample = flow_matching_micro_step(
-                    cfg, spec, model, batch, draws, runtime.shard_targets
-                )
-                loss = (
-                    loss_sum
-                    * getattr(runtime, "loss_scale", 1.0)
-                    / (cfg.train.global_batch_size * tokens_per_sample)
-                )
-                loss.backward()
-                step_loss += loss.detach()
-            runtime.finish_grads(model)
-            grad_norm = runtime.clip_grads(params, cfg.optim.grad_clip)
-            if capture_grads and step == cfg.train.steps - 1:
-                last_grads = full_tensors([(n, p.grad) for n, p in model.named_parameters()])
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_loss = runtime.global_loss(step_loss)
-            dt = time.perf_counter() - t_start
-            extra = {}
-            if counter is not None:
-                counter.__exit__(None, None, None)
-                extra = {"comm_bytes": counter.bytes_by_axis()}
-                comm.append(counter.summary())
-            losses.append(global_loss)
-            norms.append(grad_norm)
-            logger.log(
-                step + 1,
-                {
-                    "loss": global_loss,
-                    "grad_norm": grad_norm,
-                    "lr": lr,
-                    "samples_per_s": cfg.train.global_batch_size / dt,
-                    "tokens_per_s": cfg.train.global_batch_size * tokens_per_sample / dt,
-                    "step_time_s": dt,
-                    "max_mem_gb": max_memory_gb(runtime.device),
-                    **extra,
-                },
-            )
-    finally:
-        logger.close()
-        if counter is not None and counter in _active_modes():
-            counter.__exit__(None, None, None)
-    return TrainResult(losses, norms, model, runtime, optimizer, last_grads, comm)
+    return Trainer(cfg, runtime).run(capture_grads=capture_grads)

@@ -58,6 +58,7 @@ def flow_matching_micro_step(
     batch: dict[str, torch.Tensor],
     draws: MicroBatchDraws,
     shard_targets: ShardTargets | None = None,
+    sample_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward one micro-batch; returns (per-token loss sum on this rank, valid tokens on this rank,
     tokens per sample of the whole unsharded sequence — the loss normaliser's unit).
@@ -77,6 +78,9 @@ def flow_matching_micro_step(
     valid = None
     if shard_targets is not None:
         target, valid = shard_targets(target)
+    if sample_valid is not None:  # samples the loader skipped (data.on_error=skip) carry no loss
+        keep = sample_valid.to(target.device).view(-1, 1).expand(target.shape[0], target.shape[1])
+        valid = keep if valid is None else valid & keep
 
     loss_sum, count = flow_matching_loss_sum(pred.float(), target.float(), valid)
     return loss_sum, count, tokens_per_sample

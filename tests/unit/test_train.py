@@ -8,7 +8,6 @@ import torch
 
 from megagen.config import ConfigError, load_config
 from megagen.train import train
-from megagen.train.loop import grad_accumulation_steps
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
 
@@ -41,10 +40,12 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tmp_path):
 
 
 def test_accumulation_must_divide(tmp_path):
-    cfg = _cfg(tmp_path, "train.global_batch_size=8", "train.micro_batch_size=4")
-    assert grad_accumulation_steps(cfg, 2) == 1
+    from megagen.data.sampler import SyntheticSampler
+
+    sampler = SyntheticSampler(global_batch=8, micro_batch=4)
+    assert sampler.accumulation("synthetic", 2) == 1
     with pytest.raises(ConfigError, match="train.global_batch_size"):
-        grad_accumulation_steps(cfg, 3)
+        sampler.accumulation("synthetic", 3)
 
 
 def test_metrics_jsonl_and_tensorboard(tmp_path):
