@@ -61,6 +61,10 @@ class LocalRuntime:
     def comm_counter(self):
         return None
 
+    def sum_over_sequence_shards(self, local_sum: torch.Tensor) -> float:
+        """Sum a quantity computed on this rank's sequence shard over the shards (identity here)."""
+        return float(local_sum)
+
     def barrier(self) -> None:
         pass
 
@@ -189,6 +193,18 @@ class DistributedRuntime(LocalRuntime):
             dist.all_reduce(total)
         duplicates = 1 if self.sequence_parallel else self.dims.tp
         return float(total) / duplicates / self.loss_scale
+
+    def sum_over_sequence_shards(self, local_sum: torch.Tensor) -> float:
+        """Every dp rank computed the same samples: sum over all ranks, then count each replica once."""
+        import torch.distributed as dist
+
+        from megagen.parallel.comm import comm_axis
+
+        total = local_sum.detach().clone().double()
+        with comm_axis("world"):
+            dist.all_reduce(total)
+        duplicates = self.dims.dp * (1 if self.sequence_parallel else self.dims.tp)
+        return float(total) / duplicates
 
     def comm_counter(self):
         """A collective counter keyed by mesh axis (FSDP's traffic is named by its process group)."""
