@@ -123,14 +123,19 @@ class TrainConfig:
     t_mean: float = opt(0.0, "logit-normal timestep mean", min=None)
     t_std: float = opt(1.0, "logit-normal timestep std", min=0.0)
     log_every: int = opt(1, "print a line every N steps", min=1)
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the weights with this decay; 0 = off", min=0.0)
 
 
 @dataclass
 class CheckpointConfig:
     """When and where checkpoints are written."""
 
-    every: int = opt(0, "save every N steps; 0 disables", min=0)
+    every: int = opt(0, "save every N steps (and after the last step); 0 disables", min=0)
     dir: str = opt("", "checkpoint directory; empty = <run.dir>/checkpoints")
+    keep: int = opt(3, "complete checkpoints kept (older ones are deleted); 0 keeps all", min=0)
+    async_save: bool = opt(False, "write checkpoints in the background while training continues")
+    resume: str = opt("auto", "auto = latest complete checkpoint in dir if any; never; or a checkpoint PATH")
+    init_from: str = opt("", "start from another run's weights (new optimizer); position tables are extended")
 
 
 @dataclass
