@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from megagen.config import ConfigError, describe_keys, load_config
@@ -14,6 +15,7 @@ commands:
   train   train a model from a YAML config with dotted key=value overrides (single process or torchrun)
   specs   list the registered model specs and their presets
   config  print the resolved config (YAML + overrides) without running anything
+  bench   warm up, then time training steps: tokens/s, TFLOP/s, MFU, HFU, memory, data-wait and comm shares
 """
 
 TRAIN_EPILOG = "config keys (group.key=default {allowed}  help):\n" + describe_keys()
@@ -39,6 +41,18 @@ def _parser() -> argparse.ArgumentParser:
             "overrides", metavar="OVERRIDE", nargs="*", help="dotted overrides, e.g. train.steps=5"
         )
     sub.add_parser("specs", help="list registered model specs", description="List registered model specs.")
+    b = sub.add_parser(
+        "bench",
+        help="benchmark training steps",
+        description="Benchmark: warm-up steps, then timed steps (device-synchronised), figures per device.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("config", metavar="CONFIG", help="YAML config file")
+    b.add_argument("overrides", metavar="OVERRIDE", nargs="*", help="dotted overrides")
+    b.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -48,6 +62,16 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
     result.runtime.close()
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from megagen.metrics.bench import print_bench, run_bench
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_bench(cfg, args.steps, args.warmup)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_bench(result, args.json)
     return 0
 
 
@@ -77,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"train": _cmd_train, "config": _cmd_config, "specs": _cmd_specs}
+    handlers = {"train": _cmd_train, "config": _cmd_config, "specs": _cmd_specs, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

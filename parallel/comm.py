@@ -21,6 +21,7 @@ when two axes share one ProcessGroup), else "world" for the default group, else 
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -167,10 +168,14 @@ class CommCounter(TorchDispatchMode):
             self._axis_of.setdefault(_as_group(group).group_name, axis)  # first registration wins
         self.keep_records = keep_records
         self.records: list[CommRecord] = []
+        self.seconds = 0.0
+        """Wall time inside collective calls: blocking collectives (gloo) in full; async ones (NCCL) only
+        their launch — an estimate of exposed communication, not a measurement of link time."""
         self._totals: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
 
     # ------------------------------------------------------------------ results
     def reset(self) -> None:
+        self.seconds = 0.0
         self.records.clear()
         self._totals.clear()
 
@@ -222,9 +227,11 @@ class CommCounter(TorchDispatchMode):
         # Let tensor subclasses (DTensor) desugar first: their collectives come back here on plain tensors.
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
+        spec = _OPS.get((func.namespace, func._opname)) if func.namespace in _NAMESPACES else None
+        if spec is None:
+            return func(*args, **kwargs)
+        start = time.perf_counter()
         out = func(*args, **kwargs)
-        if func.namespace in _NAMESPACES:
-            spec = _OPS.get((func.namespace, func._opname))
-            if spec is not None:
-                self._record(func, spec, args, kwargs, out)
+        self.seconds += time.perf_counter() - start
+        self._record(func, spec, args, kwargs, out)
         return out

@@ -61,6 +61,11 @@ class LocalRuntime:
     def comm_counter(self):
         return None
 
+    def synchronize(self) -> None:
+        """Wait for queued device work, so step timers measure the work and not its launch."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def sum_over_sequence_shards(self, local_sum: torch.Tensor) -> float:
         """Sum a quantity computed on this rank's sequence shard over the shards (identity here)."""
         return float(local_sum)

@@ -146,6 +146,8 @@ class MetricsConfig:
     jsonl: bool = opt(True, "write <run.dir>/metrics.jsonl, one JSON object per step")
     progress: str = opt("auto", "progress display", choices=("auto", "bar", "lines", "none"))
     comm: bool = opt(False, "count collective bytes per mesh axis and log them as comm_bytes")
+    mfu: bool = opt(True, "log tflops / mfu / hfu per step (on CPU the peak is a measured matmul rate)")
+    profile_steps: str = opt("", "`a,b`: write a torch.profiler trace of steps a..b to <run.dir>/profile")
 
 
 @dataclass

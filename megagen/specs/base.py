@@ -72,5 +72,8 @@ class ModelSpec(ABC):
         """Cross-checks between this spec and the config (e.g. heads divisible by tp)."""
         return None
 
-    def flops_per_sample(self, cfg: Config) -> float:
-        raise NotImplementedError(f"spec {self.name!r}: FLOP counting is not implemented yet")
+    def flops_per_sample(
+        self, cfg: Config, latent_shape: tuple[int, ...] | None = None, text_tokens: int | None = None
+    ):
+        """A `megagen.metrics.flops.FlopCount` for one sample of this latent shape (default: the config's)."""
+        raise NotImplementedError(f"spec {self.name!r}: FLOP counting is not implemented")

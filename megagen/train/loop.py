@@ -87,6 +87,47 @@ def build_model(cfg: Config, spec, runtime):
     return runtime.parallelize(model.to(runtime.device), spec.parallel_plan(cfg), cfg)
 
 
+class _Profiler:
+    """torch.profiler over steps a..b (`metrics.profile_steps=a,b`): Chrome trace + top-ops table."""
+
+    def __init__(self, cfg: Config, runtime):
+        first, _, last = cfg.metrics.profile_steps.partition(",")
+        try:
+            self.first, self.last = int(first), int(last or first)
+        except ValueError as exc:
+            raise ConfigError(
+                "metrics.profile_steps", f"expected `a,b`, got {cfg.metrics.profile_steps!r}"
+            ) from exc
+        self.out = Path(cfg.run.dir) / "profile"
+        self.rank = runtime.rank
+        self.prof = None
+
+    def before_step(self, step: int) -> None:
+        if step == self.first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + (
+                [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
+            self.prof = profile(activities=activities, record_shapes=True)
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is not None and step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        if self.prof is None:
+            return
+        self.prof.__exit__(None, None, None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.out / f"trace_rank{self.rank}.json"))
+        if self.rank == 0:
+            table = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            log.info("profile of steps %d..%d (trace in %s):\n%s", self.first, self.last, self.out, table)
+        self.prof = None
+
+
 class Trainer:
     """Owns one run's model, optimizer, schedule, data stream and loggers; `run()` does the steps.
 
@@ -106,6 +147,8 @@ class Trainer:
         self.sampler_state: dict | None = None
         self.data = None
         self.skipped_samples = 0
+        self.history: list[dict] = []
+        """Every step's metrics record (what metrics.jsonl gets), on every rank."""
 
     def state_for_checkpoint(self, steps_done: int) -> dict:
         sampler = self.data.state_after(steps_done - self.first_step) if self.data else self.sampler_state
@@ -151,6 +194,12 @@ class Trainer:
             from megagen.train.evaluate import Evaluator
 
             evaluator = Evaluator(cfg, self.spec, runtime)
+        meter = None
+        if cfg.metrics.mfu:
+            from megagen.metrics.throughput import FlopMeter
+
+            meter = FlopMeter(cfg, self.spec, runtime)
+        profiler = _Profiler(cfg, runtime) if cfg.metrics.profile_steps else None
         losses, norms, last_grads = [], [], None
         counter = runtime.comm_counter() if cfg.metrics.comm else None
         comm = [] if counter is not None else None
@@ -160,6 +209,8 @@ class Trainer:
                 if counter is not None:
                     counter.reset()
                     counter.__enter__()
+                if profiler is not None:
+                    profiler.before_step(step + 1)
                 t_start = time.perf_counter()
                 step_loss = torch.zeros((), device=runtime.device)
                 wait = 0.0
@@ -185,12 +236,18 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 global_loss = runtime.global_loss(step_loss)
+                runtime.synchronize()
                 dt = time.perf_counter() - t_start
                 self.step = step + 1
+                if profiler is not None:
+                    profiler.after_step(self.step)
                 extra = {"bucket": req.bucket}
+                if meter is not None:
+                    extra.update(meter.step_metrics(batch, global_batch, tokens_per_sample, dt))
                 if counter is not None:
                     counter.__exit__(None, None, None)
                     extra["comm_bytes"] = counter.bytes_by_axis()
+                    extra["comm_s"] = counter.seconds
                     comm.append(counter.summary())
                 if self.skipped_samples:
                     extra["skipped_samples"] = self.skipped_samples
@@ -199,24 +256,25 @@ class Trainer:
                     extra.update(evaluator.evaluate(model))
                 losses.append(global_loss)
                 norms.append(grad_norm)
-                logger.log(
-                    self.step,
-                    {
-                        "loss": global_loss,
-                        "grad_norm": grad_norm,
-                        "lr": lr,
-                        "samples_per_s": global_batch / dt,
-                        "tokens_per_s": global_batch * tokens_per_sample / dt,
-                        "step_time_s": dt,
-                        "data_wait_s": wait,
-                        "max_mem_gb": max_memory_gb(runtime.device),
-                        **extra,
-                    },
-                )
+                record = {
+                    "loss": global_loss,
+                    "grad_norm": grad_norm,
+                    "lr": lr,
+                    "samples_per_s": global_batch / dt,
+                    "tokens_per_s": global_batch * tokens_per_sample / dt,
+                    "step_time_s": dt,
+                    "data_wait_s": wait,
+                    "max_mem_gb": max_memory_gb(runtime.device),
+                    **extra,
+                }
+                self.history.append(record)
+                logger.log(self.step, record)
                 if on_step_end is not None:
                     on_step_end(self, self.step)
         finally:
             logger.close()
+            if profiler is not None:
+                profiler.close()
             if counter is not None and counter in _active_modes():
                 counter.__exit__(None, None, None)
         return TrainResult(losses, norms, model, runtime, self.optimizer, last_grads, comm)

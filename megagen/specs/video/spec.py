@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megagen.config import Config, ConfigError
+from megagen.metrics.flops import FlopCount, attention_products, combine, linear
 from megagen.parallel.plan import ParallelPlan, TPRegion
 from megagen.specs.base import ModelSpec
 from megagen.specs.registry import register_spec
@@ -116,6 +117,34 @@ class VideoSpec(ModelSpec):
                 raise ConfigError(key, f"{size} is not divisible by the patch size {p}")
             if size > limit:
                 raise ConfigError(key, f"{size} exceeds the preset's maximum {limit}")
+
+    def flops_per_sample(
+        self, cfg: Config, latent_shape: tuple[int, ...] | None = None, text_tokens: int | None = None
+    ) -> FlopCount:
+        """FLOPs of one sample of `latent_shape` (C, T, H, W) with `text_tokens` per encoder."""
+        arch: VideoArch = self.arch(cfg)
+        c, t, h, w = latent_shape or self.latent_shape(cfg)
+        pt, ph, pw = arch.patch
+        s = (t // pt) * (h // ph) * (w // pw)
+        per_encoder = cfg.data.text_tokens if text_tokens is None else text_tokens
+        lc = per_encoder * len(arch.text_encoders)
+        d, f = arch.dim, arch.ffn
+        inputs = (
+            linear(s, arch.patch_dim, d)
+            + sum(linear(per_encoder, k, d) for k in arch.text_encoders.values())
+            + linear(1, 256, d)  # timestep MLP on sinusoidal features
+        )
+        outside = inputs + linear(1, d, d) + linear(1, d, 6 * d) + linear(s, d, arch.patch_dim)
+        block_matmuls = (
+            linear(s, d, 3 * d)  # self-attention q, k, v
+            + linear(s, d, d)  # self-attention o
+            + linear(s, d, 2 * d)  # cross-attention q and o
+            + linear(lc, d, 2 * d)  # cross-attention k, v over the text tokens
+            + linear(s, d, 2 * f)  # w1, w3
+            + linear(s, f, d)  # w2
+        )
+        block_attention = attention_products(s, s, d) + attention_products(s, lc, d)
+        return combine(outside, block_matmuls, block_attention, arch.layers, cfg.train.recompute, inputs)
 
     def to_tokens(self, latents: torch.Tensor) -> torch.Tensor:
         return patchify(latents, self._patch)
