@@ -94,7 +94,8 @@ def main() -> None:
         r = results[name]
         print(
             f"{name:22s} megagen {r['megagen_step_s'] * 1e3:8.1f} ms  "
-            f"hand-written {r['hand_written_step_s'] * 1e3:8.1f} ms  ratio {r['ratio_median']:.3f} (min {r['ratio_min']:.3f}, max {r['ratio_max']:.3f})",
+            f"hand-written {r['hand_written_step_s'] * 1e3:8.1f} ms  ratio {r['ratio_median']:.3f} "
+            f"(min {r['ratio_min']:.3f}, max {r['ratio_max']:.3f})",
             flush=True,
         )
     if args.json:
