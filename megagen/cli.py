@@ -15,6 +15,7 @@ commands:
   train   train a model from a YAML config with dotted key=value overrides (single process or torchrun)
   specs   list the registered model specs and their presets
   config  print the resolved config (YAML + overrides) without running anything
+  data    build and inspect latent-shard datasets: synth, pack, check, stats
   bench   warm up, then time training steps: tokens/s, TFLOP/s, MFU, HFU, memory, data-wait and comm shares
 """
 
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
             "overrides", metavar="OVERRIDE", nargs="*", help="dotted overrides, e.g. train.steps=5"
         )
     sub.add_parser("specs", help="list registered model specs", description="List registered model specs.")
+    from megagen.data.cli import add_data_commands
+
+    add_data_commands(sub)
     b = sub.add_parser(
         "bench",
         help="benchmark training steps",
@@ -101,7 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"train": _cmd_train, "config": _cmd_config, "specs": _cmd_specs, "bench": _cmd_bench}
+    from megagen.data.cli import run_data_command
+
+    handlers = {
+        "train": _cmd_train,
+        "config": _cmd_config,
+        "specs": _cmd_specs,
+        "bench": _cmd_bench,
+        "data": run_data_command,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

@@ -1,0 +1,231 @@
+"""The NVIDIA DALI shard loader: megagen's sampler drives, DALI prefetches, batches and copies to the GPU.
+
+DALI's own readers shard and shuffle by themselves, so they cannot follow our sampler. The source here is
+`fn.external_source(parallel=True, batch=True, batch_info=True)` whose callback (`BatchSource`, picklable
+and deterministic) returns batch i = request i, read from the memory-mapped shards by the `ShardReader` in
+DALI's python worker processes. Batch mode accepts a different batch size and shape on every iteration
+(up to the pipeline's `max_batch_size`, the largest micro-batch of the request stream), so buckets with
+their own micro-batch sizes and latent shapes share one pipeline.
+
+The worker runs the torch loader's `read_request` (`reader.to_model_batch`; with `data.on_error=skip`
+placeholder rows and `sample_valid`), so keys, dtypes and values equal the torch loader's by construction,
+and hands DALI the model's arrays. The main process copies each output into a torch tensor with DALI's
+torch plugin (`feed_ndarray`) and logs skipped samples. With `device_id` set the outputs go `.gpu()`
+inside the pipeline (DALI's pinned staging and host-to-device copy) and land in CUDA tensors: written for
+GPUs, untested on the CPU-only machine.
+
+Worker start: `py_start_method="fork"` (default on CPU) is fast but must happen before CUDA is initialised
+in the process; `"spawn"` (default when `device_id` is set) re-imports the main module in every worker, so
+scripts must guard their entry point with `if __name__ == "__main__":`. Workers start when the pipeline
+is built, on the first iteration (or `start()`), once per loader; `close()` stops them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from megagen.data.contract import MicroBatchRequest
+from megagen.data.loader_torch import SAMPLE_VALID, read_request, report_skipped
+
+log = logging.getLogger("megagen")
+
+
+class BatchSource:
+    """DALI's external-source callback: batch `info.iteration` = request i as arrays in `keys` order.
+
+    Picklable (reader and indexable requests are), deterministic, stateless between calls: any worker may
+    compute any batch. Raises StopIteration past the last request, which ends DALI's epoch.
+    """
+
+    def __init__(self, reader, requests, keys: tuple[str, ...]):
+        self.reader, self.requests, self.keys = reader, requests, tuple(keys)
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        i = info.iteration
+        if i >= len(self.requests):
+            raise StopIteration
+        batch, _ = read_request(self.reader, self.requests[i])  # the main process logs skipped samples
+        return tuple(np.ascontiguousarray(batch[k].numpy()) for k in self.keys)
+
+
+def _indexable(requests):
+    if hasattr(requests, "__getitem__") and hasattr(requests, "__len__"):
+        return requests
+    return list(requests)  # a finite iterable; an unbounded stream must come as an indexable object
+
+
+class DaliLoader:
+    """Iterating yields `(request, batch)` in the order of `requests`, like `TorchLoader`.
+
+    `requests`: indexable (`__getitem__(i)`, `__len__`), e.g. a `RequestPlan`; a finite iterable is turned
+    into a list. `num_threads`: DALI CPU threads. `prefetch_queue_depth`: batches DALI computes ahead (the
+    pipeline's and the external source's queue). `py_num_workers`: python worker processes reading shards
+    (0 = the callback runs in the main thread, `parallel=False`). `device_id`: None = CPU pipeline, else the
+    GPU the batches land on. `max_batch_size`: default the largest micro-batch among the requests.
+    `bytes_per_sample_hint`: initial shared-memory slot size per sample; default the largest sample.
+    `skipped`: samples skipped so far (`data.on_error=skip`; each logged, as in `TorchLoader`).
+    """
+
+    def __init__(
+        self,
+        reader,
+        requests,
+        num_threads: int = 2,
+        prefetch_queue_depth: int = 2,
+        py_num_workers: int = 1,
+        device_id: int | None = None,
+        py_start_method: str | None = None,
+        max_batch_size: int | None = None,
+        bytes_per_sample_hint: int | None = None,
+    ):
+        self.reader = reader
+        self.requests = _indexable(requests)
+        self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
+        self.py_num_workers, self.device_id = py_num_workers, device_id
+        self.py_start_method = py_start_method or ("fork" if device_id is None else "spawn")
+        self.max_batch_size = max_batch_size or max((len(r.sample_ids) for r in self.requests), default=1)
+        self.keys, sample_bytes = self._probe()
+        self.bytes_per_sample_hint = bytes_per_sample_hint or sample_bytes
+        self.skipped = 0
+        self._pipe = None
+        self._fresh = False  # the pipeline sits at the start of its epoch
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
+
+    def _probe(self) -> tuple[tuple[str, ...], int]:
+        """The batch keys and the largest sample's bytes, from one sample of each bucket the requests use."""
+        first = {r.bucket: r.sample_ids[0] for r in self.requests if r.sample_ids}
+        keys: tuple[str, ...] = ()
+        nbytes = 1
+        for bucket, sample_id in first.items():
+            one, _ = read_request(self.reader, MicroBatchRequest(0, 0, bucket, (sample_id,), (0,), 1))
+            keys = keys or tuple(one)
+            nbytes = max(nbytes, sum(t.numel() * t.element_size() for t in one.values()))
+        return keys, nbytes
+
+    # ------------------------------------------------------------------ pipeline
+    def _build(self):
+        from nvidia.dali import fn
+        from nvidia.dali.pipeline import Pipeline
+
+        parallel = self.py_num_workers > 0
+        pipe = Pipeline(
+            batch_size=self.max_batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            py_num_workers=max(self.py_num_workers, 1),
+            py_start_method=self.py_start_method,
+        )
+        source = BatchSource(self.reader, self.requests, self.keys)
+        kwargs = {}
+        if parallel:
+            kwargs = {
+                "prefetch_queue_depth": self.prefetch_queue_depth,
+                "bytes_per_sample_hint": self.bytes_per_sample_hint,
+            }
+        with pipe:
+            outs = fn.external_source(
+                source=source,
+                num_outputs=len(self.keys),
+                parallel=parallel,
+                batch=True,
+                batch_info=True,
+                **kwargs,
+            )
+            if self.device_id is not None:  # DALI's pinned staging + host-to-device copy (untested here)
+                outs = [o.gpu() for o in outs]
+            pipe.set_outputs(*outs)
+        pipe.build()  # starts the python workers
+        return pipe
+
+    def start(self) -> None:
+        """Build the pipeline and start its workers now (otherwise the first iteration does)."""
+        if self._pipe is None:
+            self._pipe = self._build()
+            self._fresh = True
+
+    def close(self) -> None:
+        """Stop DALI's workers and free its buffers; a later iteration builds a new pipeline."""
+        self._pipe = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def shm_statistics(self) -> dict:
+        """DALI's shared-memory slots of the parallel external source (bytes), empty before `start()`."""
+        return self._pipe.external_source_shm_statistics() if self._pipe is not None else {}
+
+    # ------------------------------------------------------------------ iteration
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return feed_ndarray(dense, out, cuda_stream=stream)
+
+    def _batch(self, request: MicroBatchRequest, outputs) -> dict[str, torch.Tensor]:
+        """DALI's outputs of `request` → the batch of torch tensors; logs and counts skipped samples."""
+        batch = {k: self._to_torch(t) for k, t in zip(self.keys, outputs)}
+        valid = batch.get(SAMPLE_VALID)
+        if valid is not None and not bool(valid.all()):
+            missing = [i for i, ok in zip(request.sample_ids, valid.tolist()) if not ok]
+            self.skipped += len(missing)
+            report_skipped(request, [self._reason(request.bucket, i) for i in missing])
+        return batch
+
+    def _reason(self, bucket: str, sample_id: int) -> str:
+        """Why a DALI worker left a sample out (re-read here: the worker cannot pass the message)."""
+        try:
+            self.reader.read(bucket, sample_id)
+        except Exception as exc:  # reported, not handled
+            return str(exc)
+        return f"sample {sample_id} of bucket {bucket} (unusable in a DALI worker)"
+
+    def _raise_data_error(self, i: int, exc: Exception) -> None:
+        """A worker failed (DALI wraps its exception in a plain one): re-read the batches that may have been
+        in flight here, so the reader's own DataError, naming file and sample, reaches the caller."""
+        ahead = self.prefetch_queue_depth * (1 + max(self.py_num_workers, 1)) + 1
+        for j in range(i, min(i + ahead, len(self.requests))):
+            try:
+                read_request(self.reader, self.requests[j])
+            except Exception as data_error:
+                raise data_error from exc
+
+    def __iter__(self) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
+        if self._pipe is not None and not self._fresh:
+            self.close()  # a previous pass stopped early with batches of it queued in DALI: start over
+        self.start()
+        self._fresh = False
+        pipe = self._pipe
+        for i in range(len(self.requests)):
+            try:
+                outputs = pipe.run()
+            except StopIteration as e:
+                raise RuntimeError(f"the DALI source stopped at batch {i} of {len(self.requests)}") from e
+            except Exception as e:
+                self.close()  # DALI invalidates a pipeline whose source failed
+                self._raise_data_error(i, e)
+                raise
+            request = self.requests[i]
+            yield request, self._batch(request, outputs)
+        try:  # let DALI reach the end of its epoch, then rewind so that the next pass starts at request 0
+            pipe.run()
+        except StopIteration:
+            pipe.reset()
+            self._fresh = True
+        else:
+            raise RuntimeError(f"the DALI source yielded more than {len(self.requests)} batches")

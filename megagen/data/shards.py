@@ -1,0 +1,635 @@
+"""Shard files: the safetensors layout, the atomic/resumable dataset writer and the memory-mapped reader.
+
+A shard is one standard safetensors file (8-byte little-endian header length, JSON header, raw data)
+whose tensors are the per-sample fields stacked over the shard's samples (`latents` [n, C, T, H, W],
+`text.<enc>` [n, L, D], ...). The reader parses the header itself and maps the file with `numpy.memmap`, so
+reading a sample is a zero-copy view. See docs/data-format.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from megagen.data.format import (
+    CAPTION_ID,
+    DURATION,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FPS,
+    LATENTS,
+    MANIFEST_NAME,
+    NUMPY_TO_SAFETENSORS,
+    PROGRESS_NAME,
+    SAFETENSORS_DTYPES,
+    SHARD_SUFFIX,
+    TEXT_LEN_PREFIX,
+    TEXT_PREFIX,
+    BucketInfo,
+    DataError,
+    Manifest,
+    SampleSkipped,
+    ShardInfo,
+    fsync_dir,
+    load_manifest,
+    write_json_atomic,
+    write_manifest,
+)
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The safetensors layout
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    """numpy dtype name (little-endian)."""
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the tensor's data in the file."""
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: str
+    data_start: int
+    """8 + header length: where the data section begins."""
+    size: int
+    """The file size the header implies (data_start + end of the last tensor)."""
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def parse_header(path: str) -> ShardHeader:
+    """Read and check the safetensors header of `path` (reads only the header). DataError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise DataError("file is shorter than the 8-byte safetensors header length", file=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise DataError(f"header length {n} is implausible: not a safetensors file", file=path)
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise DataError("shard file is missing", file=path) from None
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    if len(raw) < n:
+        raise DataError(f"truncated: the file ends inside its {n}-byte header", file=path)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"header is not valid JSON: {exc}", file=path) from None
+    if not isinstance(header, dict):
+        raise DataError("header is not a JSON object", file=path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise DataError("__metadata__ is not an object", file=path)
+    data_start = 8 + n
+    tensors: dict[str, TensorEntry] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(x) for x in shape)
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"tensor {name!r}: malformed header entry {entry!r}", file=path) from None
+        if code not in SAFETENSORS_DTYPES:
+            raise DataError(f"tensor {name!r}: unsupported dtype {code!r}", file=path)
+        dtype = SAFETENSORS_DTYPES[code]
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if begin < 0 or end - begin != nbytes:
+            raise DataError(
+                f"tensor {name!r}: data_offsets {[begin, end]} do not hold {list(shape)} {dtype}", file=path
+            )
+        tensors[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
+        spans.append((begin, end, name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise DataError(f"tensor {name!r}: data is not contiguous with the previous tensor", file=path)
+        pos = end
+    return ShardHeader(
+        path, data_start, data_start + pos, tensors, {str(k): str(v) for k, v in metadata.items()}
+    )
+
+
+def _le(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a
+
+
+def write_shard(path: str, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[int, str]:
+    """Write one safetensors shard atomically (`path.tmp`, fsync, rename). Returns (bytes, sha256 hex).
+
+    Tensors are laid out by decreasing item size, then name, so each is aligned to its item size.
+    """
+    arrays = {k: _le(v) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v.dtype.name not in NUMPY_TO_SAFETENSORS:
+            raise ValueError(f"{path}: field {k!r} has dtype {v.dtype}, which the format does not allow")
+    order = sorted(arrays, key=lambda k: (-arrays[k].dtype.itemsize, k))
+    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    pos = 0
+    for k in order:
+        a = arrays[k]
+        header[k] = {
+            "dtype": NUMPY_TO_SAFETENSORS[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [pos, pos + a.nbytes],
+        }
+        pos += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    digest = hashlib.sha256()
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(tmp, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for k in order:
+            buf = arrays[k].reshape(-1).view(np.uint8)
+            f.write(buf.data)
+            digest.update(buf.data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+    return 8 + len(raw) + pos, digest.hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_metadata(bucket: str, samples: int) -> dict[str, str]:
+    return {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "bucket": bucket, "samples": str(samples)}
+
+
+def header_problems(
+    header: ShardHeader, manifest: Manifest, bucket: BucketInfo, shard: ShardInfo
+) -> list[str]:
+    """Disagreements between a shard's header and what the manifest says it holds (empty when fine)."""
+    problems = []
+    meta = header.metadata
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != str(FORMAT_VERSION):
+        problems.append(
+            f"header metadata says format {meta.get('format')!r} version {meta.get('version')!r}, "
+            f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}"
+        )
+    if meta.get("bucket", bucket.name) != bucket.name:
+        problems.append(
+            f"header says bucket {meta.get('bucket')!r} but the manifest lists it in {bucket.name!r}"
+        )
+    if header.size != shard.bytes:
+        problems.append(f"header describes {header.size} bytes but the manifest records {shard.bytes}")
+    n = shard.samples
+    for name, info in manifest.fields.items():
+        t = header.tensors.get(name)
+        if t is None:
+            problems.append(f"field {name!r} is missing")
+            continue
+        shape = (n, *manifest.field_shape(bucket, name))
+        if t.dtype != info.dtype:
+            problems.append(f"field {name!r} is {t.dtype}, the manifest says {info.dtype}")
+        if t.shape != shape:
+            if t.shape[:1] == (n,) and name == LATENTS:
+                what = f"samples 0-{n - 1} have latent shape {list(t.shape[1:])}"
+                problems.append(f"{what}, but bucket {bucket.name} has shape {list(shape[1:])}")
+            else:
+                problems.append(f"field {name!r} has shape {list(t.shape)}, expected {list(shape)}")
+    for name in header.tensors:
+        if name not in manifest.fields:
+            problems.append(f"tensor {name!r} is not listed in the manifest's fields")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing a dataset
+
+
+def plan_shards(samples: int, sample_bytes: int, target_bytes: float) -> list[tuple[int, int]]:
+    """Split `samples` into as few shards as keep each near `target_bytes` (even sizes; never one per sample
+    unless a single sample exceeds the target). Returns [(start, stop), ...]."""
+    if samples <= 0:
+        return []
+    k = max(1, min(samples, math.ceil(samples * sample_bytes / max(target_bytes, 1.0))))
+    out, start = [], 0
+    for i in range(k):
+        stop = start + samples // k + (i < samples % k)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def shard_file(bucket: str, index: int) -> str:
+    return f"{bucket}/shard-{index:05d}{SHARD_SUFFIX}"
+
+
+class DatasetWriter:
+    """Writes one dataset's shards into `out_dir`, resuming an interrupted run of the same plan.
+
+    `plan_key` identifies the inputs and options (a hash); a progress file (`.pack-progress.json`) records
+    every finished shard with its size and sha256. A rerun with the same key reuses a shard whose file is
+    present with the recorded size and checksum; anything else is (re)written. The manifest is removed at
+    the start and written last, so a dataset directory with a manifest is always complete.
+
+    `out_dir` must be missing, empty, or hold this same job (same key: resume or rerun); a directory holding
+    a different dataset or job is replaced only with `overwrite=True`, and anything else is refused.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, plan_key: str, overwrite: bool = False):
+        self.out_dir = os.fspath(out_dir)
+        self.plan_key = plan_key
+        self.progress_path = os.path.join(self.out_dir, PROGRESS_NAME)
+        self.written: list[str] = []
+        self.reused: list[str] = []
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise DataError("output path exists and is not a directory", file=self.out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        ours = any(os.path.exists(os.path.join(self.out_dir, n)) for n in (MANIFEST_NAME, PROGRESS_NAME))
+        if os.listdir(self.out_dir) and not ours:
+            raise DataError(
+                "output directory is not empty and holds no megagen dataset; refusing to write into it",
+                file=self.out_dir,
+            )
+        self.done: dict[str, dict[str, Any]] = {}
+        same_job = False
+        if os.path.exists(self.progress_path):
+            try:
+                with open(self.progress_path, encoding="utf-8") as f:
+                    progress = json.load(f)
+                same_job = progress.get("plan") == plan_key
+                if same_job:
+                    self.done = dict(progress.get("shards", {}))
+            except (OSError, ValueError, AttributeError):
+                self.done = {}
+        if ours and not same_job and not overwrite:
+            raise DataError(
+                "output directory holds a different dataset (written by another pack/synth job or with other "
+                "options); pass --overwrite to replace it",
+                file=self.out_dir,
+            )
+        for tmp in glob.glob(os.path.join(self.out_dir, "*", "*.tmp")):
+            os.remove(tmp)
+        manifest = os.path.join(self.out_dir, MANIFEST_NAME)
+        self._save_progress()
+        if os.path.exists(manifest):
+            os.remove(manifest)
+
+    def _save_progress(self) -> None:
+        write_json_atomic(self.progress_path, {"plan": self.plan_key, "shards": self.done})
+
+    def completed(self, file: str, samples: int) -> ShardInfo | None:
+        """The recorded ShardInfo when shard `file` is already finished and intact, else None."""
+        rec = self.done.get(file)
+        if not rec or rec.get("samples") != samples:
+            return None
+        path = os.path.join(self.out_dir, file)
+        try:
+            if os.path.getsize(path) != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+                return None
+        except OSError:
+            return None
+        self.reused.append(file)
+        return ShardInfo(file, samples, rec["bytes"], rec["sha256"])
+
+    def write(self, file: str, bucket: str, arrays: dict[str, np.ndarray]) -> ShardInfo:
+        n = len(next(iter(arrays.values())))
+        size, sha = write_shard(os.path.join(self.out_dir, file), arrays, shard_metadata(bucket, n))
+        self.done[file] = {"samples": n, "bytes": size, "sha256": sha}
+        self._save_progress()
+        self.written.append(file)
+        return ShardInfo(file, n, size, sha)
+
+    def finish(self, manifest: Manifest) -> str:
+        """Remove shard files of earlier plans, then write the manifest (atomically, last)."""
+        keep = {s.file for b in manifest.buckets for s in b.shards}
+        for path in glob.glob(os.path.join(self.out_dir, "*", "shard-*" + SHARD_SUFFIX)):
+            rel = os.path.relpath(path, self.out_dir).replace(os.sep, "/")
+            if rel not in keep:
+                os.remove(path)
+        for d in os.listdir(self.out_dir):
+            full = os.path.join(self.out_dir, d)
+            if os.path.isdir(full) and not os.listdir(full):
+                os.rmdir(full)
+        self.done = {k: v for k, v in self.done.items() if k in keep}
+        self._save_progress()
+        return write_manifest(self.out_dir, manifest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a dataset
+
+
+@dataclass
+class _Shard:
+    path: str
+    info: ShardInfo
+    first: int
+    """Index (within the bucket) of the shard's first sample."""
+    header: ShardHeader | None
+    """Parsed at open (verify != "none") or lazily on first use."""
+
+
+class ShardReader:
+    """Random access to the samples of a latent-shard dataset, one memory map per shard file.
+
+    on_error: "fail" — any bad data raises `DataError` naming the file (and sample);
+              "skip" — a sample that cannot be used *at read time* raises `SampleSkipped` (a DataError
+              subclass) instead, which loaders catch, log and count; problems found at open still fail.
+    verify:   "size" (default) — at open, every shard must exist with the manifest's byte size and a header
+              matching the manifest (field names, dtypes, per-bucket shapes); only headers are read;
+              "checksum" — additionally sha256 every shard (reads everything);
+              "none" — touch no shard at open; the same checks run lazily when a shard is first read.
+    check_finite: reads reject samples whose latents hold NaN or inf.
+
+    Picklable: the pickled state is paths, byte offsets and the manifest; memory maps are reopened lazily in
+    each process (DALI / DataLoader workers).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        on_error: str = "fail",
+        verify: str = "size",
+        check_finite: bool = True,
+    ):
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        if verify not in ("size", "checksum", "none"):
+            raise ValueError(f"verify must be 'size', 'checksum' or 'none', got {verify!r}")
+        self.path = os.fspath(path)
+        self.on_error, self.verify, self.check_finite = on_error, verify, check_finite
+        self.manifest = load_manifest(self.path)
+        self.buckets: dict[str, BucketInfo] = {b.name: b for b in self.manifest.buckets}
+        self._shards: dict[str, list[_Shard]] = {}
+        self._starts: dict[str, list[int]] = {}
+        for b in self.manifest.buckets:
+            shards, first = [], 0
+            for s in b.shards:
+                shards.append(_Shard(os.path.join(self.path, *s.file.split("/")), s, first, None))
+                first += s.samples
+            self._shards[b.name] = shards
+            self._starts[b.name] = [s.first for s in shards]
+        self._views: dict[str, dict[str, np.ndarray]] = {}
+        if verify != "none":
+            self._verify_all()
+
+    # -- pickling: paths + offsets only --------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_views"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def close(self) -> None:
+        """Drop this process's memory maps (they reopen on the next read)."""
+        self._views = {}
+
+    # -- open-time checks ------------------------------------------------------------------------------------
+    def _shard_problems(self, bucket: BucketInfo, shard: _Shard) -> list[DataError]:
+        try:
+            size = os.path.getsize(shard.path)
+        except FileNotFoundError:
+            return [DataError("shard file is missing", file=shard.path)]
+        except OSError as exc:
+            return [DataError(f"cannot stat: {exc.strerror or exc}", file=shard.path)]
+        if size != shard.info.bytes:
+            kind = "truncated" if size < shard.info.bytes else "too long"
+            return [
+                DataError(f"{kind}: {size} bytes, the manifest records {shard.info.bytes}", file=shard.path)
+            ]
+        try:
+            header = parse_header(shard.path)
+        except DataError as exc:
+            return [exc]
+        problems = header_problems(header, self.manifest, bucket, shard.info)
+        if problems:
+            return [DataError(p, file=shard.path) for p in problems]
+        shard.header = header
+        return []
+
+    def _verify_all(self) -> None:
+        problems: list[DataError] = []
+        for b in self.manifest.buckets:
+            for s in self._shards[b.name]:
+                problems += self._shard_problems(b, s)
+        if not problems and self.verify == "checksum":
+            shards = [s for b in self.manifest.buckets for s in self._shards[b.name]]
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                for s, digest in zip(shards, pool.map(lambda s: sha256_file(s.path), shards)):
+                    if digest != s.info.sha256:
+                        problems.append(
+                            DataError(
+                                f"checksum mismatch: sha256 {digest}, the manifest records {s.info.sha256}",
+                                file=s.path,
+                            )
+                        )
+        if problems:
+            first = problems[0]
+            if len(problems) > 1:
+                more = (
+                    f" (and {len(problems) - 1} more problem(s); `megagen data check {self.path}` lists all)"
+                )
+                raise DataError(
+                    first.reason + more, file=first.file, sample=first.sample, bucket=first.bucket
+                )
+            raise first
+
+    # -- lookups ---------------------------------------------------------------------------------------------
+    def num_samples(self, bucket: str) -> int:
+        return self._bucket(bucket).samples
+
+    def sample_shapes(self, bucket: str) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every field in `bucket`."""
+        b = self._bucket(bucket)
+        return {name: self.manifest.field_shape(b, name) for name in self.manifest.fields}
+
+    def _bucket(self, bucket: str) -> BucketInfo:
+        try:
+            return self.buckets[bucket]
+        except KeyError:
+            raise KeyError(f"{self.path}: no bucket {bucket!r}; buckets: {', '.join(self.buckets)}") from None
+
+    def _locate(self, bucket: str, sample_id: int) -> tuple[_Shard, int]:
+        b = self._bucket(bucket)
+        if not 0 <= sample_id < b.samples:
+            raise IndexError(
+                f"{self.path}: sample {sample_id} is out of range for bucket {bucket} ({b.samples})"
+            )
+        shard = self._shards[bucket][bisect.bisect_right(self._starts[bucket], sample_id) - 1]
+        return shard, sample_id - shard.first
+
+    def _shard_views(self, bucket: str, shard: _Shard) -> dict[str, np.ndarray]:
+        views = self._views.get(shard.path)
+        if views is not None:
+            return views
+        if (
+            shard.header is None
+            or not os.path.exists(shard.path)
+            or os.path.getsize(shard.path) != shard.info.bytes
+        ):
+            problems = self._shard_problems(self.buckets[bucket], shard)
+            if problems:
+                raise problems[0]
+        try:
+            mm = np.memmap(shard.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot map: {exc}", file=shard.path) from None
+        views = {}
+        for name in self.manifest.fields:
+            t = shard.header.tensors[name]
+            view = mm[t.start : t.end].view(np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape)
+            views[name] = np.asarray(view)  # a plain ndarray over the map: cheaper to index than np.memmap
+        self._views[shard.path] = views
+        return views
+
+    def _error(self, exc: DataError, bucket: str, sample: int) -> DataError:
+        cls = SampleSkipped if self.on_error == "skip" else DataError
+        return cls(exc.reason, file=exc.file, sample=sample, bucket=bucket)
+
+    def _nonfinite(self, latents: np.ndarray) -> np.ndarray:
+        """Per-sample bool: does latents[i] hold NaN or inf? (latents stacked on dim 0)."""
+        flat = latents.reshape(len(latents), -1)
+        if flat.dtype == np.float16:  # exponent bits all ones ⇔ inf or NaN; faster than isfinite on fp16
+            return ((flat.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+        return ~np.isfinite(flat).all(axis=1)
+
+    # -- reads -----------------------------------------------------------------------------------------------
+    def read(self, bucket: str, sample_id: int) -> dict[str, np.ndarray]:
+        """One sample: field name → array without the leading n dim (read-only views of the memory map).
+
+        Raises DataError (on_error="fail") or SampleSkipped (on_error="skip") naming the file and sample.
+        """
+        shard, local = self._locate(bucket, sample_id)
+        try:
+            views = self._shard_views(bucket, shard)
+            sample = {name: v[local, ...] for name, v in views.items()}  # 0-d arrays for scalars
+            if self.check_finite and self._nonfinite(sample[LATENTS][None])[0]:
+                raise DataError("latents hold NaN or inf", file=shard.path)
+        except DataError as exc:
+            raise self._error(exc, bucket, sample_id) from None
+        except OSError as exc:
+            raise self._error(DataError(f"read failed: {exc}", file=shard.path), bucket, sample_id) from None
+        return sample
+
+    def read_batch(
+        self, bucket: str, ids: Sequence[int], skipped: list[SampleSkipped] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Samples `ids` of `bucket` stacked on a new dim 0 (fresh, writable arrays).
+
+        With on_error="skip" and a `skipped` list, unusable samples are left out of the batch and their
+        SampleSkipped errors appended to `skipped` (the batch may then be shorter, even empty); without the
+        list the first SampleSkipped propagates. With on_error="fail" the first problem raises DataError.
+        """
+        shapes = self.sample_shapes(bucket)
+        rows: dict[str, list[np.ndarray]] = {name: [] for name in shapes}
+        kept: list[int] = []
+        for i in ids:
+            shard, local = self._locate(bucket, int(i))
+            try:
+                views = self._shard_views(bucket, shard)
+            except DataError as exc:
+                err = self._error(exc, bucket, int(i))
+                if isinstance(err, SampleSkipped) and skipped is not None:
+                    skipped.append(err)
+                    continue
+                raise err from None
+            for name, v in views.items():
+                rows[name].append(v[local])
+            kept.append(int(i))
+        out = {
+            name: np.stack(r) if r else np.empty((0, *shapes[name]), dtype=self.manifest.fields[name].dtype)
+            for name, r in rows.items()
+        }
+        if self.check_finite and kept:
+            bad = np.flatnonzero(self._nonfinite(out[LATENTS]))
+            if len(bad):
+                good = np.ones(len(kept), dtype=bool)
+                for j in bad:
+                    shard, _ = self._locate(bucket, kept[j])
+                    err = self._error(DataError("latents hold NaN or inf", file=shard.path), bucket, kept[j])
+                    if isinstance(err, SampleSkipped) and skipped is not None:
+                        skipped.append(err)
+                        good[j] = False
+                    else:
+                        raise err
+                out = {name: a[good] for name, a in out.items()}
+        return out
+
+    def to_model_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Arrays from `read_batch` (or one `read` sample) → the training batch of megagen/data/contract.py:
+        `latents` float32, `text.<enc>` float32, `text_valid.<enc>` bool (from `text_len.<enc>`), `fps`,
+        `duration` float32, `caption_id` int64; extra fields as tensors (floating ones as float32)."""
+        import torch
+
+        latent_rank = len(self.manifest.buckets[0].latent_shape) if self.manifest.buckets else 4
+        if arrays[LATENTS].ndim == latent_rank:  # a single sample: add the batch dim
+            arrays = {k: np.asarray(v)[None] for k, v in arrays.items()}
+
+        def tensor(a: np.ndarray, dtype=None) -> torch.Tensor:
+            a = np.asarray(a)
+            if not a.flags.writeable or not a.flags.c_contiguous:
+                a = np.array(a, order="C")
+            t = torch.from_numpy(a)
+            return t.to(dtype) if dtype is not None else t
+
+        out: dict[str, Any] = {LATENTS: tensor(arrays[LATENTS], torch.float32)}
+        for enc in self.manifest.text_encoders:
+            text = tensor(arrays[TEXT_PREFIX + enc], torch.float32)
+            lengths = tensor(arrays[TEXT_LEN_PREFIX + enc], torch.int64)
+            out[TEXT_PREFIX + enc] = text
+            out["text_valid." + enc] = torch.arange(text.shape[1])[None, :] < lengths[:, None]
+        out[FPS] = tensor(arrays[FPS], torch.float32)
+        out[DURATION] = tensor(arrays[DURATION], torch.float32)
+        out[CAPTION_ID] = tensor(arrays[CAPTION_ID], torch.int64)
+        for name, a in arrays.items():
+            if name in out or name.startswith(TEXT_LEN_PREFIX) or name.startswith(TEXT_PREFIX):
+                continue
+            t = tensor(a)
+            out[name] = t.float() if t.is_floating_point() else t
+        return out
+
+
+__all__ = [
+    "DatasetWriter",
+    "ShardHeader",
+    "ShardReader",
+    "TensorEntry",
+    "header_problems",
+    "parse_header",
+    "plan_shards",
+    "sha256_file",
+    "shard_file",
+    "shard_metadata",
+    "write_shard",
+]

@@ -1,0 +1,194 @@
+"""`megagen data synth`: a seeded synthetic shard dataset with learnable structure, in several buckets.
+
+Like megagen/data/synthetic.py, every sample is one of `classes` (caption, video) pairs: its text
+embeddings are the class's embeddings and its latents are the class's smooth pattern — a fixed sum of
+sinusoids over (t, h, w) in [0, 1]³ evaluated on the bucket's grid, so one class looks alike in every
+bucket (an image bucket sees its first frame). The flow-matching target is predictable from the text, so
+the loss falls well below its starting value. `caption_id` is the class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from megagen.data.format import (
+    CAPTION_ID,
+    DEFAULT_SHARD_MB,
+    DURATION,
+    FORMAT_VERSION,
+    FPS,
+    LATENTS,
+    SCALAR_FIELDS,
+    TEXT_DTYPE,
+    TEXT_LEN_DTYPE,
+    TEXT_LEN_PREFIX,
+    TEXT_PREFIX,
+    BucketInfo,
+    Manifest,
+    TextEncoderInfo,
+    bucket_name,
+    parse_bucket_list,
+    standard_fields,
+)
+from megagen.data.pack import PackResult
+from megagen.data.shards import DatasetWriter, plan_shards, shard_file
+from megagen.data.synthetic import sample_seed
+
+
+@dataclass(frozen=True)
+class SynthPreset:
+    spec: str
+    spec_preset: str
+    text_len: int
+    """Padded text length (max_len) of every encoder."""
+    buckets: str
+    """Default buckets: a one-frame image bucket and two video buckets."""
+
+
+SYNTH_PRESETS = {
+    "video_tiny": SynthPreset("video", "tiny", text_len=8, buckets="t1_h16_w16,t4_h8_w8,t8_h8_w12"),
+}
+VIDEO_FPS = (16.0, 24.0)
+TAE_TEMPORAL_STRIDE = 8
+"""Frames per latent frame (Movie Gen's TAE): a video of T latent frames at fps lasts T·8/fps seconds."""
+
+
+def _class_rng(seed: int, cls: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(sample_seed(seed, -2, cls, stream))
+
+
+def class_latent(seed: int, cls: int, latent_shape: tuple[int, ...]) -> np.ndarray:
+    """Class `cls`'s pattern on a (C, T, H, W) grid: per channel two random sinusoids, unit variance."""
+    channels, *spatial = latent_shape
+    rng = _class_rng(seed, cls, 0)
+    freqs = rng.integers(0, 3, size=(channels, 2, 3)).astype(np.float64)
+    phases = rng.uniform(0, 2 * math.pi, size=(channels, 2))
+    coords = np.meshgrid(*[np.linspace(0, 1, n) if n > 1 else np.zeros(1) for n in spatial], indexing="ij")
+    out = np.zeros(latent_shape)
+    for c in range(channels):
+        for k in range(2):
+            arg = sum(f * x for f, x in zip(freqs[c, k], coords)) * 2 * math.pi + phases[c, k]
+            out[c] += np.cos(arg)
+    std = out.std()
+    return ((out - out.mean()) / (std if std > 1e-6 else 1.0)).astype(np.float32)
+
+
+def class_text(
+    seed: int, cls: int, encoders: dict[str, TextEncoderInfo]
+) -> dict[str, tuple[np.ndarray, int]]:
+    """Class `cls`'s embeddings per encoder: (max_len, dim) with zeros after its length, and the length."""
+    out = {}
+    for j, (enc, info) in enumerate(encoders.items()):
+        rng = _class_rng(seed, cls, 1 + j)
+        length = int(rng.integers(max(1, info.max_len // 2), info.max_len + 1))
+        emb = np.zeros((info.max_len, info.dim), dtype=np.float32)
+        emb[:length] = rng.standard_normal((length, info.dim))
+        out[enc] = (emb, length)
+    return out
+
+
+def synth(
+    out: str | os.PathLike,
+    preset: str = "video_tiny",
+    samples: int = 64,
+    buckets: str | None = None,
+    seed: int = 0,
+    shard_mb: float = DEFAULT_SHARD_MB,
+    classes: int = 8,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> PackResult:
+    """Write `samples` synthetic samples split evenly over `buckets` (names `t{T}_h{H}_w{W}`, default the
+    preset's) into the dataset directory `out`. Deterministic in (seed, preset, buckets, samples, classes).
+    `overwrite` replaces a different dataset already in `out`; an interrupted run resumes."""
+    from megagen.specs import get_spec
+
+    log = log or (lambda msg: None)
+    if preset not in SYNTH_PRESETS:
+        raise ValueError(f"unknown synth preset {preset!r}; presets: {', '.join(SYNTH_PRESETS)}")
+    if samples < 1 or classes < 1:
+        raise ValueError("samples and classes must be positive")
+    if shard_mb <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_mb} MB")
+    p = SYNTH_PRESETS[preset]
+    arch = get_spec(p.spec).presets[p.spec_preset]
+    channels = arch.latent_channels
+    encoders = {enc: TextEncoderInfo(dim=dim, max_len=p.text_len) for enc, dim in arch.text_encoders.items()}
+    thws = parse_bucket_list(buckets or p.buckets)
+    if samples < len(thws):
+        raise ValueError(f"{samples} samples cannot fill {len(thws)} buckets")
+    fields = standard_fields("float16", encoders)
+    texts = [class_text(seed, c, encoders) for c in range(classes)]
+
+    options = dict(
+        preset=preset,
+        samples=samples,
+        buckets=thws,
+        seed=seed,
+        shard_mb=shard_mb,
+        classes=classes,
+        version=FORMAT_VERSION,
+    )
+    key = "synth:" + hashlib.sha256(json.dumps(options).encode()).hexdigest()
+    writer = DatasetWriter(out, key, overwrite=overwrite)
+
+    bucket_infos = []
+    fps_values: set[float] = set()
+    for bi, thw in enumerate(thws):
+        n = samples // len(thws) + (bi < samples % len(thws))
+        latent_shape = (channels, *thw)
+        name = bucket_name(latent_shape)
+        patterns = [class_latent(seed, c, latent_shape).astype(np.float16) for c in range(classes)]
+        sample_bytes = sum(
+            math.prod(latent_shape if f.per_sample_shape is None else f.per_sample_shape)
+            * np.dtype(f.dtype).itemsize
+            for f in fields.values()
+        )
+        info_b = BucketInfo(name, latent_shape, n, [])
+        cls_all = np.array([sample_seed(seed, bi, i, stream=1) % classes for i in range(n)])
+        if thw[0] == 1:  # an image: no frame rate, no duration
+            fps_all = np.zeros(n)
+            duration_all = np.zeros(n)
+        else:
+            fps_all = np.array([VIDEO_FPS[c % len(VIDEO_FPS)] for c in cls_all])
+            duration_all = thw[0] * TAE_TEMPORAL_STRIDE / fps_all
+        fps_values.update(float(x) for x in fps_all)
+        for k, (a, z) in enumerate(plan_shards(n, sample_bytes, shard_mb * 1024 * 1024)):
+            file = shard_file(name, k)
+            info = writer.completed(file, z - a)
+            if info is None:
+                cls = cls_all[a:z]
+                arrays = {
+                    LATENTS: np.stack([patterns[c] for c in cls]),
+                    FPS: fps_all[a:z].astype(SCALAR_FIELDS[FPS]),
+                    DURATION: duration_all[a:z].astype(SCALAR_FIELDS[DURATION]),
+                    CAPTION_ID: cls.astype(SCALAR_FIELDS[CAPTION_ID]),
+                }
+                for enc in encoders:
+                    arrays[TEXT_PREFIX + enc] = np.stack([texts[c][enc][0] for c in cls]).astype(TEXT_DTYPE)
+                    arrays[TEXT_LEN_PREFIX + enc] = np.array(
+                        [texts[c][enc][1] for c in cls], dtype=TEXT_LEN_DTYPE
+                    )
+                info = writer.write(file, name, arrays)
+                log(f"wrote {file} ({info.samples} samples, {info.bytes / 2**20:.2f} MB)")
+            info_b.shards.append(info)
+        bucket_infos.append(info_b)
+
+    manifest = Manifest(
+        spec=p.spec,
+        latent_channels=channels,
+        latent_dtype="float16",
+        text_encoders=encoders,
+        fps_values=sorted(fps_values),
+        fields=fields,
+        buckets=bucket_infos,
+    )
+    writer.finish(manifest)
+    return PackResult(manifest, os.fspath(out), writer.written, writer.reused, [])

@@ -1,0 +1,23 @@
+"""Worker-side data cases: train from shards on a mesh; report losses and the samples each rank read."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from megagen.config import load_config
+from megagen.train.loop import Trainer
+from tests.distributed.cases_parity import BASE, EXAMPLE
+
+
+def train_from_shards(path: str, overrides: list[str]) -> dict:
+    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+
+    cfg = load_config(EXAMPLE, [*BASE, f"data.path={path}", "train.steps=4", *overrides])
+    runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
+    trainer = Trainer(cfg, runtime)
+    result = trainer.run()
+    samples = [(q.step, q.bucket, q.sample_ids) for q in trainer.data.plan.requests]
+    coords = {}
+    if dist.is_initialized():
+        coords = {a: runtime.mesh.local_rank(a) for a in ("dp", "cp", "tp")}
+    return {"losses": result.losses, "samples": samples, "coords": coords}
