@@ -38,7 +38,8 @@ def test_one_process_loaders_agree(dataset, reference, loader):
 @pytest.mark.parametrize("loader", LOADERS)
 def test_fsdp2_cp2_matches_one_process(dist_pool, dataset, reference, loader):
     overrides = ["parallel.cp=2", f"data.loader={loader}", "data.num_workers=1", *BUCKETS]
-    results = dist_pool(4).run("tests.distributed.cases_data:train_from_shards", path=dataset, overrides=overrides)
+    case = "tests.distributed.cases_data:train_from_shards"
+    results = dist_pool(4).run(case, path=dataset, overrides=overrides)
     for r in results:
         assert r["losses"] == results[0]["losses"]
     for a, b in zip(results[0]["losses"], reference["losses"]):

@@ -76,7 +76,7 @@ def test_resume_at_dp4_continues_at_dp2_with_the_same_global_batches():
     resumed = BucketSampler(BUCKETS, seed=5)
     resumed.load_state_dict(state)
     plans = [RequestPlan(_restored(state), 12, r, 2) for r in range(2)]
-    for step, bucket, ids in straight[8:]:
+    for step, _bucket, ids in straight[8:]:
         got = sorted(i for p in plans for q in p.requests if q.step == step for i in q.sample_ids)
         assert got == sorted(ids)
     assert resumed.next_global_batch() == straight[8]
