@@ -20,4 +20,11 @@ def train_from_shards(path: str, overrides: list[str]) -> dict:
     coords = {}
     if dist.is_initialized():
         coords = {a: runtime.mesh.local_rank(a) for a in ("dp", "cp", "tp")}
-    return {"losses": result.losses, "samples": samples, "coords": coords}
+    evals = [{k: v for k, v in r.items() if k.startswith("eval_loss")} for r in trainer.history]
+    return {
+        "losses": result.losses,
+        "samples": samples,
+        "coords": coords,
+        "evals": evals,
+        "skipped": [r.get("skipped_samples", 0) for r in trainer.history],
+    }

@@ -11,8 +11,10 @@ from tests.distributed.cases_data import train_from_shards
 pytestmark = pytest.mark.slow
 
 LOADERS = ["torch"] + (["dali"] if dali_available() else [])
-BUCKETS = ["data.bucket_batch={t1_h16_w16: {global: 8, micro: 2}, t4_h8_w8: {global: 4, micro: 1}, "
-           "t8_h8_w12: {global: 4, micro: 1}}"]
+BUCKETS = [
+    "data.bucket_batch={t1_h16_w16: {global: 8, micro: 2}, t4_h8_w8: {global: 4, micro: 1}, "
+    "t8_h8_w12: {global: 4, micro: 1}}"
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +24,14 @@ def dataset(tmp_path_factory):
     return str(out)
 
 
+EVAL = ["eval.every=2", "eval.samples=3", "eval.micro_batch_size=2"]
+
+
 @pytest.fixture(scope="module")
 def reference(dataset):
-    return train_from_shards(dataset, ["data.loader=torch", "data.num_workers=0", *BUCKETS])
+    return train_from_shards(
+        dataset, ["data.loader=torch", "data.num_workers=0", *BUCKETS, *EVAL, f"eval.path={dataset}"]
+    )
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -37,13 +44,31 @@ def test_one_process_loaders_agree(dataset, reference, loader):
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_fsdp2_cp2_matches_one_process(dist_pool, dataset, reference, loader):
-    overrides = ["parallel.cp=2", f"data.loader={loader}", "data.num_workers=1", *BUCKETS]
+    overrides = [
+        "parallel.cp=2",
+        f"data.loader={loader}",
+        "data.num_workers=1",
+        *BUCKETS,
+        *EVAL,
+        f"eval.path={dataset}",
+    ]
     case = "tests.distributed.cases_data:train_from_shards"
     results = dist_pool(4).run(case, path=dataset, overrides=overrides)
     for r in results:
         assert r["losses"] == results[0]["losses"]
     for a, b in zip(results[0]["losses"], reference["losses"]):
         assert a == pytest.approx(b, rel=1e-5)
+    # held-out loss: fixed t grid and noise, so it is the same number on any mesh
+    assert [bool(e) for e in reference["evals"]] == [False, True, False, True]
+    assert set(reference["evals"][1]) == {
+        "eval_loss",
+        "eval_loss/t1_h16_w16",
+        "eval_loss/t4_h8_w8",
+        "eval_loss/t8_h8_w12",
+    }
+    for got, ref in zip(results[0]["evals"], reference["evals"]):
+        for key, value in ref.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), key
     # every rank draws the same bucket each step; ranks of one cp group read the same samples
     by_dp = {}
     for r in results:
