@@ -68,3 +68,37 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     assert record["step"] == 5
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_on_error_skip_counts_a_corrupt_sample_and_trains_on(tmp_path):
+    """A NaN latent in a shard: skip mode logs it, counts it in the metrics and keeps training."""
+    import numpy as np
+
+    from megagen.data.shards import parse_header
+    from megagen.data.synth import synth
+
+    out = tmp_path / "ds"
+    synth(out, preset="video_tiny", samples=24, seed=0, buckets="t4_h8_w8")
+    shard = next(out.glob("t4_h8_w8/*.safetensors"))
+    header = parse_header(str(shard))
+    entry = header.tensors["latents"]
+    with open(shard, "r+b") as fh:  # every latent of the shard becomes NaN: whatever is drawn is skipped
+        fh.seek(entry.start)
+        fh.write(np.full((entry.end - entry.start) // 2, np.nan, dtype=np.float16).tobytes())
+    cfg = _cfg(
+        tmp_path / "run",
+        f"data.path={out}",
+        "data.on_error=skip",
+        "data.loader=torch",
+        "data.num_workers=0",
+        "train.steps=2",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+    )
+    result = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_samples"] == 8
+    assert all(np.isfinite(result.losses))
+    cfg.data.on_error = "fail"
+    with pytest.raises(Exception, match="shard-00000"):
+        train(cfg)
