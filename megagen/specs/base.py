@@ -68,6 +68,36 @@ class ModelSpec(ABC):
     def from_tokens(self, tokens: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """Inverse of `to_tokens` for one latent shape (C, ...)."""
 
+    def sample(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        batch: dict[str, torch.Tensor],
+        steps: int = 50,
+        cfg_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generate latents shaped like `batch["latents"]` from noise, conditioned on the batch.
+
+        Default: Euler over Movie Gen's linear-quadratic schedule with classifier-free guidance (the
+        unconditional branch drops every condition to its null embedding). Specs with long inputs override
+        this with windowed sampling.
+        """
+        from megagen.diffusion import euler_sample, linear_quadratic_schedule
+
+        shape = tuple(batch["latents"].shape)
+        noise = torch.randn(shape, generator=generator).to(batch["latents"].device)
+        names = self.condition_names(cfg)
+        b = shape[0]
+        keep = {n: torch.zeros(b, dtype=torch.bool, device=noise.device) for n in names}
+        drop = {n: torch.ones(b, dtype=torch.bool, device=noise.device) for n in names}
+
+        def velocity(x, t, cond):
+            return self.from_tokens(model(**self.model_inputs(batch, x, t.to(x.dtype), cond)), shape[1:])
+
+        schedule = linear_quadratic_schedule(steps, emulated_steps=max(250, steps))
+        return euler_sample(velocity, noise, schedule, keep, drop, cfg_scale)
+
     def validate(self, cfg: Config) -> None:
         """Cross-checks between this spec and the config (e.g. heads divisible by tp)."""
         return None
