@@ -23,10 +23,17 @@ __all__ = [
     "all_to_all_along",
 ]
 
-# torch 2.13 deprecates all_gather_into_tensor / reduce_scatter_tensor in favour of the *_single names;
-# torch 2.11 has only the old ones.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Functional (out-of-place) collectives: selective activation checkpointing can keep their outputs instead
+# of repeating the communication in backward (in-place c10d ops mutate buffers it would have cached).
+_F = torch.ops._c10d_functional
+
+
+def _name(group: dist.ProcessGroup | None) -> str:
+    return (group or dist.group.WORLD).group_name
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return _F.wait_tensor(t)
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -65,9 +72,8 @@ def all_gather_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None 
         return x
     dim = dim % x.dim()
     x = x.contiguous()
-    # Concatenation form (n * d0, ...): gloo rejects the stacked (n, d0, ...) form of the output.
-    out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    # Concatenation form (n * d0, ...): rank j's rows are block j of dim 0.
+    out = _wait(_F.all_gather_into_tensor(x, n, _name(group)))
     return _blocks_into(out.view(n, *x.shape), dim)
 
 
@@ -80,20 +86,17 @@ def reduce_scatter_along(x: torch.Tensor, dim: int, group: dist.ProcessGroup | N
     c = _split_size(x, dim, n, "reduce_scatter_along")
     out_shape = list(x.shape)
     out_shape[dim] = c
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
     # (n * out_shape[0], ...) contiguous, block j of dim 0 for rank j (concatenation form, as for gather).
     inp = _chunks_first(x, dim, n).flatten(0, 1)
-    _reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=group)
-    return out
+    out = _wait(_F.reduce_scatter_tensor(inp, "sum", n, _name(group)))
+    return out.view(out_shape)  # each block of `inp` is laid out exactly like the output
 
 
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum of `x` over the group, in a new tensor (`x` is left untouched)."""
     if group_size(group) == 1:
         return x
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    return _wait(_F.all_reduce(x.contiguous(), "sum", _name(group)))
 
 
 def all_to_all_along(
@@ -107,6 +110,7 @@ def all_to_all_along(
     scatter_dim, gather_dim = scatter_dim % x.dim(), gather_dim % x.dim()
     _split_size(x, scatter_dim, n, "all_to_all_along")
     inp = _chunks_first(x, scatter_dim, n)  # (n, *chunk_shape)
-    out = torch.empty_like(inp)
-    dist.all_to_all_single(out, inp, group=group)  # block j of out = the chunk rank j sent to us
-    return _blocks_into(out, gather_dim)
+    rows = [inp.shape[1]] * n
+    flat = inp.flatten(0, 1)
+    out = _wait(_F.all_to_all_single(flat, rows, rows, _name(group)))  # block j = what rank j sent us
+    return _blocks_into(out.view(inp.shape), gather_dim)

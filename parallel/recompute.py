@@ -49,11 +49,45 @@ def _matmul_packets() -> frozenset:
     return frozenset(getattr(aten, n) for n in names if hasattr(aten, n))
 
 
-_SAVE_OPS = _matmul_packets()
+def _collective_packets() -> frozenset:
+    """Collectives: recomputing them would repeat the communication, so their outputs are kept."""
+    ops = []
+    for ns, names in (
+        (
+            "c10d",
+            (
+                "_allgather_base_",
+                "allgather_",
+                "_reduce_scatter_base_",
+                "reduce_scatter_",
+                "allreduce_",
+                "alltoall_base_",
+                "alltoall_",
+            ),
+        ),
+        (
+            "_c10d_functional",
+            (
+                "all_gather_into_tensor",
+                "reduce_scatter_tensor",
+                "all_reduce",
+                "all_to_all_single",
+                "wait_tensor",
+            ),
+        ),
+    ):
+        namespace = getattr(torch.ops, ns, None)
+        for n in names:
+            if namespace is not None and hasattr(namespace, n):
+                ops.append(getattr(namespace, n))
+    return frozenset(ops)
+
+
+_SAVE_OPS = _matmul_packets() | _collective_packets()
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Keep matmul outputs; recompute everything else (norms, elementwise, activations, attention)."""
+    """Keep matmul and collective outputs; recompute the rest (norms, elementwise, activations, attention)."""
     packet = getattr(op, "overloadpacket", op)
     return CheckpointPolicy.MUST_SAVE if packet in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -89,3 +89,21 @@ def comm_of_one_step(overrides: list[str]) -> dict:
     cfg = config([*overrides, "train.steps=1", "metrics.comm=true"], "/tmp/megagen-comm")
     result = train(cfg, DistributedRuntime(cfg))
     return result.comm[0]
+
+
+def comm_and_state(overrides: list[str]) -> dict:
+    """Communication of step 1 and the state bytes after it, under the parity configs (rank-local)."""
+    from torch.distributed.tensor import DTensor
+
+    from megagen.parallel.runtime import DistributedRuntime
+
+    cfg = config([*overrides, "train.steps=1", "metrics.comm=true"], "/tmp/megagen-plan")
+    result = train(cfg, DistributedRuntime(cfg))
+
+    def nbytes(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = sum(nbytes(p) for p in result.model.parameters())
+    optim = sum(nbytes(v) for st in result.optimizer.state.values() for v in st.values() if v.dim() > 0)
+    return {"comm": result.comm[0], "params": params, "optimizer": optim}

@@ -48,10 +48,10 @@ def test_each_collective_counted_exactly(dist_pool):
             axis: sum(e["bytes"] for e in kinds.values()) for axis, kinds in expected.items()
         }
         assert res["ops"][:4] == [
-            "c10d._allgather_base_",
-            "c10d._reduce_scatter_base_",
-            "c10d.allreduce_",
-            "c10d.alltoall_base_",
+            "_c10d_functional.all_gather_into_tensor",
+            "_c10d_functional.reduce_scatter_tensor",
+            "_c10d_functional.all_reduce",
+            "_c10d_functional.all_to_all_single",
         ]
         assert res["after_reset"] == ({}, 0)
         assert not [w for w in res["warnings"] if "dispatch" in w.lower() or "mode" in w.lower()]

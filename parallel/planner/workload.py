@@ -1,0 +1,183 @@
+"""What one micro-batch of a model asks of the hardware, traced generically from a meta-device forward.
+
+The planner knows no model: it runs the model's forward on the meta device (no memory, no compute) with
+hooks that record every linear's tokens and features, every attention core's query/key lengths and width,
+the inputs of each tensor-parallel region, and the parameter shapes of each FSDP unit. The ParallelPlan
+says which linears are column/row parallel, which modules are regions and which cores are self-attention.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megagen.parallel.plan import ParallelPlan
+
+
+@dataclass(frozen=True)
+class LinearUse:
+    """One linear applied in the forward of one sample: `tokens` rows of `d_in` → `d_out`."""
+
+    name: str
+    tokens: int
+    d_in: int
+    d_out: int
+    style: str  # "col", "row" or "rep"
+    in_block: bool
+
+
+@dataclass(frozen=True)
+class AttentionUse:
+    """One attention core call for one sample: q_tokens × kv_tokens over `width` = heads × head_dim."""
+
+    name: str
+    q_tokens: int
+    kv_tokens: int
+    width: int
+    self_attention: bool
+
+
+@dataclass(frozen=True)
+class RegionUse:
+    """One tensor-parallel region entry: (tokens, width) of its sequence args and of its replicated args."""
+
+    name: str
+    seq: tuple[tuple[int, int], ...]
+    replicated: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ParamShape:
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None  # dim sharded over tp (0 = colwise weight/bias, 1 = rowwise weight), None = replicated
+
+
+@dataclass
+class Workload:
+    """Per-sample traced structure of one model at one sequence length."""
+
+    tokens: int
+    """Sequence length of the sharded (video/audio) token sequence, unpadded."""
+    layers: int
+    linears: list[LinearUse] = field(default_factory=list)
+    attention: list[AttentionUse] = field(default_factory=list)
+    regions: list[RegionUse] = field(default_factory=list)
+    block_params: list[list[ParamShape]] = field(default_factory=list)
+    root_params: list[ParamShape] = field(default_factory=list)
+    heads: int = 0
+    hidden: int = 0
+    """Model width: activations between blocks are (tokens, hidden)."""
+
+    @property
+    def num_params(self) -> int:
+        shapes = [p.shape for b in self.block_params for p in b] + [p.shape for p in self.root_params]
+        total = 0
+        for s in shapes:
+            n = 1
+            for d in s:
+                n *= d
+            total += n
+        return total
+
+
+def _match(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: int) -> Workload:
+    """Run `model(**inputs)` (meta tensors, batch size `batch`) and record what it does per sample."""
+    blocks_prefix = plan.blocks + "."
+    seq_name = next(iter(plan.sequence_inputs))
+    seq_dim = plan.sequence_inputs[seq_name]
+    work = Workload(tokens=int(inputs[seq_name].shape[seq_dim]), layers=len(model.get_submodule(plan.blocks)))
+    hooks = []
+
+    def per_sample_tokens(x: torch.Tensor) -> int:
+        n = 1
+        for d in x.shape[:-1]:
+            n *= d
+        return n // batch
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            style = "col" if _match(name, plan.colwise) else "row" if _match(name, plan.rowwise) else "rep"
+
+            def on_linear(mod, args, out, name=name, style=style):
+                work.linears.append(
+                    LinearUse(
+                        name,
+                        per_sample_tokens(args[0]),
+                        mod.in_features,
+                        mod.out_features,
+                        style,
+                        name.startswith(blocks_prefix),
+                    )
+                )
+
+            hooks.append(module.register_forward_hook(on_linear))
+        elif name.endswith(".core") or type(module).__name__.endswith("Core"):
+            is_self = _match(name, plan.self_attention)
+
+            def on_core(mod, args, out, name=name, is_self=is_self):
+                q, k = args[0], args[1]
+                work.attention.append(
+                    AttentionUse(name, q.shape[1], k.shape[1], q.shape[2] * q.shape[3], is_self)
+                )
+
+            hooks.append(module.register_forward_hook(on_core))
+        for pattern, region in plan.regions.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                arg_names = list(inspect.signature(module.forward).parameters)
+
+                def on_region(mod, args, kwargs, name=name, region=region, arg_names=arg_names):
+                    bound = dict(zip(arg_names, args))
+                    bound.update(kwargs)
+                    seq = tuple(
+                        (per_sample_tokens(bound[a]), bound[a].shape[-1])
+                        for a in region.seq_args
+                        if a in bound
+                    )
+                    rep = tuple(
+                        (per_sample_tokens(bound[a]), bound[a].shape[-1])
+                        for a in region.replicated_args
+                        if isinstance(bound.get(a), torch.Tensor)
+                    )
+                    work.regions.append(RegionUse(name, seq, rep))
+
+                hooks.append(module.register_forward_pre_hook(on_region, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    blocks = model.get_submodule(plan.blocks)
+    block_ids = set()
+    for i, block in enumerate(blocks):
+        shapes = []
+        for pname, p in block.named_parameters():
+            full = f"{plan.blocks}.{i}.{pname}"
+            shapes.append(ParamShape(full, tuple(p.shape), _tp_dim(full, plan)))
+            block_ids.add(id(p))
+        work.block_params.append(shapes)
+    for pname, p in model.named_parameters():
+        if id(p) not in block_ids:
+            work.root_params.append(ParamShape(pname, tuple(p.shape), _tp_dim(pname, plan)))
+    work.heads = max(plan.head_counts.values()) if plan.head_counts else 0
+    work.hidden = max((r.seq[0][1] for r in work.regions if r.seq), default=0)
+    return work
+
+
+def _tp_dim(param_name: str, plan: ParallelPlan) -> int | None:
+    module, _, leaf = param_name.rpartition(".")
+    if _match(module, plan.colwise):
+        return 0
+    if _match(module, plan.rowwise):
+        return 1 if leaf == "weight" else None
+    return None
