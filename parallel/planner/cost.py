@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.workload import ParamShape, Workload
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -157,6 +158,28 @@ def rank0_numel(params: list[ParamShape], tp: int, n: int) -> int:
     return total
 
 
+def _cached(work: Workload, key: tuple, compute):
+    cache = work.__dict__.setdefault("_cost_cache", {})
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def unit_padded_numels(work: Workload, tp: int, n: int) -> list[int]:
+    """FSDP-padded elements of each unit (blocks, then the root) at (tp, shard size n)."""
+    units = [*work.block_params, work.root_params]
+    return _cached(work, ("padded", tp, n), lambda: [fsdp_padded_numel(u, tp, n) for u in units])
+
+
+def replicated_rank0_numel(work: Workload, tp: int, n: int) -> int:
+    def compute():
+        replicated = [p for blk in work.block_params for p in blk if p.tp_dim is None]
+        replicated += [p for p in work.root_params if p.tp_dim is None]
+        return rank0_numel(replicated, tp, n)
+
+    return _cached(work, ("replicated", tp, n), compute)
+
+
 def communication(work: Workload, plan: PlanPoint) -> dict:
     """Bytes and calls per mesh axis and kind for one optimizer step (rank 0)."""
     comm = _Comm()
@@ -173,10 +196,8 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
     # tensor parallel, per micro-batch; forward collectives repeat for recomputed blocks
     if plan.tp > 1:
         for layer in range(work.layers):
-            prefix = f"blocks.{layer}."
             repeats = 2 if layer < recomputed else 1
-            regions = [r for r in work.regions if r.name.startswith(prefix)]
-            rows = [lin for lin in work.linears if lin.style == "row" and lin.name.startswith(prefix)]
+            regions, rows, _ = work.layer_items(layer)
             for r in regions:
                 for tokens, width in r.seq:
                     nbytes = b * seq_tokens(tokens) * width * fa
@@ -196,40 +217,31 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
                 else:
                     comm.add("tp", "all_reduce", nbytes, m * repeats)
         if plan.sp:  # partial gradients of tp-replicated parameters, summed once per step
-            replicated = [p for blk in work.block_params for p in blk if p.tp_dim is None]
-            replicated += [p for p in work.root_params if p.tp_dim is None]
-            numel = (
-                rank0_numel(replicated, plan.tp, plan.fsdp)
-                if _uses_fsdp(plan)
-                else sum(math.prod(p.shape) for p in replicated)
-            )
+            numel = replicated_rank0_numel(work, plan.tp, plan.fsdp if _uses_fsdp(plan) else 1)
             comm.add("tp", "all_reduce", numel * 4, 1)
 
     # context parallel, per self-attention call
     if plan.cp > 1:
-        for att in work.attention:
-            if not att.self_attention:
-                continue
-            layer = int(att.name.split(".")[1]) if att.name.startswith("blocks.") else 0
+        for layer in range(work.layers):
             repeats = 2 if layer < recomputed else 1
-            width = att.width // plan.tp
-            if plan.cp_kind == "allgather_kv":
-                nbytes = b * s_pad * width * fa
-                comm.add("cp", "all_gather", nbytes, 2 * m * repeats)
-                comm.add("cp", "reduce_scatter", nbytes, 2 * m)
-            else:
-                nbytes = b * s_cp * width * fa
-                comm.add("cp", "all_to_all", nbytes, 4 * m * repeats + 4 * m)
+            for att in work.layer_items(layer)[2]:
+                width = att.width // plan.tp
+                if plan.cp_kind == "allgather_kv":
+                    nbytes = b * s_pad * width * fa
+                    comm.add("cp", "all_gather", nbytes, 2 * m * repeats)
+                    comm.add("cp", "reduce_scatter", nbytes, 2 * m)
+                else:
+                    nbytes = b * s_cp * width * fa
+                    comm.add("cp", "all_to_all", nbytes, 4 * m * repeats + 4 * m)
 
     # FSDP: all-gather each unit before its forward (and again in backward if resharded), reduce-scatter
     # (and all-reduce across replicas) once per step, on the last micro-batch
     if _uses_fsdp(plan):
         n = plan.fsdp
-        units = [*work.block_params, work.root_params]
         pb, rb = DTYPE_BYTES[plan.param_dtype], DTYPE_BYTES[plan.reduce_dtype]
-        for i, unit in enumerate(units):
-            padded = fsdp_padded_numel(unit, plan.tp, n)
-            is_root = i == len(units) - 1
+        padded_units = unit_padded_numels(work, plan.tp, n)
+        for i, padded in enumerate(padded_units):
+            is_root = i == len(padded_units) - 1
             gathers = 1 if (is_root or not plan.reshard_after_forward) else 2
             if n > 1:
                 comm.add("dp_shard_cp", "all_gather", padded * pb, m * gathers)
@@ -249,5 +261,172 @@ def state_memory(work: Workload, plan: PlanPoint) -> tuple[int, int, int]:
     """(param, grad, optimizer) bytes on rank 0: fp32 master params, fp32 grads, AdamW's two moments."""
     params = [p for blk in work.block_params for p in blk] + work.root_params
     n = plan.fsdp if _uses_fsdp(plan) else 1
-    numel = rank0_numel(params, plan.tp, n)
+    numel = _cached(work, ("state", plan.tp, n), lambda: rank0_numel(params, plan.tp, n))
     return numel * 4, numel * 4, 2 * numel * 4
+
+
+# ----------------------------------------------------------------------------------------------- compute
+
+
+def flops_per_rank(work: Workload, plan: PlanPoint) -> tuple[float, float, float]:
+    key = ("flops", plan.tp, plan.cp, plan.sp, plan.micro_batch * plan.accumulation)
+    return _cached(work, key, lambda: _flops_per_rank(work, plan))
+
+
+def _flops_per_rank(work: Workload, plan: PlanPoint) -> tuple[float, float, float]:
+    """(matmul FLOPs, attention FLOPs, model FLOPs) one rank executes per optimizer step, forward+backward.
+
+    Column/row-parallel linears are split over tp; linears on the sharded sequence see this rank's tokens;
+    linears on unsharded inputs (text, timestep) are repeated on every rank (duplicated compute); attention
+    rows are split over cp and heads over tp. Recomputation is added by `step_cost`.
+    """
+    s_pad = padded_tokens(work.tokens, plan)
+    shards = plan.cp * (plan.tp if plan.sp else 1)
+    per_sample = plan.micro_batch * plan.accumulation
+    mm = 0.0
+    for lin in work.linears:
+        if lin.tokens == work.tokens:
+            tokens = s_pad / plan.cp if lin.style in ("col", "row") else s_pad / shards
+        else:
+            tokens = lin.tokens
+        width = lin.d_out / plan.tp if lin.style in ("col", "row") else lin.d_out
+        mm += 2.0 * tokens * lin.d_in * width
+    attn = 0.0
+    for att in work.attention:
+        q = s_pad / plan.cp if att.q_tokens == work.tokens else att.q_tokens
+        kv = s_pad if att.kv_tokens == work.tokens else att.kv_tokens
+        attn += 4.0 * q * kv * att.width / plan.tp
+    fwd_mm, fwd_attn = mm * per_sample, attn * per_sample
+    return 3.0 * fwd_mm, 3.0 * fwd_attn, 3.0 * (fwd_mm + fwd_attn)
+
+
+def _block_share(work: Workload, plan: PlanPoint) -> tuple[float, float]:
+    """Forward (matmul, attention) FLOPs per rank of the blocks that are recomputed."""
+    mm_all, attn_all, _ = flops_per_rank(work, plan)
+    mm_fwd, attn_fwd = mm_all / 3.0, attn_all / 3.0
+    block_mm = sum(1 for lin in work.linears if lin.in_block) / max(1, len(work.linears))
+    if plan.recompute == "full":
+        frac = plan.recomputed_blocks(work.layers) / work.layers
+        return mm_fwd * block_mm * frac, attn_fwd * frac
+    if plan.recompute == "selective":
+        return 0.0, attn_fwd
+    return 0.0, 0.0
+
+
+# ------------------------------------------------------------------------------------------ communication
+
+
+def axis_span(axis: str, plan: PlanPoint) -> tuple[int, int]:
+    """(group size, span in consecutive ranks) of a mesh axis; tp is innermost, then cp, dp_shard, ..."""
+    inner = {
+        "tp": 1,
+        "cp": plan.tp,
+        "dp_shard": plan.tp * plan.cp,
+        "dp_shard_cp": plan.tp,
+        "dp_replicate": plan.tp * plan.cp * plan.dp_shard,
+    }
+    size = {
+        "tp": plan.tp,
+        "cp": plan.cp,
+        "dp_shard": plan.dp_shard,
+        "dp_shard_cp": plan.fsdp,
+        "dp_replicate": plan.dp_replicate,
+        "world": plan.world,
+    }
+    n = size.get(axis, plan.world)
+    stride = inner.get(axis, 1)
+    return n, n * stride if axis != "dp_shard_cp" else plan.tp * plan.fsdp
+
+
+def collective_seconds(
+    kind: str, nbytes: float, calls: int, axis: str, plan: PlanPoint, cluster: Cluster
+) -> float:
+    """Ring model: wire bytes per rank over the axis's bus bandwidth, plus a per-hop latency per call."""
+    n, span = axis_span(axis, plan)
+    if n <= 1 or calls == 0:
+        return 0.0
+    intra = span <= cluster.gpus_per_node
+    bw = (cluster.intra_node_gbps if intra else cluster.inter_node_gbps) * 1e9
+    lat = (cluster.intra_node_latency_us if intra else cluster.inter_node_latency_us) * 1e-6
+    factor = {"all_reduce": 2.0 * (n - 1) / n, "all_to_all": (n - 1) / n}.get(kind, (n - 1) / n)
+    return nbytes * factor / bw + calls * lat * (n - 1)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, float]:
+    """(saved activations at the peak of one micro-batch, of which duplicated across tp ranks), per rank.
+
+    Per block and token, in the compute dtype: what autograd keeps for each op of a Llama-style block
+    with cross-attention (inputs of every linear, norm inputs, gates, the attention output and its
+    log-sum-exp); linear inputs inside a tp region are width/tp, between regions the sequence is sharded
+    over tp with SP and duplicated without it. Full recompute keeps only each block's input (plus one
+    block's worth while it recomputes); selective keeps linear outputs and collective outputs.
+    """
+    fa = DTYPE_BYTES[plan.param_dtype]
+    s_pad = padded_tokens(work.tokens, plan)
+    tok_region = s_pad / plan.cp  # tokens inside a tp region (gathered)
+    tok_between = s_pad / (plan.cp * (plan.tp if plan.sp else 1))
+    d = work.hidden or 1
+    per_block_none = 0.0
+    per_block_sel = 0.0
+    in_block = [lin for lin in work.linears if lin.in_block and lin.name.startswith("blocks.0.")]
+    for lin in in_block:
+        tokens = tok_region if lin.tokens == work.tokens else lin.tokens
+        d_in = lin.d_in / plan.tp if lin.style == "row" else lin.d_in
+        d_out = lin.d_out / plan.tp if lin.style in ("col", "row") else lin.d_out
+        per_block_none += tokens * (d_in + d_out)  # input kept for the weight grad, output for the next op
+        per_block_sel += tokens * d_out
+    between = 8.0 * tok_between * d  # residual stream, norm inputs/outputs, gates (per block)
+    dup = 0.0 if plan.sp or plan.tp == 1 else between * (plan.tp - 1) / plan.tp
+    per_block_none += between
+    per_block_sel += 2.0 * tok_between * d
+    b = plan.micro_batch * fa
+    layers = work.layers
+    if plan.recompute == "full":
+        k = plan.recomputed_blocks(layers)
+        kept = k * tok_between * d + (layers - k) * per_block_none + (per_block_none if k else 0.0)
+    elif plan.recompute == "selective":
+        kept = layers * per_block_sel
+    else:
+        kept = layers * per_block_none
+    return kept * b, dup * layers * b
+
+
+def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
+    """Bytes, memory, FLOPs and predicted step time of one optimizer step."""
+    cost = Cost()
+    cost.comm = communication(work, plan)
+    cost.param_bytes, cost.grad_bytes, cost.optimizer_bytes = state_memory(work, plan)
+    cost.activation_bytes, cost.duplicated_activation_bytes = activation_bytes(work, plan)
+    # transient: two gathered FSDP units (current + prefetched) in the compute dtype, and their gradients
+    blocks = work.block_params[0] if work.block_params else []
+    unit = _cached(work, ("unit", plan.tp), lambda: sum(math.prod(local_shape(p, plan.tp)) for p in blocks))
+    cost.transient_bytes = 2 * unit * DTYPE_BYTES[plan.param_dtype] + unit * 4
+    mm, attn, model = flops_per_rank(work, plan)
+    re_mm, re_attn = _block_share(work, plan)
+    cost.model_flops_per_rank = model
+    cost.hardware_flops_per_rank = model + re_mm + re_attn
+    eff_mm = cluster.peak_flops * cluster.matmul_efficiency
+    eff_attn = cluster.peak_flops * cluster.attention_efficiency
+    cost.compute_s = (mm + re_mm) / eff_mm + (attn + re_attn) / eff_attn
+    overlappable = 0.0
+    exposed = 0.0
+    for axis, kinds in cost.comm.items():
+        t_axis = 0.0
+        for kind, v in kinds.items():
+            t_axis += collective_seconds(kind, v["bytes"], v["calls"], axis, plan, cluster)
+        cost.comm_s[axis] = t_axis
+        if axis in ("dp_shard_cp", "dp_replicate"):
+            overlappable += t_axis  # FSDP prefetches the next unit while this one computes
+        else:
+            exposed += t_axis  # TP/SP and CP collectives sit on the critical path in this engine
+    # FSDP: the first all-gather and the last reduce-scatter cannot hide; the rest hides behind compute
+    units = max(1, work.layers + 1)
+    fsdp_edge = overlappable * 2 / units / max(1, plan.accumulation)
+    hidden_budget = cost.compute_s
+    exposed += fsdp_edge + max(0.0, overlappable - fsdp_edge - hidden_budget)
+    cost.exposed_comm_s = exposed
+    cost.step_s = cost.compute_s + exposed
+    return cost

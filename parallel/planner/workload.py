@@ -73,6 +73,22 @@ class Workload:
     hidden: int = 0
     """Model width: activations between blocks are (tokens, hidden)."""
 
+    def layer_items(self, layer: int) -> tuple[list[RegionUse], list[LinearUse], list[AttentionUse]]:
+        """(regions, row-parallel linears, self-attention calls) of block `layer` (cached)."""
+        cache = self.__dict__.setdefault("_by_layer", {})
+        if not cache:
+            for i in range(self.layers):
+                cache[i] = ([], [], [])
+            for r in self.regions:
+                cache[_layer_of(r.name)][0].append(r)
+            for lin in self.linears:
+                if lin.style == "row" and lin.in_block:
+                    cache[_layer_of(lin.name)][1].append(lin)
+            for att in self.attention:
+                if att.self_attention and att.name.startswith("blocks."):
+                    cache[_layer_of(att.name)][2].append(att)
+        return cache[layer]
+
     @property
     def num_params(self) -> int:
         shapes = [p.shape for b in self.block_params for p in b] + [p.shape for p in self.root_params]
@@ -83,6 +99,14 @@ class Workload:
                 n *= d
             total += n
         return total
+
+
+def _layer_of(name: str) -> int:
+    """Index of the block a traced name belongs to (`<blocks>.<i>.…`)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return 0
 
 
 def _match(name: str, patterns) -> bool:

@@ -1,0 +1,90 @@
+"""Enumerate feasible parallel layouts for a workload on a cluster and rank them by predicted step time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megagen.parallel.planner.cluster import Cluster
+from megagen.parallel.planner.cost import Cost, PlanPoint, step_cost
+from megagen.parallel.planner.workload import Workload
+
+
+@dataclass
+class RankedPlan:
+    plan: PlanPoint
+    cost: Cost
+    mfu: float
+    tokens_per_s_per_gpu: float
+    fits: bool
+
+    def row(self) -> dict:
+        c = self.cost
+        return {
+            "plan": self.plan.label(),
+            "step_s": c.step_s,
+            "mfu": self.mfu,
+            "exposed_comm_pct": 100.0 * c.exposed_comm_s / c.step_s if c.step_s else 0.0,
+            "peak_memory_gb": c.peak_memory_bytes / 2**30,
+            "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+            "fits": self.fits,
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_plans(
+    work: Workload, gpus: int, global_batch: int, cluster: Cluster, dtype: str
+) -> list[PlanPoint]:
+    """Every (tp, cp, cp kind, dp_shard, dp_replicate, micro-batch, recompute) the engine can run."""
+    heads = work.heads or 1
+    plans = []
+    for tp in [d for d in _divisors(cluster.gpus_per_node) if heads % d == 0 and gpus % d == 0]:
+        for cp in [c for c in (1, 2, 4, 8, 16, 32) if gpus % (tp * c) == 0]:
+            dp = gpus // (tp * cp)
+            if global_batch % dp:
+                continue
+            per_rank = global_batch // dp
+            kinds = (
+                ["allgather_kv"]
+                if cp == 1
+                else ["allgather_kv"] + (["ulysses"] if heads % (tp * cp) == 0 else [])
+            )
+            replicas = [r for r in _divisors(dp) if r == 1 or (dp // r) * tp * cp >= cluster.gpus_per_node]
+            for kind in kinds:
+                for rep in replicas[:4]:
+                    for mb in [m for m in (1, 2, 4, 8) if per_rank % m == 0]:
+                        for recompute, k in [("none", -1), ("selective", -1), ("full", -1)] + [
+                            ("full", k) for k in (work.layers // 4, work.layers // 2, 3 * work.layers // 4)
+                        ]:
+                            plans.append(
+                                PlanPoint(
+                                    dp_replicate=rep,
+                                    dp_shard=dp // rep,
+                                    cp=cp,
+                                    tp=tp,
+                                    cp_kind=kind,
+                                    micro_batch=mb,
+                                    accumulation=per_rank // mb,
+                                    recompute=recompute,
+                                    recompute_layers=k,
+                                    param_dtype=dtype,
+                                    reduce_dtype="fp32",
+                                )
+                            )
+    return plans
+
+
+def search(work: Workload, gpus: int, global_batch: int, cluster: Cluster, top: int = 10) -> list[RankedPlan]:
+    """Cost every candidate; feasible plans (fit in memory) first, fastest first."""
+    usable = (cluster.memory_gb - cluster.memory_reserved_gb) * 2**30
+    ranked = []
+    for plan in candidate_plans(work, gpus, global_batch, cluster, cluster.dtype):
+        cost = step_cost(work, plan, cluster)
+        fits = cost.peak_memory_bytes <= usable
+        mfu = cost.model_flops_per_rank / cost.step_s / cluster.peak_flops if cost.step_s else 0.0
+        tokens = global_batch * work.tokens / cost.step_s / gpus if cost.step_s else 0.0
+        ranked.append(RankedPlan(plan, cost, mfu, tokens, fits))
+    ranked.sort(key=lambda r: (not r.fits, r.cost.step_s))
+    return ranked[:top]
