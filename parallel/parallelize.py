@@ -39,7 +39,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def parallelize(
-    model: nn.Module, plan: ParallelPlan, mesh: Mesh, parallel_cfg, recompute: str
+    model: nn.Module, plan: ParallelPlan, mesh: Mesh, parallel_cfg, recompute: str, recompute_layers: int = -1
 ) -> ParallelState:
     """Shard `model` in place over `mesh` as `plan` declares."""
     dims = mesh.dims
@@ -75,7 +75,7 @@ def parallelize(
         sharder.install(model, plan.sequence_inputs)
 
     blocks = model.get_submodule(plan.blocks)
-    apply_recompute(model, plan.blocks, recompute)
+    apply_recompute(model, plan.blocks, recompute, layers=recompute_layers)
     if parallel_cfg.compile:
         for block in blocks:
             block.compile()

@@ -116,12 +116,14 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module:
 
 
 def apply_recompute(
-    model: nn.Module, blocks_path: str, policy: str, *, preserve_rng_state: bool = True
+    model: nn.Module, blocks_path: str, policy: str, *, preserve_rng_state: bool = True, layers: int = -1
 ) -> None:
     """Checkpoint every block of the `nn.ModuleList` at `blocks_path` (dotted) inside `model`, in place.
 
     `policy` is the value of `train.recompute`: "none", "full" or "selective". Apply before `fully_shard`.
-    Calling it again replaces the previous policy ("none" restores the plain forward).
+    Calling it again replaces the previous policy ("none" restores the plain forward). `layers`
+    (`train.recompute_layers`) limits the policy to the first k blocks (-1 = all): at long sequences a
+    model may need recompute in some blocks but not all, and every recomputed block costs a forward.
     """
     if policy not in POLICIES:
         raise ValueError(f"train.recompute must be one of {', '.join(POLICIES)}; got {policy!r}")
@@ -130,13 +132,15 @@ def apply_recompute(
         raise ValueError(
             f"recompute: {blocks_path!r} must be an nn.ModuleList of blocks, got {type(blocks).__name__}"
         )
-    for block in blocks:
+    if layers < -1:
+        raise ValueError(f"train.recompute_layers must be -1 (all) or >= 0; got {layers}")
+    for index, block in enumerate(blocks):
         state = block.__dict__.pop(_STATE_ATTR, None)
         if state is not None:  # undo a previous application before re-applying
             del block.__dict__["forward"]
             if state[3] is not None:
                 block.__dict__["forward"] = state[3]
-        if policy == "none":
+        if policy == "none" or (layers >= 0 and index >= layers):
             continue
         # The original forward is kept as a bound method: copy.deepcopy (e.g. for an EMA copy) rebinds
         # bound methods to the copy, so a copied block recomputes its own parameters, not the original's.

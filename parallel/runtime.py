@@ -26,6 +26,9 @@ class LocalRuntime:
         self.device = device or torch.device("cpu")
 
     def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
+        from megagen.parallel.recompute import apply_recompute
+
+        apply_recompute(model, plan.blocks, cfg.train.recompute, layers=cfg.train.recompute_layers)
         return model
 
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -124,7 +127,9 @@ class DistributedRuntime(LocalRuntime):
     def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
         from megagen.parallel.parallelize import parallelize
 
-        self.state = parallelize(model, plan, self.mesh, cfg.parallel, cfg.train.recompute)
+        self.state = parallelize(
+            model, plan, self.mesh, cfg.parallel, cfg.train.recompute, cfg.train.recompute_layers
+        )
         self._partial = set(self.state.tp_partial_grads)
         return model
 

@@ -23,6 +23,11 @@ MESHES = {
         "tp2+sp": ["parallel.tp=2"],
         "cp2-allgather": ["parallel.cp=2"],
         "cp2-ulysses": ["parallel.cp=2", "parallel.cp_kind=ulysses"],
+        "tp2+sp-full-recompute-first-block": [
+            "parallel.tp=2",
+            "train.recompute=full",
+            "train.recompute_layers=1",
+        ],
     },
     4: {
         "fsdp2xtp2": ["parallel.tp=2"],

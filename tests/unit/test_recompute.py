@@ -297,3 +297,11 @@ def test_composes_with_fsdp2_world_size_1():
                 _assert_close(p.grad.full_tensor(), ref_params[name].grad, f"{policy} {name}")
     finally:
         dist.destroy_process_group()
+
+
+def test_recompute_layers_limits_full_recompute_to_the_first_blocks():
+    model = TinyDiT()
+    apply_recompute(model, "blocks", "full", layers=1)
+    assert [recompute_policy(b) for b in model.blocks] == ["full"] + ["none"] * (DEPTH - 1)
+    with pytest.raises(ValueError, match="train.recompute_layers"):
+        apply_recompute(model, "blocks", "full", layers=-2)
