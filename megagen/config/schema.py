@@ -120,7 +120,7 @@ class TrainConfig:
         0.1, "probability of replacing each text condition by its null embedding", min=0.0
     )
     recompute: str = opt("none", "activation recompute per block", choices=("none", "full", "selective"))
-    recompute_layers: int = opt(-1, "apply train.recompute to the first k blocks only; -1 = every block", min=-1)
+    recompute_layers: int = opt(-1, "apply train.recompute to the first k blocks; -1 = every block", min=-1)
     t_mean: float = opt(0.0, "logit-normal timestep mean", min=None)
     t_std: float = opt(1.0, "logit-normal timestep std", min=0.0)
     log_every: int = opt(1, "print a line every N steps", min=1)

@@ -54,6 +54,7 @@ SAFETENSORS_DTYPES = {
 NUMPY_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 _BUCKET_RE = re.compile(r"^t(\d+)_h(\d+)_w(\d+)$")
+_BUCKET_1D_RE = re.compile(r"^t(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -81,25 +82,28 @@ class SampleSkipped(DataError):
 
 
 def bucket_name(latent_shape: tuple[int, ...] | list[int]) -> str:
-    """`t{T}_h{H}_w{W}` for a (C, T, H, W) latent shape."""
+    """`t{T}_h{H}_w{W}` for a (C, T, H, W) latent shape; `t{T}` for a 1-D (C, T) latent (audio)."""
+    if len(latent_shape) == 2:
+        return f"t{latent_shape[1]}"
     if len(latent_shape) != 4:
-        raise ValueError(f"latent shape {tuple(latent_shape)} is not (C, T, H, W)")
+        raise ValueError(f"latent shape {tuple(latent_shape)} is not (C, T, H, W) or (C, T)")
     _, t, h, w = latent_shape
     return f"t{t}_h{h}_w{w}"
 
 
-def parse_bucket_name(name: str) -> tuple[int, int, int]:
-    """(T, H, W) of a `t{T}_h{H}_w{W}` bucket name; ValueError otherwise."""
-    m = _BUCKET_RE.match(name.strip())
+def parse_bucket_name(name: str) -> tuple[int, ...]:
+    """(T, H, W) of a `t{T}_h{H}_w{W}` bucket name, (T,) of a 1-D `t{T}` one; ValueError otherwise."""
+    m = _BUCKET_RE.match(name.strip()) or _BUCKET_1D_RE.match(name.strip())
     if not m or min(int(g) for g in m.groups()) < 1:
-        raise ValueError(f"bucket {name!r} is not of the form t<T>_h<H>_w<W> with positive sizes")
-    t, h, w = (int(g) for g in m.groups())
-    return t, h, w
+        raise ValueError(
+            f"bucket {name!r} is not of the form t<T>_h<H>_w<W> (or t<T> for 1-D latents) with positive sizes"
+        )
+    return tuple(int(g) for g in m.groups())
 
 
-def parse_bucket_list(text: str) -> list[tuple[int, int, int]]:
-    """Comma-separated bucket names → list of (T, H, W), duplicates removed, order kept."""
-    out: list[tuple[int, int, int]] = []
+def parse_bucket_list(text: str) -> list[tuple[int, ...]]:
+    """Comma-separated bucket names → list of (T, H, W) or (T,), duplicates removed, order kept."""
+    out: list[tuple[int, ...]] = []
     for part in text.split(","):
         if part.strip():
             thw = parse_bucket_name(part)
@@ -107,6 +111,8 @@ def parse_bucket_list(text: str) -> list[tuple[int, int, int]]:
                 out.append(thw)
     if not out:
         raise ValueError("empty bucket list")
+    if len({len(thw) for thw in out}) > 1:
+        raise ValueError(f"bucket list {text!r} mixes 1-D (t<T>) and video (t<T>_h<H>_w<W>) buckets")
     return out
 
 

@@ -5,6 +5,11 @@ embeddings are the class's embeddings and its latents are the class's smooth pat
 sinusoids over (t, h, w) in [0, 1]³ evaluated on the bucket's grid, so one class looks alike in every
 bucket (an image bucket sees its first frame). The flow-matching target is predictable from the text, so
 the loss falls well below its starting value. `caption_id` is the class.
+
+Presets: `video_tiny` (the video spec's tiny encoders); `audio_tiny` (1-D buckets `t{T}` of 128-channel
+audio latents, plus `video_features` (Fv, Dv): the class's own smooth pattern over the clip's video frames,
+Fv = round(T · 24 / 25)); `upsampler_tiny` (video buckets plus `lowres_latents`: the high-res pattern
+averaged over 2×2 latent pixels and repeated back to the full grid — a blurred copy of the target).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from megagen.data.format import (
     TEXT_LEN_PREFIX,
     TEXT_PREFIX,
     BucketInfo,
+    FieldInfo,
     Manifest,
     TextEncoderInfo,
     bucket_name,
@@ -49,12 +55,16 @@ class SynthPreset:
     text_len: int
     """Padded text length (max_len) of every encoder."""
     buckets: str
-    """Default buckets: a one-frame image bucket and two video buckets."""
+    """Default buckets (video: a one-frame image bucket and two video buckets; audio: 1-D `t{T}`)."""
 
 
 SYNTH_PRESETS = {
     "video_tiny": SynthPreset("video", "tiny", text_len=8, buckets="t1_h16_w16,t4_h8_w8,t8_h8_w12"),
+    "audio_tiny": SynthPreset("audio", "tiny", text_len=8, buckets="t32,t48"),
+    "upsampler_tiny": SynthPreset("upsampler", "tiny", text_len=8, buckets="t4_h8_w8,t8_h8_w12"),
 }
+VIDEO_FEATURES = "video_features"
+LOWRES_LATENTS = "lowres_latents"
 VIDEO_FPS = (16.0, 24.0)
 TAE_TEMPORAL_STRIDE = 8
 """Frames per latent frame (Movie Gen's TAE): a video of T latent frames at fps lasts T·8/fps seconds."""
@@ -64,10 +74,11 @@ def _class_rng(seed: int, cls: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(sample_seed(seed, -2, cls, stream))
 
 
-def class_latent(seed: int, cls: int, latent_shape: tuple[int, ...]) -> np.ndarray:
-    """Class `cls`'s pattern on a (C, T, H, W) grid: per channel two random sinusoids, unit variance."""
+def class_latent(seed: int, cls: int, latent_shape: tuple[int, ...], stream: int = 0) -> np.ndarray:
+    """Class `cls`'s pattern on a (C, T, H, W) (or (C, T)) grid: per channel two random sinusoids, unit
+    variance. `stream` picks an independent pattern of the class (another field)."""
     channels, *spatial = latent_shape
-    rng = _class_rng(seed, cls, 0)
+    rng = _class_rng(seed, cls, stream)
     freqs = rng.integers(0, 3, size=(channels, 2, 3)).astype(np.float64)
     phases = rng.uniform(0, 2 * math.pi, size=(channels, 2))
     coords = np.meshgrid(*[np.linspace(0, 1, n) if n > 1 else np.zeros(1) for n in spatial], indexing="ij")
@@ -92,6 +103,31 @@ def class_text(
         emb[:length] = rng.standard_normal((length, info.dim))
         out[enc] = (emb, length)
     return out
+
+
+def _audio_video_frames(arch, frames: int) -> int:
+    return max(1, round(frames * arch.video_rate / arch.audio_rate))
+
+
+def lowres_of(latent: np.ndarray) -> np.ndarray:
+    """A (C, T, H, W) latent averaged over 2×2 pixels and repeated back to (H, W) (odd edges kept as is)."""
+    c, t, h, w = latent.shape
+    h2, w2 = h - h % 2, w - w % 2
+    out = latent.astype(np.float32).copy()
+    blocks = out[:, :, :h2, :w2].reshape(c, t, h2 // 2, 2, w2 // 2, 2).mean(axis=(3, 5))
+    out[:, :, :h2, :w2] = np.repeat(np.repeat(blocks, 2, axis=2), 2, axis=3)
+    return out
+
+
+def class_extras(p: SynthPreset, arch, seed: int, cls: int, pattern: np.ndarray) -> dict[str, np.ndarray]:
+    """The spec-specific fields of class `cls` in a bucket whose latent pattern is `pattern`."""
+    if p.spec == "audio":
+        frames = _audio_video_frames(arch, pattern.shape[1])
+        feats = class_latent(seed, cls, (arch.video_dim, frames), stream=100).T
+        return {VIDEO_FEATURES: np.ascontiguousarray(feats)}
+    if p.spec == "upsampler":
+        return {LOWRES_LATENTS: lowres_of(pattern)}
+    return {}
 
 
 def synth(
@@ -122,6 +158,10 @@ def synth(
     channels = arch.latent_channels
     encoders = {enc: TextEncoderInfo(dim=dim, max_len=p.text_len) for enc, dim in arch.text_encoders.items()}
     thws = parse_bucket_list(buckets or p.buckets)
+    rank = 1 if p.spec == "audio" else 3
+    if any(len(thw) != rank for thw in thws):
+        form = "t<T>" if rank == 1 else "t<T>_h<H>_w<W>"
+        raise ValueError(f"preset {preset} needs {form} buckets, got {buckets!r}")
     if samples < len(thws):
         raise ValueError(f"{samples} samples cannot fill {len(thws)} buckets")
     fields = standard_fields("float16", encoders)
@@ -146,14 +186,25 @@ def synth(
         latent_shape = (channels, *thw)
         name = bucket_name(latent_shape)
         patterns = [class_latent(seed, c, latent_shape).astype(np.float16) for c in range(classes)]
+        extras = [
+            {k: v.astype(np.float16) for k, v in class_extras(p, arch, seed, c, patterns[c]).items()}
+            for c in range(classes)
+        ]
+        field_shapes = {k: tuple(v.shape) for k, v in extras[0].items()}
+        for k in field_shapes:
+            fields[k] = FieldInfo("float16", None)
         sample_bytes = sum(
             math.prod(latent_shape if f.per_sample_shape is None else f.per_sample_shape)
             * np.dtype(f.dtype).itemsize
-            for f in fields.values()
-        )
-        info_b = BucketInfo(name, latent_shape, n, [])
+            for k, f in fields.items()
+            if k not in field_shapes
+        ) + sum(math.prod(shape) * 2 for shape in field_shapes.values())
+        info_b = BucketInfo(name, latent_shape, n, [], field_shapes)
         cls_all = np.array([sample_seed(seed, bi, i, stream=1) % classes for i in range(n)])
-        if thw[0] == 1:  # an image: no frame rate, no duration
+        if p.spec == "audio":  # the clip's video frame rate; duration from the 25 Hz latent rate
+            fps_all = np.full(n, float(arch.video_rate))
+            duration_all = thw[0] / np.full(n, float(arch.audio_rate))
+        elif thw[0] == 1:  # an image: no frame rate, no duration
             fps_all = np.zeros(n)
             duration_all = np.zeros(n)
         else:
@@ -171,6 +222,8 @@ def synth(
                     DURATION: duration_all[a:z].astype(SCALAR_FIELDS[DURATION]),
                     CAPTION_ID: cls.astype(SCALAR_FIELDS[CAPTION_ID]),
                 }
+                for k in field_shapes:
+                    arrays[k] = np.stack([extras[c][k] for c in cls])
                 for enc in encoders:
                     arrays[TEXT_PREFIX + enc] = np.stack([texts[c][enc][0] for c in cls]).astype(TEXT_DTYPE)
                     arrays[TEXT_LEN_PREFIX + enc] = np.array(
