@@ -47,6 +47,7 @@ def run_bench(cfg: Config, steps: int, warmup: int, runtime=None) -> dict:
         "samples_per_s_per_device": med("samples_per_s") / world,
         "tflops_per_device": med("tflops"),
         "mfu": med("mfu"),
+        "peak_tflops": timed[-1]["peak_tflops"],
         "hfu": med("hfu"),
         "peak_memory_gb": max(r["max_mem_gb"] for r in timed),
         "data_wait_share": statistics.median(r["data_wait_s"] / r["step_time_s"] for r in timed),

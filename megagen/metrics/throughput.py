@@ -25,7 +25,7 @@ class FlopMeter:
     def peak(self, tokens: int, width: int, hidden: int) -> Peak:
         if self._peak is None:
             dtype = "bf16" if self.cfg.parallel.param_dtype == "bf16" else "fp32"
-            shape = (max(64, min(tokens, 4096)), width, hidden)
+            shape = (max(256, min(tokens, 4096)), max(256, width), max(256, hidden))
             self._peak = _cached_peak(str(self.runtime.device), dtype, shape)
         return self._peak
 
@@ -46,6 +46,7 @@ class FlopMeter:
         devices = self.runtime.world_size
         per_device = count.model * global_batch / seconds / devices
         return {
+            "peak_tflops": peak.flops / 1e12,
             "tflops": per_device / 1e12,
             "mfu": per_device / peak.flops,
             "hfu": count.hardware * global_batch / seconds / devices / peak.flops,

@@ -26,7 +26,9 @@ def test_bench_json_has_every_field(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in FIELDS:
         assert key in result, key
-    assert 0 < result["mfu"] <= 1.0
+    # MFU is achieved FLOP/s over the peak (on CPU a matmul rate measured in this run)
+    assert result["mfu"] > 0
+    assert result["mfu"] == pytest.approx(result["tflops_per_device"] / result["peak_tflops"], rel=1e-6)
     assert result["hfu"] == pytest.approx(result["mfu"])  # no recompute in this config
 
 
