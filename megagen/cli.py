@@ -16,6 +16,7 @@ commands:
   specs   list the registered model specs and their presets
   config  print the resolved config (YAML + overrides) without running anything
   data    build and inspect latent-shard datasets: synth, pack, check, stats
+  plan    predict step time, MFU, communication and memory of parallel layouts and pick one
   bench   warm up, then time training steps: tokens/s, TFLOP/s, MFU, HFU, memory, data-wait and comm shares
 """
 
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     from megagen.data.cli import add_data_commands
 
     add_data_commands(sub)
+    from megagen.plan_cli import add_plan_command
+
+    add_plan_command(sub)
     b = sub.add_parser(
         "bench",
         help="benchmark training steps",
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from megagen.data.cli import run_data_command
+    from megagen.plan_cli import run_plan_command
 
     handlers = {
         "train": _cmd_train,
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "specs": _cmd_specs,
         "bench": _cmd_bench,
         "data": run_data_command,
+        "plan": run_plan_command,
     }
     try:
         return handlers[args.command](args)

@@ -35,6 +35,8 @@ class Cluster:
     inter_node_latency_us: float
     memory_reserved_gb: float = 4.0
     """Memory not available to the model: CUDA context, allocator fragmentation, NCCL buffers."""
+    hbm_gbps: float = 0.0
+    """Achievable device-memory bandwidth, GB/s (elementwise kernels are bound by it); 0 = ignore."""
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)

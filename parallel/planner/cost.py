@@ -295,7 +295,7 @@ def _flops_per_rank(work: Workload, plan: PlanPoint) -> tuple[float, float, floa
     for att in work.attention:
         q = s_pad / plan.cp if att.q_tokens == work.tokens else att.q_tokens
         kv = s_pad if att.kv_tokens == work.tokens else att.kv_tokens
-        attn += 4.0 * q * kv * att.width / plan.tp
+        attn += 4.0 * q * kv * att.width / plan.tp * (0.5 if att.causal else 1.0)
     fwd_mm, fwd_attn = mm * per_sample, attn * per_sample
     return 3.0 * fwd_mm, 3.0 * fwd_attn, 3.0 * (fwd_mm + fwd_attn)
 
@@ -311,6 +311,23 @@ def _block_share(work: Workload, plan: PlanPoint) -> tuple[float, float]:
     if plan.recompute == "selective":
         return 0.0, attn_fwd
     return 0.0, 0.0
+
+
+ELEMENTWISE_PASSES = 24
+"""Memory passes over a (tokens × width) activation per block, forward + backward: norms (read, write,
+and their backward), adaLN modulation and gates, residual adds, the MLP activation and its gradient, and
+the attention-layout transposes. An estimate from counting the ops of a Llama-style block (×3 for
+backward), not a fitted number; these kernels are bound by HBM bandwidth, not by FLOPs."""
+
+
+def elementwise_seconds(work: Workload, plan: PlanPoint, cluster: Cluster) -> float:
+    """Time of the memory-bound elementwise work per step on one rank (HBM bandwidth)."""
+    if not cluster.hbm_gbps:
+        return 0.0
+    s_pad = padded_tokens(work.tokens, plan)
+    tokens = s_pad / (plan.cp * (plan.tp if plan.sp else 1)) * plan.micro_batch * plan.accumulation
+    nbytes = ELEMENTWISE_PASSES * tokens * (work.hidden or 0) * DTYPE_BYTES[plan.param_dtype] * work.layers
+    return nbytes / (cluster.hbm_gbps * 1e9)
 
 
 # ------------------------------------------------------------------------------------------ communication
@@ -410,7 +427,9 @@ def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
     cost.hardware_flops_per_rank = model + re_mm + re_attn
     eff_mm = cluster.peak_flops * cluster.matmul_efficiency
     eff_attn = cluster.peak_flops * cluster.attention_efficiency
-    cost.compute_s = (mm + re_mm) / eff_mm + (attn + re_attn) / eff_attn
+    cost.compute_s = (
+        (mm + re_mm) / eff_mm + (attn + re_attn) / eff_attn + elementwise_seconds(work, plan, cluster)
+    )
     overlappable = 0.0
     exposed = 0.0
     for axis, kinds in cost.comm.items():

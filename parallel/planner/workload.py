@@ -39,6 +39,8 @@ class AttentionUse:
     kv_tokens: int
     width: int
     self_attention: bool
+    causal: bool = False
+    """Causal masks halve the attention products (megagen's video/audio attention is bidirectional)."""
 
 
 @dataclass(frozen=True)
