@@ -119,7 +119,8 @@ def run_plan_command(args) -> int:
         )
     else:
         sys.stdout.write(
-            f"{cfg.model.spec}/{cfg.model.preset}: {work.num_params / 1e9:.2f} B params, {work.tokens} tokens/sample, "
+            f"{cfg.model.spec}/{cfg.model.preset}: {work.num_params / 1e9:.2f} B params, "
+            f"{work.tokens} tokens/sample, "
             f"global batch {global_batch}, {args.gpus} × {cluster.device} ({cluster.name})\n"
         )
         _print_table(rows, sys.stdout)
