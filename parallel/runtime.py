@@ -123,6 +123,10 @@ class DistributedRuntime(LocalRuntime):
         self.is_logging_rank = self.rank == 0
         self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
         self.state = None
+        from megagen.config.load import config_fingerprint
+        from megagen.parallel.preflight import preflight
+
+        self.preflight = preflight(cfg, config_fingerprint(cfg), self.mesh.axis_groups(), device)
 
     def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
         from megagen.parallel.parallelize import parallelize

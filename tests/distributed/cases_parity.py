@@ -107,3 +107,16 @@ def comm_and_state(overrides: list[str]) -> dict:
     params = sum(nbytes(p) for p in result.model.parameters())
     optim = sum(nbytes(v) for st in result.optimizer.state.values() for v in st.values() if v.dim() > 0)
     return {"comm": result.comm[0], "params": params, "optimizer": optim}
+
+
+def preflight_case(overrides_by_rank: dict) -> str:
+    """Build the runtime with per-rank overrides; return the pre-flight error text ('' if accepted)."""
+    from megagen.config import ConfigError
+    from megagen.parallel.runtime import DistributedRuntime
+
+    cfg = config(overrides_by_rank.get(dist.get_rank(), []), "/tmp/megagen-preflight")
+    try:
+        DistributedRuntime(cfg)
+    except ConfigError as exc:
+        return str(exc)
+    return ""
