@@ -124,7 +124,7 @@ class TrainConfig:
     t_mean: float = opt(0.0, "logit-normal timestep mean", min=None)
     t_std: float = opt(1.0, "logit-normal timestep std", min=0.0)
     log_every: int = opt(1, "print a line every N steps", min=1)
-    step_timeout_s: float = opt(0.0, "a longer step dumps where this rank is stuck and exits; 0 = off", min=0.0)
+    step_timeout_s: float = opt(0.0, "a longer step dumps where it is stuck and exits; 0 = off", min=0.0)
     ema_decay: float = opt(0.0, "decay of an exponential moving average of the weights; 0 = off", min=0.0)
 
 
