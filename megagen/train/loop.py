@@ -201,7 +201,12 @@ class Trainer:
             meter = FlopMeter(cfg, self.spec, runtime)
         profiler = _Profiler(cfg, runtime) if cfg.metrics.profile_steps else None
         losses, norms, last_grads = [], [], None
-        counter = runtime.comm_counter() if cfg.metrics.comm else None
+        counter = runtime.comm_counter() if (cfg.metrics.comm or cfg.train.step_timeout_s > 0) else None
+        watchdog = None
+        if cfg.train.step_timeout_s > 0:
+            from megagen.train.watchdog import StepWatchdog
+
+            watchdog = StepWatchdog(cfg.train.step_timeout_s, runtime.rank, counter)
         comm = [] if counter is not None else None
         stream = iter(self.data.loader)
         try:
@@ -211,6 +216,8 @@ class Trainer:
                     counter.__enter__()
                 if profiler is not None:
                     profiler.before_step(step + 1)
+                if watchdog is not None:
+                    watchdog.step_started(step + 1)
                 t_start = time.perf_counter()
                 step_loss = torch.zeros((), device=runtime.device)
                 wait = 0.0
@@ -244,8 +251,11 @@ class Trainer:
                 extra = {"bucket": req.bucket}
                 if meter is not None:
                     extra.update(meter.step_metrics(batch, global_batch, tokens_per_sample, dt))
+                if watchdog is not None:
+                    watchdog.step_finished()
                 if counter is not None:
                     counter.__exit__(None, None, None)
+                if counter is not None and cfg.metrics.comm:
                     extra["comm_bytes"] = counter.bytes_by_axis()
                     extra["comm_s"] = counter.seconds
                     comm.append(counter.summary())
@@ -275,6 +285,8 @@ class Trainer:
             logger.close()
             if profiler is not None:
                 profiler.close()
+            if watchdog is not None:
+                watchdog.close()
             if counter is not None and counter in _active_modes():
                 counter.__exit__(None, None, None)
         return TrainResult(losses, norms, model, runtime, self.optimizer, last_grads, comm)
