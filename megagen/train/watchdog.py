@@ -44,7 +44,8 @@ class StepWatchdog:
             f"inside collective {where}" if where else "not inside a collective (computing or loading data)"
         )
         return (
-            f"megagen watchdog: rank {self.rank}: step {self._step} has run {time.monotonic() - self._started:.1f}s "
+            f"megagen watchdog: rank {self.rank}: step {self._step} has run "
+            f"{time.monotonic() - self._started:.1f}s "
             f"> train.step_timeout_s={self.timeout_s}; {inside}"
         )
 
