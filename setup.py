@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=_core + _parallel + _kernels,
     package_dir={"megagen.parallel": "parallel", "megagen.kernels": "kernels"},
-    package_data={"megagen.parallel.planner": ["clusters/*.yaml"]},
+    package_data={"megagen.parallel.planner": ["clusters/*.yaml"], "megagen": ["templates/*"]},
     install_requires=[
         "torch>=2.11,<2.15",
         "numpy>=1.24",

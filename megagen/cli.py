@@ -17,6 +17,7 @@ commands:
   config  print the resolved config (YAML + overrides) without running anything
   data    build and inspect latent-shard datasets: synth, pack, check, stats
   plan    predict step time, MFU, communication and memory of parallel layouts and pick one
+  launch  render/submit a SLURM job, or run torchrun locally; doctor: pre-flight check of a launch
   bench   warm up, then time training steps: tokens/s, TFLOP/s, MFU, HFU, memory, data-wait and comm shares
 """
 
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     from megagen.plan_cli import add_plan_command
 
     add_plan_command(sub)
+    from megagen.launch_cli import add_launch_commands
+
+    add_launch_commands(sub)
     b = sub.add_parser(
         "bench",
         help="benchmark training steps",
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from megagen.data.cli import run_data_command
+    from megagen.launch_cli import run_doctor_command, run_launch_command
     from megagen.plan_cli import run_plan_command
 
     handlers = {
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _cmd_bench,
         "data": run_data_command,
         "plan": run_plan_command,
+        "launch": run_launch_command,
+        "doctor": run_doctor_command,
     }
     try:
         return handlers[args.command](args)

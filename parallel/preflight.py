@@ -57,7 +57,7 @@ def rank_facts(config_text: str, read_paths: list[str], write_dirs: list[str]) -
         if not probe or not os.access(probe, os.W_OK):
             unwritable.append(d)
     return RankFacts(
-        rank=dist.get_rank(),
+        rank=dist.get_rank() if dist.is_initialized() else 0,
         host=os.uname().nodename,
         config_hash=hashlib.sha256(config_text.encode()).hexdigest()[:16],
         code_version=code_version(),
