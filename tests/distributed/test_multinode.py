@@ -55,6 +55,7 @@ def test_two_nodes_over_loopback_match_one_process(tmp_path):
                 "megagen",
                 "train",
                 "examples/configs/video_tiny.yaml",
+                *MESH,
                 *OVERRIDES,
                 f"run.dir={run_dir}",
             ],

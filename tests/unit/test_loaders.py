@@ -20,7 +20,7 @@ ENCODERS = {"ul2": TextEncoderInfo(dim=6, max_len=5), "byt5": TextEncoderInfo(di
 # bucket → (latent shape, samples, shards, global batch, micro batch): an image bucket with big micro-batches,
 # video buckets with small ones, different shapes, several shards per bucket.
 BUCKETS = {
-    "t1_h4_w6": ((4, 1, 4, 6), 24, 3, 6, 3),
+    "t1_h48_w64": ((4, 1, 48, 64), 24, 3, 6, 3),  # 3 × 12,288 values: torch casts them in parallel
     "t3_h4_w4": ((4, 3, 4, 4), 10, 2, 2, 2),
     "t2_h2_w4": ((4, 2, 2, 4), 7, 1, 2, 1),
 }
