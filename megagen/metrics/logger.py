@@ -33,6 +33,7 @@ class MetricsLogger:
         log_every: int = 1,
         stream=None,
         resume: bool = False,
+        resume_step: int = 0,
     ):
         self.total, self.log_every = total_steps, log_every
         self.stream = stream or sys.stdout
@@ -47,7 +48,10 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a" if resume else "w", encoding="utf-8")
+            path = run_dir / "metrics.jsonl"
+            if resume and path.exists():
+                _truncate_after(path, resume_step)
+            self._jsonl = open(path, "a" if resume else "w", encoding="utf-8")
         if tensorboard:
             self._tb = _open_tensorboard(run_dir / "tb")
         self._t0 = time.perf_counter()
@@ -88,6 +92,22 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps after `step`: a run resumed from a checkpoint logs those steps again, and every
+    step must appear exactly once."""
+    kept = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _open_tensorboard(path: Path):

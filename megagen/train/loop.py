@@ -188,6 +188,7 @@ class Trainer:
             cfg.metrics.progress,
             cfg.train.log_every,
             resume=self.step > 0,
+            resume_step=self.step,
         )
         evaluator = None
         if cfg.eval.path and cfg.eval.every:

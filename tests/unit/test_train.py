@@ -102,3 +102,20 @@ def test_on_error_skip_counts_a_corrupt_sample_and_trains_on(tmp_path):
     cfg.data.on_error = "fail"
     with pytest.raises(Exception, match="shard-00000"):
         train(cfg)
+
+
+def test_resumed_metrics_log_every_step_once(tmp_path):
+    from megagen.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path, 5, tensorboard=False, progress="none")
+    for step in range(1, 5):  # steps 1-4 logged, then the job dies; the checkpoint was at step 2
+        first.log(step, {"loss": float(step)})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss"')  # a line cut short by the crash
+    second = MetricsLogger(tmp_path, 5, tensorboard=False, progress="none", resume=True, resume_step=2)
+    for step in range(3, 6):
+        second.log(step, {"loss": float(step)})
+    second.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
