@@ -13,7 +13,8 @@ DESCRIPTION = """megagen: train Movie-Gen-class media foundation models with 3D 
 
 commands:
   train   train a model from a YAML config with dotted key=value overrides (single process or torchrun)
-  specs   list the registered model specs and their presets
+  specs   list the registered model specs, their presets and parameter counts
+  sample  generate latents from prompt embeddings (CKPT|CONFIG)
   config  print the resolved config (YAML + overrides) without running anything
   data    build and inspect latent-shard datasets: synth, pack, check, stats
   plan    predict step time, MFU, communication and memory of parallel layouts and pick one
@@ -43,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument(
             "overrides", metavar="OVERRIDE", nargs="*", help="dotted overrides, e.g. train.steps=5"
         )
-    sub.add_parser("specs", help="list registered model specs", description="List registered model specs.")
+    from megagen.sample import add_sample_command
+    from megagen.specs.cli import add_specs_commands
+
+    add_specs_commands(sub)
+    add_sample_command(sub)
     from megagen.data.cli import add_data_commands
 
     add_data_commands(sub)
@@ -97,15 +102,6 @@ def _cmd_config(args) -> int:
     return 0
 
 
-def _cmd_specs(args) -> int:
-    from megagen.specs import list_specs
-
-    for name, spec in list_specs().items():
-        doc = (type(spec).__doc__ or "").strip().splitlines()[0]
-        print(f"{name:12s} presets: {', '.join(spec.presets)}  — {doc}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = _parser()
@@ -116,11 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     from megagen.data.cli import run_data_command
     from megagen.launch_cli import run_doctor_command, run_launch_command
     from megagen.plan_cli import run_plan_command
+    from megagen.sample import run_sample_command
+    from megagen.specs.cli import run_specs_command
 
     handlers = {
         "train": _cmd_train,
         "config": _cmd_config,
-        "specs": _cmd_specs,
+        "specs": run_specs_command,
+        "sample": run_sample_command,
         "bench": _cmd_bench,
         "data": run_data_command,
         "plan": run_plan_command,

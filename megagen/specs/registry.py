@@ -37,7 +37,14 @@ def _load_builtins() -> None:
             if exc.name != mod:
                 raise
     for ep in entry_points(group="megagen.specs"):
-        obj = ep.load()
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plug-in must not take every megagen command down with it
+            dist = getattr(ep, "dist", None)
+            who = f"{dist.name} {dist.version}" if dist is not None else ep.value
+            raise ConfigError(
+                "model.spec", f"plug-in spec {ep.name!r} from {who} failed to import: {exc}"
+            ) from exc
         register_spec(obj() if isinstance(obj, type) else obj)
 
 

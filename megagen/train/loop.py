@@ -16,6 +16,7 @@ import torch
 
 from megagen.config import Config, ConfigError, save_config
 from megagen.metrics import MetricsLogger
+from megagen.parallel.plan_check import check_plan
 from megagen.specs import get_spec
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
@@ -84,7 +85,9 @@ def build_model(cfg: Config, spec, runtime):
     torch.manual_seed(cfg.run.seed)
     model = spec.build(cfg)
     spec.init_weights(model, cfg)
-    return runtime.parallelize(model.to(runtime.device), spec.parallel_plan(cfg), cfg)
+    plan = spec.parallel_plan(cfg)
+    check_plan(model, plan, cfg.parallel.tp, spec.name)
+    return runtime.parallelize(model.to(runtime.device), plan, cfg)
 
 
 class _Profiler:
