@@ -8,11 +8,14 @@ DALI's python worker processes. Batch mode accepts a different batch size and sh
 their own micro-batch sizes and latent shapes share one pipeline.
 
 The worker runs the torch loader's `read_request` (`reader.to_model_batch`; with `data.on_error=skip`
-placeholder rows and `sample_valid`), so keys, dtypes and values equal the torch loader's by construction,
-and hands DALI the model's arrays. The main process copies each output into a torch tensor with DALI's
-torch plugin (`feed_ndarray`) and logs skipped samples. With `device_id` set the outputs go `.gpu()`
-inside the pipeline (DALI's pinned staging and host-to-device copy) and land in CUDA tensors: written for
-GPUs, untested on the CPU-only machine.
+placeholder rows and `sample_valid`), so keys, dtypes and values equal the torch loader's by construction.
+It hands DALI either the whole micro-batch packed into one byte buffer (a one-sample DALI batch: one
+output, one copy, one host-to-device transfer; the default for batches up to `PACK_LIMIT`, where the
+per-output cost dominates) or one output per field (large batches: saves the packing copy). The main
+process copies the outputs into torch tensors with DALI's torch plugin (`feed_ndarray`), unpacks views
+and logs skipped samples. With `device_id` set the outputs go `.gpu()` inside the pipeline (DALI's pinned
+staging and host-to-device copy) and land in CUDA tensors: written for GPUs, untested on the CPU-only
+machine.
 
 Worker start: `py_start_method="fork"` (default on CPU) is fast but must happen before CUDA is initialised
 in the process; `"spawn"` (default when `device_id` is set) re-imports the main module in every worker, so
@@ -30,32 +33,47 @@ import numpy as np
 import torch
 
 from megagen.data.contract import MicroBatchRequest
-from megagen.data.loader_torch import SAMPLE_VALID, read_request, report_skipped
+from megagen.data.loader_torch import (
+    SAMPLE_VALID,
+    FieldSpec,
+    field_specs,
+    pack_batch,
+    pack_layout,
+    read_request,
+    report_skipped,
+    unpack_batch,
+)
 
 log = logging.getLogger("megagen")
 
+PACK_LIMIT = 16 << 20
+"""Pack micro-batches into one buffer when the largest one is at most this many bytes."""
+
 
 class BatchSource:
-    """DALI's external-source callback: batch `info.iteration` = request i as arrays in `keys` order.
+    """DALI's external-source callback: batch `info.iteration` = request i, either packed (a one-sample
+    batch holding the packed micro-batch) or as one array per field in `keys` order.
 
     Picklable (reader and indexable requests are), deterministic, stateless between calls: any worker may
     compute any batch. Raises StopIteration past the last request, which ends DALI's epoch.
     """
 
-    def __init__(self, reader, requests, keys: tuple[str, ...]):
-        self.reader, self.requests, self.keys = reader, requests, tuple(keys)
+    def __init__(self, reader, requests, keys: tuple[str, ...], pack: bool = False):
+        self.reader, self.requests, self.keys, self.pack = reader, requests, tuple(keys), pack
         self._owner, self._configured = os.getpid(), None
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         if self._configured != os.getpid() and os.getpid() != self._owner:
             # A forked worker must not enter the parent's intra-op thread pool (it hangs in the first
             # parallel torch op, e.g. the fp16 → fp32 cast): one thread, as DataLoader workers do.
-            pass  # torch.set_num_threads(1)
+            torch.set_num_threads(1)
             self._configured = os.getpid()
         i = info.iteration
         if i >= len(self.requests):
             raise StopIteration
         batch, _ = read_request(self.reader, self.requests[i])  # the main process logs skipped samples
+        if self.pack:
+            return (pack_batch(batch).numpy()[None],)
         return tuple(np.ascontiguousarray(batch[k].numpy()) for k in self.keys)
 
 
@@ -72,9 +90,10 @@ class DaliLoader:
     into a list. `num_threads`: DALI CPU threads. `prefetch_queue_depth`: batches DALI computes ahead (the
     pipeline's and the external source's queue). `py_num_workers`: python worker processes reading shards
     (0 = the callback runs in the main thread, `parallel=False`). `device_id`: None = CPU pipeline, else the
-    GPU the batches land on. `max_batch_size`: default the largest micro-batch among the requests.
-    `bytes_per_sample_hint`: initial shared-memory slot size per sample; default the largest sample.
-    `skipped`: samples skipped so far (`data.on_error=skip`; each logged, as in `TorchLoader`).
+    GPU the batches land on. `pack`: hand each micro-batch over as one buffer (None = when the largest is
+    at most `PACK_LIMIT` bytes). `bytes_per_sample_hint`: initial shared-memory slot per DALI sample
+    (default: the largest packed batch, or the largest sample). `skipped`: samples skipped so far
+    (`data.on_error=skip`; each logged, as in `TorchLoader`).
     """
 
     def __init__(
@@ -86,7 +105,7 @@ class DaliLoader:
         py_num_workers: int = 1,
         device_id: int | None = None,
         py_start_method: str | None = None,
-        max_batch_size: int | None = None,
+        pack: bool | None = None,
         bytes_per_sample_hint: int | None = None,
     ):
         self.reader = reader
@@ -94,9 +113,18 @@ class DaliLoader:
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
         self.py_num_workers, self.device_id = py_num_workers, device_id
         self.py_start_method = py_start_method or ("fork" if device_id is None else "spawn")
-        self.max_batch_size = max_batch_size or max((len(r.sample_ids) for r in self.requests), default=1)
-        self.keys, sample_bytes = self._probe()
-        self.bytes_per_sample_hint = bytes_per_sample_hint or sample_bytes
+        micro: dict[str, int] = {}
+        for r in self.requests:
+            if r.sample_ids:
+                micro[r.bucket] = max(micro.get(r.bucket, 0), len(r.sample_ids))
+        self.specs = self._probe(micro)
+        """Per bucket: (key, dtype, per-sample shape) of every batch field."""
+        self.keys = tuple(k for k, _, _ in next(iter(self.specs.values()), ()))
+        packed_bytes = max((pack_layout(self.specs[b], n)[1] for b, n in micro.items()), default=1)
+        self.pack = packed_bytes <= PACK_LIMIT if pack is None else pack
+        self.max_batch_size = 1 if self.pack else max(micro.values(), default=1)
+        sample_bytes = max((pack_layout(specs, 1)[1] for specs in self.specs.values()), default=1)
+        self.bytes_per_sample_hint = bytes_per_sample_hint or (packed_bytes if self.pack else sample_bytes)
         self.skipped = 0
         self._pipe = None
         self._fresh = False  # the pipeline sits at the start of its epoch
@@ -108,16 +136,14 @@ class DaliLoader:
     def device(self) -> torch.device:
         return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
 
-    def _probe(self) -> tuple[tuple[str, ...], int]:
-        """The batch keys and the largest sample's bytes, from one sample of each bucket the requests use."""
+    def _probe(self, buckets) -> dict[str, tuple[FieldSpec, ...]]:
+        """Each bucket's batch fields, from one sample of it (the same for every sample of a bucket)."""
         first = {r.bucket: r.sample_ids[0] for r in self.requests if r.sample_ids}
-        keys: tuple[str, ...] = ()
-        nbytes = 1
-        for bucket, sample_id in first.items():
-            one, _ = read_request(self.reader, MicroBatchRequest(0, 0, bucket, (sample_id,), (0,), 1))
-            keys = keys or tuple(one)
-            nbytes = max(nbytes, sum(t.numel() * t.element_size() for t in one.values()))
-        return keys, nbytes
+        specs = {}
+        for bucket in buckets:
+            one, _ = read_request(self.reader, MicroBatchRequest(0, 0, bucket, (first[bucket],), (0,), 1))
+            specs[bucket] = field_specs(one)
+        return specs
 
     # ------------------------------------------------------------------ pipeline
     def _build(self):
@@ -133,7 +159,7 @@ class DaliLoader:
             py_num_workers=max(self.py_num_workers, 1),
             py_start_method=self.py_start_method,
         )
-        source = BatchSource(self.reader, self.requests, self.keys)
+        source = BatchSource(self.reader, self.requests, self.keys, self.pack)
         kwargs = {}
         if parallel:
             kwargs = {
@@ -141,9 +167,9 @@ class DaliLoader:
                 "bytes_per_sample_hint": self.bytes_per_sample_hint,
             }
         with pipe:
-            outs = fn.external_source(
+            outs = fn.external_source(  # batch mode: the batch size may change on every iteration
                 source=source,
-                num_outputs=len(self.keys),
+                num_outputs=1 if self.pack else len(self.keys),
                 parallel=parallel,
                 batch=True,
                 batch_info=True,
@@ -194,7 +220,11 @@ class DaliLoader:
 
     def _batch(self, request: MicroBatchRequest, outputs) -> dict[str, torch.Tensor]:
         """DALI's outputs of `request` → the batch of torch tensors; logs and counts skipped samples."""
-        batch = {k: self._to_torch(t) for k, t in zip(self.keys, outputs)}
+        if self.pack:
+            buf = self._to_torch(outputs[0])[0]
+            batch = unpack_batch(buf, self.specs[request.bucket], len(request.sample_ids))
+        else:
+            batch = {k: self._to_torch(t) for k, t in zip(self.keys, outputs)}
         valid = batch.get(SAMPLE_VALID)
         if valid is not None and not bool(valid.all()):
             missing = [i for i, ok in zip(request.sample_ids, valid.tolist()) if not ok]
@@ -221,6 +251,8 @@ class DaliLoader:
                 raise data_error from exc
 
     def __iter__(self) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
+        if not len(self.requests):
+            return
         if self._pipe is not None and not self._fresh:
             self.close()  # a previous pass stopped early with batches of it queued in DALI: start over
         self.start()

@@ -3,7 +3,9 @@
 A `torch.utils.data.DataLoader` over a map-style dataset whose index is a whole `MicroBatchRequest`
 (`batch_size=None`, the sampler yields the requests), so one worker reads one micro-batch and the
 DataLoader's in-order delivery keeps the request order for any number of workers. With `num_workers=0`
-the main process reads. On CUDA the batch is pinned by the DataLoader and copied with `non_blocking=True`.
+the main process reads. A worker packs the batch into one buffer allocated in shared memory (one segment
+per micro-batch, not one per field); the main process unpacks views. On CUDA the DataLoader pins that
+buffer, it is copied with `non_blocking=True` in one piece and unpacked on the GPU.
 
 Worker processes start with the platform's default method (fork on Linux); the reader re-opens its
 memory maps lazily in each worker.
@@ -12,10 +14,12 @@ memory maps lazily in each worker.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from megagen.data.contract import MicroBatchRequest
 
@@ -60,6 +64,64 @@ def read_request(reader, request: MicroBatchRequest) -> tuple[dict[str, torch.Te
     return batch, [str(e) for e in skipped]
 
 
+# ------------------------------------------------------------------------------------------------ packing
+# A worker hands a batch over as ONE byte buffer: one shared-memory segment (torch) or one DALI output per
+# micro-batch instead of one per field, and one host-to-device copy. Its layout follows from each field's
+# (key, dtype, per-sample shape) and the batch size, so either side can compute it.
+
+PACK_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class PackedField:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+FieldSpec = tuple[str, torch.dtype, tuple[int, ...]]
+"""(key, dtype, per-sample shape) of one batch field."""
+
+
+def field_specs(batch: dict[str, torch.Tensor]) -> tuple[FieldSpec, ...]:
+    return tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in batch.items())
+
+
+def pack_layout(specs: tuple[FieldSpec, ...], n: int) -> tuple[tuple[PackedField, ...], int]:
+    """Where each field of an `n`-sample batch sits in the packed buffer, and the buffer's size."""
+    fields, offset = [], 0
+    for key, dtype, shape in specs:
+        nbytes = n * math.prod(shape) * dtype.itemsize
+        fields.append(PackedField(key, dtype, (n, *shape), offset, nbytes))
+        offset += -(-nbytes // PACK_ALIGN) * PACK_ALIGN
+    return tuple(fields), offset
+
+
+def pack_batch(batch: dict[str, torch.Tensor], shared: bool = False) -> torch.Tensor:
+    """The batch as one uint8 buffer (`shared`: allocated in shared memory, for a worker to hand over)."""
+    n = len(next(iter(batch.values())))
+    layout, size = pack_layout(field_specs(batch), n)
+    if shared and hasattr(torch.UntypedStorage, "_new_shared"):  # no copy, unlike share_memory_()
+        buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+    elif shared:
+        buf = torch.empty(size, dtype=torch.uint8).share_memory_()
+    else:
+        buf = torch.empty(size, dtype=torch.uint8)
+    for f in layout:
+        buf[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape).copy_(batch[f.key])
+    return buf
+
+
+def unpack_batch(buf: torch.Tensor, specs: tuple[FieldSpec, ...], n: int) -> dict[str, torch.Tensor]:
+    """Views of the fields of an `n`-sample packed batch (on the buffer's device)."""
+    layout, size = pack_layout(specs, n)
+    if buf.numel() != size:
+        raise RuntimeError(f"packed batch of {buf.numel()} bytes, expected {size} for {n} samples of {specs}")
+    return {f.key: buf[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape) for f in layout}
+
+
 def report_skipped(request: MicroBatchRequest, reasons) -> None:
     for reason in reasons:
         log.warning("data.on_error=skip: step %d micro %d: skipped %s", request.step, request.micro, reason)
@@ -72,7 +134,10 @@ class _RequestDataset(Dataset):
         self.reader = reader
 
     def __getitem__(self, request: MicroBatchRequest):
-        return (request, *read_request(self.reader, request))
+        batch, skipped = read_request(self.reader, request)
+        if get_worker_info() is None:  # read in the main process: nothing to hand over
+            return request, batch, None, skipped
+        return request, pack_batch(batch, shared=True), field_specs(batch), skipped
 
 
 def _as_is(item):
@@ -122,13 +187,18 @@ class TorchLoader:
         non_blocking = self.device.type == "cuda"
         batches = iter(self._dataloader())
         try:
-            for request, batch, skipped in batches:
+            for request, data, specs, skipped in batches:
                 if skipped:
                     self.skipped += len(skipped)
                     report_skipped(request, skipped)
+                if specs is None:  # a dict of tensors, read here
+                    if self.device.type != "cpu":
+                        data = {k: v.to(self.device, non_blocking=non_blocking) for k, v in data.items()}
+                    yield request, data
+                    continue
                 if self.device.type != "cpu":
-                    batch = {k: v.to(self.device, non_blocking=non_blocking) for k, v in batch.items()}
-                yield request, batch
+                    data = data.to(self.device, non_blocking=non_blocking)
+                yield request, unpack_batch(data, specs, len(request.sample_ids))
         finally:  # stop the workers now, not when a traceback holding this frame is collected
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,7 +126,7 @@ def test_dali_loader_matches_torch_loader(dataset, reference):
 
     # One pipeline for every assertion (DALI's worker start is the slow part).
     with DaliLoader(ShardReader(dataset), request_plan(), num_threads=2, py_num_workers=2) as loader:
-        assert loader.max_batch_size == 3
+        assert loader.pack and loader.max_batch_size == 1  # small batches travel packed in one buffer
         assert_same(collect(loader), reference)
         assert_same(collect(loader), reference)  # a second pass rewinds to request 0
         partial = next(iter(loader))  # a pass abandoned early ...
@@ -132,6 +134,28 @@ def test_dali_loader_matches_torch_loader(dataset, reference):
         assert_same(collect(loader), reference)  # ... does not leak its queued batches into the next one
         assert loader.skipped == 0
         assert loader.shm_statistics()["capacities"]
+    # One output per field: DALI's batch size follows the micro-batch size of each request's bucket.
+    with DaliLoader(ShardReader(dataset), request_plan(), py_num_workers=1, pack=False) as loader:
+        assert loader.max_batch_size == 3
+        assert_same(collect(loader), reference)
+
+
+def _threads_in_child(source):
+    source(SimpleNamespace(iteration=0))
+    return torch.get_num_threads()
+
+
+def test_dali_source_runs_single_threaded_in_a_forked_worker(dataset):
+    """A forked worker entering the parent's intra-op pool hangs in its first parallel cast (the image
+    bucket's batches above are big enough to take that path): the source must drop to one thread."""
+    from megagen.data.loader_dali import BatchSource
+
+    source = BatchSource(ShardReader(dataset), request_plan(), ("latents",))
+    threads = torch.get_num_threads()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_threads_in_child, (source,)) == 1
+    source(SimpleNamespace(iteration=0))  # in the process that built it: leaves the threads alone
+    assert torch.get_num_threads() == threads
 
 
 def _skip_plan():
@@ -154,6 +178,8 @@ def _loaders(path, on_error):
         from megagen.data.loader_dali import DaliLoader
 
         yield "dali", DaliLoader(ShardReader(path, on_error=on_error), _skip_plan(), py_num_workers=1)
+        reader = ShardReader(path, on_error=on_error)
+        yield "dali-fields", DaliLoader(reader, _skip_plan(), py_num_workers=1, pack=False)
 
 
 def test_skip_puts_placeholders_logs_and_counts(bad_dataset, caplog):

@@ -1,0 +1,413 @@
+"""Shard loaders vs the raw read speed of the shard files, side by side, and the data-wait share of a step.
+
+For each case — (a) the video_tiny shapes (three buckets, micro-batch 8) and (b) Movie Gen's 768 px, 16 s
+latent (16×32×96×96 fp16 = 9.4 MB, 73,728 tokens per sample) — it writes a synthetic dataset with
+`megagen.data.synth` (reused when present), then measures over one request stream (one rank, one epoch):
+
+- raw sequential: every shard file read start to end (`readinto`, 16 MB chunks);
+- raw memmap random: every sample of the request stream copied out of the memory map, in request order;
+- the torch loader (main process, and worker processes) and the DALI loader (python workers): iterate all
+  requests, batches ready as the training loop gets them (fp32, `reader.to_model_batch`).
+
+MB/s counts stored bytes (fp16 latents + text) per second for every row, so ratios compare like with like.
+Each case runs with a warm page cache (files read once before; best of `--repeat`) and, when
+`/proc/sys/vm/drop_caches` works here (checked through /proc/meminfo), cold (caches dropped before each row).
+DALI's worker start is reported apart and not counted in its throughput.
+
+`reader.read_batch` is the reader's part of every loader's work (stacking the rows, the NaN/inf check),
+before `to_model_batch` (fp16 → fp32) and the hand-over between processes.
+
+The data-wait share: the tiny video model trains on the video_tiny stream (forward, backward, AdamW);
+wait = time blocked in the loader's `next()`, share = wait / (wait + compute), with loader workers
+competing with the step for the same CPU cores. The loaders take turns (rounds) so that noise from other
+work on the machine hits all of them alike.
+
+    python benchmarks/data_loaders.py [--root /tmp/megagen-bench] [--moviegen-samples 128] [--repeat 2]
+
+DALI's python workers fork (CPU) or spawn (GPU) and re-import this file: keep the `__main__` guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megagen.data.format import MANIFEST_NAME
+from megagen.data.loader_torch import TorchLoader
+from megagen.data.loaders import dali_available
+from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
+from megagen.data.shards import ShardReader
+from megagen.data.synth import synth
+
+
+@dataclass
+class Case:
+    name: str
+    buckets: str | None
+    """Bucket list for `synth` (None = the video_tiny preset's three buckets)."""
+    samples: int
+    micro: int
+
+
+@dataclass
+class Row:
+    case: str
+    cache: str
+    method: str
+    seconds: float
+    samples: int
+    nbytes: int
+    note: str = ""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e6
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+def ensure_dataset(root: str, case: Case) -> str:
+    path = os.path.join(root, case.name)
+    manifest = os.path.join(path, MANIFEST_NAME)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            if sum(b["samples"] for b in json.load(f)["buckets"]) == case.samples:
+                return path
+    t = time.perf_counter()
+    synth(path, "video_tiny", samples=case.samples, buckets=case.buckets, seed=0)
+    print(f"  wrote {path} in {time.perf_counter() - t:.1f}s")
+    return path
+
+
+def shard_files(reader: ShardReader) -> list[str]:
+    return [os.path.join(reader.path, *s.file.split("/")) for b in reader.buckets.values() for s in b.shards]
+
+
+def sample_bytes(reader: ShardReader) -> dict[str, int]:
+    fields = reader.manifest.fields
+    return {
+        name: sum(math.prod(shape) * np.dtype(fields[k].dtype).itemsize for k, shape in shapes.items())
+        for name, shapes in ((b, reader.sample_shapes(b)) for b in reader.buckets)
+    }
+
+
+def request_plan(reader: ShardReader, micro: int, seed: int = 0) -> RequestPlan:
+    """One epoch's worth of steps of one rank (dp=1): global batch = micro-batch = `micro`."""
+    plans = [BucketPlan(name, b.samples, micro, micro) for name, b in reader.buckets.items()]
+    steps = sum(p.size // micro for p in plans)
+    return RequestPlan(BucketSampler(plans, seed), steps, dp_rank=0, dp_size=1)
+
+
+# ------------------------------------------------------------------------------------------------ page cache
+def cached_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def can_drop_caches(files: list[str]) -> bool:
+    """Warm the files, drop caches, and check that the page cache shrank by most of their size."""
+    total = sum(os.path.getsize(p) for p in files)
+    read_files(files)
+    before = cached_bytes()
+    if not drop_caches():
+        return False
+    return before - cached_bytes() >= 0.8 * total
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def read_files(files: list[str]) -> int:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    total = 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def raw_sequential(reader, plan, sizes, files) -> tuple[float, int, int, str]:
+    t = time.perf_counter()
+    nbytes = read_files(files)
+    dt = time.perf_counter() - t
+    samples = sum(b.samples for b in reader.buckets.values())
+    return dt, samples, nbytes, f"{len(files)} files"
+
+
+def raw_memmap_random(reader, plan, sizes, files) -> tuple[float, int, int, str]:
+    raw = ShardReader(reader.path, verify="none", check_finite=False)
+    samples = nbytes = 0
+    t = time.perf_counter()
+    for req in plan:
+        for i in req.sample_ids:
+            for v in raw.read(req.bucket, i).values():
+                nbytes += np.array(v).nbytes
+            samples += 1
+    return time.perf_counter() - t, samples, nbytes, "np.array(view) per field"
+
+
+def reader_batches(reader, plan, sizes, files) -> tuple[float, int, int, str]:
+    """What every loader does first: `read_batch` (stack the memory-mapped rows, NaN/inf check)."""
+    samples = nbytes = 0
+    t = time.perf_counter()
+    for req in plan:
+        arrays = reader.read_batch(req.bucket, list(req.sample_ids))
+        samples += len(arrays["latents"])
+        nbytes += sum(a.nbytes for a in arrays.values())
+    return time.perf_counter() - t, samples, nbytes, "no loader: the reader's share of a loader's work"
+
+
+def run_loader(loader, sizes) -> tuple[float, int, int]:
+    samples = nbytes = 0
+    t = time.perf_counter()
+    for req, batch in loader:
+        n = len(batch["latents"])
+        samples += n
+        nbytes += n * sizes[req.bucket]
+    return time.perf_counter() - t, samples, nbytes
+
+
+def torch_loader(workers: int):
+    def method(reader, plan, sizes, files):
+        dt, samples, nbytes = run_loader(TorchLoader(reader, plan, num_workers=workers, prefetch=2), sizes)
+        return dt, samples, nbytes, f"{workers} workers"
+
+    return method
+
+
+def dali_loader(workers: int, threads: int):
+    def method(reader, plan, sizes, files):
+        from megagen.data.loader_dali import DaliLoader
+
+        loader = DaliLoader(reader, plan, num_threads=threads, prefetch_queue_depth=2, py_num_workers=workers)
+        t = time.perf_counter()
+        loader.start()
+        start = time.perf_counter() - t
+        dt, samples, nbytes = run_loader(loader, sizes)
+        shm = sum(loader.shm_statistics().get("capacities", [])) / 2**20
+        loader.close()
+        return dt, samples, nbytes, f"{threads} threads; worker start {start:.2f}s; shm {shm:.0f} MB"
+
+    return method
+
+
+def methods(workers: int, threads: int) -> dict:
+    out = {
+        "raw sequential": raw_sequential,
+        "raw memmap random": raw_memmap_random,
+        "reader.read_batch": reader_batches,
+        "torch loader (main proc)": torch_loader(0),
+        f"torch loader ({workers} workers)": torch_loader(workers),
+    }
+    if dali_available():
+        out[f"DALI loader ({workers} workers)"] = dali_loader(workers, threads)
+    return out
+
+
+def measure_case(case: Case, root: str, repeat: int, cold: bool, workers: int, threads: int) -> list[Row]:
+    path = ensure_dataset(root, case)
+    reader = ShardReader(path)
+    plan, sizes, files = request_plan(reader, case.micro), sample_bytes(reader), shard_files(reader)
+    rows = []
+    for cache in ("warm", "cold") if cold else ("warm",):
+        if cache == "warm":
+            read_files(files)
+        for method, fn in methods(workers, threads).items():
+            best = None
+            for _ in range(repeat if cache == "warm" else 1):
+                if cache == "cold":
+                    drop_caches()
+                reader = ShardReader(path)  # fresh memory maps
+                dt, samples, nbytes, note = fn(reader, plan, sizes, files)
+                if best is None or dt < best.seconds:
+                    best = Row(case.name, cache, method, dt, samples, nbytes, note)
+            rows.append(best)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ data wait
+def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, warmup: int = 3) -> dict:
+    """Train the tiny model on each loader's stream, `steps` steps per loader per round, loaders taking
+    turns so that machine noise hits all alike. Per loader: median compute ms, mean wait ms, share."""
+    from megagen.config import load_config
+    from megagen.specs import get_spec
+    from megagen.train.objective import draw_for_samples, flow_matching_micro_step
+
+    cfg = load_config(
+        "examples/configs/video_tiny.yaml",
+        ["metrics.tensorboard=false", "metrics.jsonl=false", "metrics.progress=none"],
+    )
+    spec = get_spec("video")
+    torch.manual_seed(0)
+    model = spec.build(cfg)
+    spec.init_weights(model, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    reader = ShardReader(path)
+    streams, times = {}, {}
+    for name, make in loaders.items():
+        plan = request_plan(reader, micro)
+        plan.requests = plan.requests[: warmup + rounds * steps]
+        loader = make(reader, plan)
+        if hasattr(loader, "start"):
+            loader.start()
+        streams[name], times[name] = (loader, iter(loader)), ([], [])
+
+    def train_steps(name: str, n: int, record: bool) -> None:
+        stream = streams[name][1]
+        for _ in range(n):
+            t0 = time.perf_counter()
+            req, batch = next(stream)
+            t1 = time.perf_counter()
+            shape = tuple(batch["latents"].shape[1:])
+            draws = draw_for_samples(cfg, spec, req.step, list(req.positions), shape)
+            loss_sum, _, tokens = flow_matching_micro_step(cfg, spec, model, batch, draws)
+            (loss_sum / (len(req.sample_ids) * tokens)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if record:
+                times[name][0].append(t1 - t0)
+                times[name][1].append(time.perf_counter() - t1)
+
+    for name in loaders:
+        train_steps(name, warmup, record=False)
+    for _ in range(rounds):
+        for name in loaders:
+            train_steps(name, steps, record=True)
+    out = {}
+    for name, (loader, stream) in streams.items():
+        for _ in stream:
+            pass
+        if hasattr(loader, "close"):
+            loader.close()
+        waits, computes = times[name]
+        out[name] = {
+            "step_ms": 1e3 * statistics.median(computes),
+            "wait_ms": 1e3 * statistics.mean(waits),
+            "wait_p90_ms": 1e3 * sorted(waits)[int(0.9 * (len(waits) - 1))],
+            "share": sum(waits) / (sum(waits) + sum(computes)),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def print_table(rows: list[Row]) -> None:
+    raw = {(r.case, r.cache, r.method): r for r in rows if r.method.startswith("raw")}
+    head = (
+        f"{'case':<20} {'cache':<5} {'method':<27} {'samples/s':>10} {'MB/s':>8} "
+        f"{'/raw seq':>8} {'/raw rand':>9}  note"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        seq, rnd = raw[(r.case, r.cache, "raw sequential")], raw[(r.case, r.cache, "raw memmap random")]
+        print(
+            f"{r.case:<20} {r.cache:<5} {r.method:<27} {r.samples_per_s:>10.0f} {r.mb_per_s:>8.0f} "
+            f"{r.mb_per_s / seq.mb_per_s:>8.2f} {r.mb_per_s / rnd.mb_per_s:>9.2f}  {r.note}"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default="/tmp/megagen-bench", help="where the datasets are written (reused)")
+    p.add_argument("--tiny-samples", type=int, default=3072)
+    p.add_argument("--moviegen-samples", type=int, default=128)
+    p.add_argument("--moviegen-micro", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2, help="warm-cache repeats (best is kept)")
+    p.add_argument("--workers", type=int, default=2, help="loader worker processes (torch and DALI)")
+    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--wait-rounds", type=int, default=5, help="data-wait: rounds of turns")
+    p.add_argument("--wait-steps", type=int, default=20, help="data-wait: steps per loader per round")
+    p.add_argument("--cases", default="video_tiny,moviegen_768px_16s")
+    args = p.parse_args()
+
+    cases = {
+        "video_tiny": Case("video_tiny", None, args.tiny_samples, 8),
+        "moviegen_768px_16s": Case(
+            "moviegen_768px_16s", "t32_h96_w96", args.moviegen_samples, args.moviegen_micro
+        ),
+    }
+    chosen = [cases[c] for c in args.cases.split(",")]
+    cpus = len(os.sched_getaffinity(0))
+    dali = "not installed"
+    if dali_available():
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    load = os.getloadavg()[0]
+    threads = torch.get_num_threads()
+    print(f"machine: {cpus} CPU cores (1-min load {load:.1f}), torch {torch.__version__} ({threads} threads)")
+    print(f"DALI: {dali}")
+    os.makedirs(args.root, exist_ok=True)
+    for case in chosen:
+        ensure_dataset(args.root, case)
+    probe = shard_files(ShardReader(os.path.join(args.root, chosen[-1].name)))
+    cold = can_drop_caches(probe)
+    state = "works: cold rows are real" if cold else "does not work here: warm only"
+    print(f"page cache: drop_caches {state}")
+    disk = subprocess.run(["df", "-h", args.root], capture_output=True, text=True).stdout.splitlines()[-1]
+    print(f"disk: {disk}")
+
+    rows = []
+    for case in chosen:
+        reader = ShardReader(os.path.join(args.root, case.name))
+        sizes = sample_bytes(reader)
+        plan = request_plan(reader, case.micro)
+        desc = ", ".join(f"{b} {reader.buckets[b].samples}×{sizes[b] / 1e6:.3f} MB" for b in reader.buckets)
+        print(f"\n[{case.name}] micro-batch {case.micro}, {len(plan)} requests: {desc}")
+        rows += measure_case(case, args.root, args.repeat, cold, args.workers, args.threads)
+    print()
+    print_table(rows)
+
+    if "video_tiny" in args.cases:
+        rounds, steps, w = args.wait_rounds, args.wait_steps, args.workers
+        print(
+            f"\ndata-wait share of a video_tiny training step (tiny model, micro-batch 8, warm cache; "
+            f"{rounds} rounds × {steps} steps per loader, loaders taking turns):"
+        )
+        loaders = {
+            "torch loader (main proc)": lambda r, plan: TorchLoader(r, plan, num_workers=0),
+            f"torch loader ({w} workers)": lambda r, plan: TorchLoader(r, plan, num_workers=w),
+        }
+        if dali_available():
+            from megagen.data.loader_dali import DaliLoader
+
+            loaders[f"DALI loader ({w} workers)"] = lambda r, plan: DaliLoader(
+                r, plan, num_threads=args.threads, py_num_workers=w
+            )
+        path = os.path.join(args.root, "video_tiny")
+        print(f"{'loader':<27} {'step ms':>8} {'wait ms':>8} {'p90 wait':>8} {'wait share':>10}")
+        for name, res in data_wait(path, 8, loaders, rounds, steps).items():
+            print(
+                f"{name:<27} {res['step_ms']:>8.2f} {res['wait_ms']:>8.3f} {res['wait_p90_ms']:>8.3f} "
+                f"{100 * res['share']:>9.2f}%"
+            )
+    print(f"\n1-min load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
