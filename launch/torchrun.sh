@@ -15,6 +15,9 @@ MAX_RESTARTS=${MAX_RESTARTS:-3}
 RUN_ID=${RUN_ID:-megagen-$(date +%s)}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+# Restarted ranks must not read the previous attempt's addresses from torchrun's shared store
+# (pytorch/pytorch#135712): give the training processes a store of their own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec python -m torch.distributed.run \
   --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$PORT" --rdzv_id="$RUN_ID" \

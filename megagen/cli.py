@@ -15,6 +15,7 @@ commands:
   train   train a model from a YAML config with dotted key=value overrides (single process or torchrun)
   specs   list the registered model specs, their presets and parameter counts
   sample  generate latents from prompt embeddings (CKPT|CONFIG)
+  ckpt    inspect, export (safetensors) and average checkpoints of any mesh
   config  print the resolved config (YAML + overrides) without running anything
   data    build and inspect latent-shard datasets: synth, pack, check, stats
   plan    predict step time, MFU, communication and memory of parallel layouts and pick one
@@ -49,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_specs_commands(sub)
     add_sample_command(sub)
+    from megagen.checkpoint.cli import add_ckpt_commands
+
+    add_ckpt_commands(sub)
     from megagen.data.cli import add_data_commands
 
     add_data_commands(sub)
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from megagen.checkpoint.cli import run_ckpt_command
     from megagen.data.cli import run_data_command
     from megagen.launch_cli import run_doctor_command, run_launch_command
     from megagen.plan_cli import run_plan_command
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": _cmd_config,
         "specs": run_specs_command,
         "sample": run_sample_command,
+        "ckpt": run_ckpt_command,
         "bench": _cmd_bench,
         "data": run_data_command,
         "plan": run_plan_command,

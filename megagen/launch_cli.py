@@ -73,6 +73,12 @@ def render_slurm(args) -> str:
     )
 
 
+def launch_env() -> dict[str, str]:
+    """The environment of torchrun: ours, plus a private store for the training processes so that ranks
+    restarted after a failure never read the previous attempt's addresses (pytorch/pytorch#135712)."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}
+
+
 def run_launch_command(args) -> int:
     if args.launch_kind == "slurm":
         script = render_slurm(args)
@@ -97,7 +103,7 @@ def run_launch_command(args) -> int:
             args.config,
             *args.overrides,
         ]
-        return subprocess.run(cmd, env={**os.environ}).returncode
+        return subprocess.run(cmd, env=launch_env()).returncode
     print("megagen launch: choose slurm or local (see --help)", file=sys.stderr)
     return 2
 

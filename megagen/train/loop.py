@@ -297,5 +297,23 @@ class Trainer:
 
 
 def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult:
-    """Run `train.steps` optimizer steps; rank 0 writes metrics and the resolved config."""
-    return Trainer(cfg, runtime).run(capture_grads=capture_grads)
+    """Run `train.steps` optimizer steps; rank 0 writes metrics and the resolved config.
+
+    Checkpointing follows the `checkpoint` group: resume from the latest complete checkpoint of
+    `checkpoint.dir` (`checkpoint.resume=auto`), or start from `checkpoint.init_from`; EMA when
+    `train.ema_decay > 0`; a save every `checkpoint.every` steps and at the end.
+    """
+    from megagen.checkpoint import attach_checkpointing
+    from megagen.checkpoint import preflight as checkpoint_preflight
+
+    checkpoint_preflight(cfg)  # a bad resume / init_from path fails before the model is built
+    trainer = Trainer(cfg, runtime)
+    hook = attach_checkpointing(trainer)
+    if trainer.step >= cfg.train.steps and trainer.runtime.is_logging_rank:
+        log.info(
+            "checkpoint: %s already reached train.steps=%d; nothing to do", hook.resumed_from, trainer.step
+        )
+    try:
+        return trainer.run(capture_grads=capture_grads, on_step_end=hook)
+    finally:
+        hook.close()
