@@ -10,10 +10,11 @@ from megagen.metrics.flops import FlopCount, combine
 from megagen.specs import get_spec
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
+EXAMPLES = {name: f"examples/configs/{name}_tiny.yaml" for name in ("video", "audio", "upsampler")}
 
 
 def measured(spec_name, overrides=()):
-    cfg = load_config(EXAMPLE, [f"model.spec={spec_name}", *overrides])
+    cfg = load_config(EXAMPLES[spec_name], [f"model.spec={spec_name}", *overrides])
     spec = get_spec(spec_name)
     model = spec.build(cfg)
     spec.init_weights(model, cfg)
@@ -27,7 +28,7 @@ def measured(spec_name, overrides=()):
     return cfg, spec, forward / 2, counter.get_total_flops() / 2
 
 
-@pytest.mark.parametrize("spec_name", ["video"])
+@pytest.mark.parametrize("spec_name", ["video", "audio", "upsampler"])
 def test_forward_and_model_flops_match_flop_counter(spec_name):
     cfg, spec, forward, total = measured(spec_name)
     count = spec.flops_per_sample(cfg)
