@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from megagen.config import ConfigError
+from megagen.fsutil import fsync_dir
 
 FORMAT = "megagen-checkpoint"
 VERSION = 1
@@ -62,19 +63,6 @@ def complete_checkpoints(directory: Path) -> list[Path]:
         p for p in directory.iterdir() if p.is_dir() and step_of(p) is not None and (p / COMPLETE).is_file()
     ]
     return sorted(found, key=lambda p: step_of(p))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_file_atomic(path: Path, text: str) -> None:

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from megagen.fsutil import fsync_dir
+
 FORMAT_NAME = "megagen-latent-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -430,19 +432,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(path) or ".")
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> str:
