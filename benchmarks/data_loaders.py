@@ -6,16 +6,20 @@ latent (16×32×96×96 fp16 = 9.4 MB, 73,728 tokens per sample) — it writes a 
 
 - raw sequential: every shard file read start to end (`readinto`, 16 MB chunks);
 - raw memmap random: every sample of the request stream copied out of the memory map, in request order;
+- `reader.read_batch`: the reader's part of every loader's work: one copy out of the memory map into the
+  host batch (stored dtypes, fp16) with the NaN/inf check fused into the copy;
 - the torch loader (main process, and worker processes) and the DALI loader (python workers): iterate all
-  requests, batches ready as the training loop gets them (fp32, `reader.to_model_batch`).
+  requests, batches ready as the training loop gets them: on the device, fp32. The host batch stays fp16
+  up to the device; the fp16 → fp32 cast runs on the device after the copy — on this CPU-only machine the
+  device is the CPU, so it is counted in these rows;
+- the same loaders with `cast=False` ("fp16" rows): the batch on the device in the stored dtypes, i.e. the
+  loader's own work without the cast that a GPU does for free;
+- `cast fp16 → fp32 (CPU)`: that cast alone (`cast_to_compute`) on every host batch of the stream.
 
 MB/s counts stored bytes (fp16 latents + text) per second for every row, so ratios compare like with like.
 Each case runs with a warm page cache (files read once before; best of `--repeat`) and, when
 `/proc/sys/vm/drop_caches` works here (checked through /proc/meminfo), cold (caches dropped before each row).
 DALI's worker start is reported apart and not counted in its throughput.
-
-`reader.read_batch` is the reader's part of every loader's work (stacking the rows, the NaN/inf check),
-before `to_model_batch` (fp16 → fp32) and the hand-over between processes.
 
 The data-wait share: the tiny video model trains on the video_tiny stream (forward, backward, AdamW);
 wait = time blocked in the loader's `next()`, share = wait / (wait + compute), with loader workers
@@ -41,8 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megagen.data.contract import cast_to_compute
 from megagen.data.format import MANIFEST_NAME
-from megagen.data.loader_torch import TorchLoader
+from megagen.data.loader_torch import TorchLoader, read_request
 from megagen.data.loaders import dali_available
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
 from megagen.data.shards import ShardReader
@@ -172,14 +177,28 @@ def raw_memmap_random(reader, plan, sizes, files) -> tuple[float, int, int, str]
 
 
 def reader_batches(reader, plan, sizes, files) -> tuple[float, int, int, str]:
-    """What every loader does first: `read_batch` (stack the memory-mapped rows, NaN/inf check)."""
+    """What every loader does first: `read_batch` (one copy out of the map, NaN/inf check fused)."""
     samples = nbytes = 0
     t = time.perf_counter()
     for req in plan:
         arrays = reader.read_batch(req.bucket, list(req.sample_ids))
         samples += len(arrays["latents"])
         nbytes += sum(a.nbytes for a in arrays.values())
-    return time.perf_counter() - t, samples, nbytes, "no loader: the reader's share of a loader's work"
+    return time.perf_counter() - t, samples, nbytes, "no loader: the reader's share (fp16 host batch)"
+
+
+def cast_only(reader, plan, sizes, files) -> tuple[float, int, int, str]:
+    """The on-device cast alone (here the device is the CPU): `cast_to_compute` of every host batch."""
+    samples = nbytes = 0
+    dt = 0.0
+    for req in plan:
+        host, _ = read_request(reader, req)
+        t = time.perf_counter()
+        batch = cast_to_compute(host)
+        dt += time.perf_counter() - t
+        samples += len(batch["latents"])
+        nbytes += len(batch["latents"]) * sizes[req.bucket]
+    return dt, samples, nbytes, "on a GPU this runs there, after the copy"
 
 
 def run_loader(loader, sizes) -> tuple[float, int, int]:
@@ -192,26 +211,31 @@ def run_loader(loader, sizes) -> tuple[float, int, int]:
     return time.perf_counter() - t, samples, nbytes
 
 
-def torch_loader(workers: int):
+def torch_loader(workers: int, cast: bool = True):
     def method(reader, plan, sizes, files):
-        dt, samples, nbytes = run_loader(TorchLoader(reader, plan, num_workers=workers, prefetch=2), sizes)
-        return dt, samples, nbytes, f"{workers} workers"
+        loader = TorchLoader(reader, plan, num_workers=workers, prefetch=2, cast=cast)
+        dt, samples, nbytes = run_loader(loader, sizes)
+        kind = "fp32 (cast on CPU)" if cast else "fp16, no cast"
+        return dt, samples, nbytes, f"{workers} workers; {kind}"
 
     return method
 
 
-def dali_loader(workers: int, threads: int):
+def dali_loader(workers: int, threads: int, cast: bool = True):
     def method(reader, plan, sizes, files):
         from megagen.data.loader_dali import DaliLoader
 
-        loader = DaliLoader(reader, plan, num_threads=threads, prefetch_queue_depth=2, py_num_workers=workers)
+        loader = DaliLoader(
+            reader, plan, num_threads=threads, prefetch_queue_depth=2, py_num_workers=workers, cast=cast
+        )
         t = time.perf_counter()
         loader.start()
         start = time.perf_counter() - t
         dt, samples, nbytes = run_loader(loader, sizes)
         shm = sum(loader.shm_statistics().get("capacities", [])) / 2**20
         loader.close()
-        return dt, samples, nbytes, f"{threads} threads; worker start {start:.2f}s; shm {shm:.0f} MB"
+        kind = "fp32 (cast on CPU)" if cast else "fp16, no cast"
+        return dt, samples, nbytes, f"{kind}; {threads} threads; worker start {start:.2f}s; shm {shm:.0f} MB"
 
     return method
 
@@ -221,11 +245,15 @@ def methods(workers: int, threads: int) -> dict:
         "raw sequential": raw_sequential,
         "raw memmap random": raw_memmap_random,
         "reader.read_batch": reader_batches,
+        "cast fp16 -> fp32 (CPU)": cast_only,
         "torch loader (main proc)": torch_loader(0),
         f"torch loader ({workers} workers)": torch_loader(workers),
+        "torch (main proc) fp16": torch_loader(0, cast=False),
+        f"torch ({workers} workers) fp16": torch_loader(workers, cast=False),
     }
     if dali_available():
         out[f"DALI loader ({workers} workers)"] = dali_loader(workers, threads)
+        out[f"DALI ({workers} workers) fp16"] = dali_loader(workers, threads, cast=False)
     return out
 
 

@@ -7,15 +7,16 @@ DALI's python worker processes. Batch mode accepts a different batch size and sh
 (up to the pipeline's `max_batch_size`, the largest micro-batch of the request stream), so buckets with
 their own micro-batch sizes and latent shapes share one pipeline.
 
-The worker runs the torch loader's `read_request` (`reader.to_model_batch`; with `data.on_error=skip`
-placeholder rows and `sample_valid`), so keys, dtypes and values equal the torch loader's by construction.
-It hands DALI either the whole micro-batch packed into one byte buffer (a one-sample DALI batch: one
-output, one copy, one host-to-device transfer; the default for batches up to `PACK_LIMIT`, where the
-per-output cost dominates) or one output per field (large batches: saves the packing copy). The main
-process copies the outputs into torch tensors with DALI's torch plugin (`feed_ndarray`), unpacks views
-and logs skipped samples. With `device_id` set the outputs go `.gpu()` inside the pipeline (DALI's pinned
-staging and host-to-device copy) and land in CUDA tensors: written for GPUs, untested on the CPU-only
-machine.
+The worker runs the torch loader's `read_packed` (the host batch in the stored dtypes, read straight into
+one buffer; with `data.on_error=skip` placeholder rows and `sample_valid`), and the main process the torch
+loader's `to_device` (the cast to the compute dtype), so keys, dtypes and values equal the torch loader's
+by construction. The worker hands DALI either that buffer (a one-sample DALI batch: one output, one
+host-to-device transfer; the default for batches up to `PACK_LIMIT`, where the per-output cost dominates)
+or one output per field (views of the same buffer). With `device_id` set the outputs go `.gpu()` inside
+the pipeline (DALI's pinned staging and host-to-device copy), are copied into CUDA tensors with DALI's
+torch plugin (`feed_ndarray`) and cast there: written for GPUs, untested on the CPU-only machine. On the
+CPU the floating fields are cast straight out of DALI's output buffer (no extra copy) and the others
+copied out of it.
 
 Worker start: `py_start_method="fork"` (default on CPU) is fast but must happen before CUDA is initialised
 in the process; `"spawn"` (default when `device_id` is set) re-imports the main module in every worker, so
@@ -36,11 +37,12 @@ from megagen.data.contract import MicroBatchRequest
 from megagen.data.loader_torch import (
     SAMPLE_VALID,
     FieldSpec,
-    field_specs,
-    pack_batch,
+    host_specs,
     pack_layout,
+    read_packed,
     read_request,
     report_skipped,
+    to_device,
     unpack_batch,
 )
 
@@ -65,15 +67,17 @@ class BatchSource:
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         if self._configured != os.getpid() and os.getpid() != self._owner:
             # A forked worker must not enter the parent's intra-op thread pool (it hangs in the first
-            # parallel torch op, e.g. the fp16 → fp32 cast): one thread, as DataLoader workers do.
+            # parallel torch op): one thread, as DataLoader workers do.
             torch.set_num_threads(1)
             self._configured = os.getpid()
         i = info.iteration
         if i >= len(self.requests):
             raise StopIteration
-        batch, _ = read_request(self.reader, self.requests[i])  # the main process logs skipped samples
+        request = self.requests[i]
+        buf, specs, _ = read_packed(self.reader, request)  # the main process logs skipped samples
         if self.pack:
-            return (pack_batch(batch).numpy()[None],)
+            return (buf.numpy()[None],)
+        batch = unpack_batch(buf, specs, len(request.sample_ids))
         return tuple(np.ascontiguousarray(batch[k].numpy()) for k in self.keys)
 
 
@@ -93,7 +97,8 @@ class DaliLoader:
     GPU the batches land on. `pack`: hand each micro-batch over as one buffer (None = when the largest is
     at most `PACK_LIMIT` bytes). `bytes_per_sample_hint`: initial shared-memory slot per DALI sample
     (default: the largest packed batch, or the largest sample). `skipped`: samples skipped so far
-    (`data.on_error=skip`; each logged, as in `TorchLoader`).
+    (`data.on_error=skip`; each logged, as in `TorchLoader`). `cast=False`: yield the stored dtypes, as in
+    `TorchLoader`.
     """
 
     def __init__(
@@ -107,8 +112,9 @@ class DaliLoader:
         py_start_method: str | None = None,
         pack: bool | None = None,
         bytes_per_sample_hint: int | None = None,
+        cast: bool = True,
     ):
-        self.reader = reader
+        self.reader, self.cast = reader, cast
         self.requests = _indexable(requests)
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
         self.py_num_workers, self.device_id = py_num_workers, device_id
@@ -137,13 +143,8 @@ class DaliLoader:
         return torch.device("cpu") if self.device_id is None else torch.device("cuda", self.device_id)
 
     def _probe(self, buckets) -> dict[str, tuple[FieldSpec, ...]]:
-        """Each bucket's batch fields, from one sample of it (the same for every sample of a bucket)."""
-        first = {r.bucket: r.sample_ids[0] for r in self.requests if r.sample_ids}
-        specs = {}
-        for bucket in buckets:
-            one, _ = read_request(self.reader, MicroBatchRequest(0, 0, bucket, (first[bucket],), (0,), 1))
-            specs[bucket] = field_specs(one)
-        return specs
+        """Each bucket's host batch fields (stored dtypes; the same for every sample of a bucket)."""
+        return {bucket: host_specs(self.reader, bucket) for bucket in buckets}
 
     # ------------------------------------------------------------------ pipeline
     def _build(self):
@@ -211,20 +212,25 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ iteration
     def _to_torch(self, tensor_list) -> torch.Tensor:
+        """A DALI output as a torch tensor: on the CPU a view of DALI's buffer (valid until the next
+        `run()`), on the GPU a copy into a CUDA tensor (DALI's torch plugin)."""
+        dense = tensor_list.as_tensor()
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.asarray(dense))
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-        dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        return feed_ndarray(dense, out, cuda_stream=stream)
+        return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
 
     def _batch(self, request: MicroBatchRequest, outputs) -> dict[str, torch.Tensor]:
-        """DALI's outputs of `request` → the batch of torch tensors; logs and counts skipped samples."""
+        """DALI's outputs of `request` → the batch (compute dtype, owning its memory); logs and counts skipped
+        samples."""
         if self.pack:
             buf = self._to_torch(outputs[0])[0]
-            batch = unpack_batch(buf, self.specs[request.bucket], len(request.sample_ids))
+            host = unpack_batch(buf, self.specs[request.bucket], len(request.sample_ids))
         else:
-            batch = {k: self._to_torch(t) for k, t in zip(self.keys, outputs)}
+            host = {k: self._to_torch(t) for k, t in zip(self.keys, outputs)}
+        batch = to_device(host, self.device, owned=self.device.type != "cpu", cast=self.cast)
         valid = batch.get(SAMPLE_VALID)
         if valid is not None and not bool(valid.all()):
             missing = [i for i, ok in zip(request.sample_ids, valid.tolist()) if not ok]

@@ -3,9 +3,14 @@
 A `torch.utils.data.DataLoader` over a map-style dataset whose index is a whole `MicroBatchRequest`
 (`batch_size=None`, the sampler yields the requests), so one worker reads one micro-batch and the
 DataLoader's in-order delivery keeps the request order for any number of workers. With `num_workers=0`
-the main process reads. A worker packs the batch into one buffer allocated in shared memory (one segment
-per micro-batch, not one per field); the main process unpacks views. On CUDA the DataLoader pins that
-buffer, it is copied with `non_blocking=True` in one piece and unpacked on the GPU.
+the main process reads.
+
+A micro-batch is read straight into one packed buffer (`read_packed`): the host batch in the stored dtypes
+(float16 latents and text, see megagen/data/contract.py), one copy out of the memory maps and nothing
+else — in a worker the buffer is one shared-memory segment per micro-batch, in the main process with CUDA
+it is pinned. The main process moves the buffer to the device in one piece (`non_blocking=True` on CUDA),
+unpacks views there and casts to the compute dtype there (`cast_to_compute`, the one place): on a GPU the
+float16 → float32 conversion costs the host nothing and halves the bytes copied.
 
 Worker processes start with the platform's default method (fork on Linux); the reader re-opens its
 memory maps lazily in each worker.
@@ -13,15 +18,17 @@ memory maps lazily in each worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from megagen.data.contract import MicroBatchRequest
+from megagen.data.contract import MicroBatchRequest, cast_to_compute
 
 log = logging.getLogger("megagen")
 
@@ -30,44 +37,10 @@ SAMPLE_VALID = "sample_valid"
 """(B,) bool in every batch of a reader with `on_error="skip"`: False marks a skipped sample's placeholder."""
 
 
-def with_placeholders(batch: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Spread the rows of `batch` (the valid samples) over `len(valid)` rows; skipped samples get a finite
-    placeholder (zeros; `text_valid.*` all True, so attention over it stays finite) and `sample_valid` False.
-    Shapes stay those of the request, so every rank of a tp/cp group and the loss normaliser agree."""
-    n = len(valid)
-    out = {}
-    for k, v in batch.items():
-        if len(v) == n:
-            out[k] = v
-            continue
-        fill = torch.ones if k.startswith("text_valid.") else torch.zeros
-        full = fill((n, *v.shape[1:]), dtype=v.dtype)
-        full[valid] = v
-        out[k] = full
-    out[SAMPLE_VALID] = valid
-    return out
-
-
-def read_request(reader, request: MicroBatchRequest) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """One micro-batch: (batch of `reader.to_model_batch`, reasons of skipped samples).
-
-    With `on_error="skip"` the batch has a row per requested sample plus `sample_valid`; an unusable
-    sample's row is a placeholder (see `with_placeholders`) and its `SampleSkipped` message is returned
-    (strings: they cross process boundaries). With `on_error="fail"` the reader raises.
-    """
-    skipped: list = []
-    arrays = reader.read_batch(request.bucket, list(request.sample_ids), skipped=skipped)
-    batch = reader.to_model_batch(arrays)
-    if getattr(reader, "on_error", "fail") == "skip":
-        bad = {e.sample for e in skipped}
-        batch = with_placeholders(batch, torch.tensor([i not in bad for i in request.sample_ids]))
-    return batch, [str(e) for e in skipped]
-
-
 # ------------------------------------------------------------------------------------------------ packing
-# A worker hands a batch over as ONE byte buffer: one shared-memory segment (torch) or one DALI output per
-# micro-batch instead of one per field, and one host-to-device copy. Its layout follows from each field's
-# (key, dtype, per-sample shape) and the batch size, so either side can compute it.
+# A micro-batch is read into, and handed over as, ONE byte buffer: one shared-memory segment (torch) or one
+# DALI output per micro-batch instead of one per field, and one host-to-device copy. Its layout follows from
+# each field's (key, dtype, per-sample shape) and the batch size, so either side can compute it.
 
 PACK_ALIGN = 64
 
@@ -85,12 +58,9 @@ FieldSpec = tuple[str, torch.dtype, tuple[int, ...]]
 """(key, dtype, per-sample shape) of one batch field."""
 
 
-def field_specs(batch: dict[str, torch.Tensor]) -> tuple[FieldSpec, ...]:
-    return tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in batch.items())
-
-
+@functools.lru_cache(maxsize=1024)
 def pack_layout(specs: tuple[FieldSpec, ...], n: int) -> tuple[tuple[PackedField, ...], int]:
-    """Where each field of an `n`-sample batch sits in the packed buffer, and the buffer's size."""
+    """Where each field of an `n`-sample batch sits in the packed buffer, and the buffer's size (cached)."""
     fields, offset = [], 0
     for key, dtype, shape in specs:
         nbytes = n * math.prod(shape) * dtype.itemsize
@@ -99,27 +69,119 @@ def pack_layout(specs: tuple[FieldSpec, ...], n: int) -> tuple[tuple[PackedField
     return tuple(fields), offset
 
 
-def pack_batch(batch: dict[str, torch.Tensor], shared: bool = False) -> torch.Tensor:
-    """The batch as one uint8 buffer (`shared`: allocated in shared memory, for a worker to hand over)."""
-    n = len(next(iter(batch.values())))
-    layout, size = pack_layout(field_specs(batch), n)
-    if shared and hasattr(torch.UntypedStorage, "_new_shared"):  # no copy, unlike share_memory_()
-        buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
-    elif shared:
-        buf = torch.empty(size, dtype=torch.uint8).share_memory_()
-    else:
-        buf = torch.empty(size, dtype=torch.uint8)
-    for f in layout:
-        buf[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape).copy_(batch[f.key])
-    return buf
-
-
 def unpack_batch(buf: torch.Tensor, specs: tuple[FieldSpec, ...], n: int) -> dict[str, torch.Tensor]:
     """Views of the fields of an `n`-sample packed batch (on the buffer's device)."""
     layout, size = pack_layout(specs, n)
     if buf.numel() != size:
         raise RuntimeError(f"packed batch of {buf.numel()} bytes, expected {size} for {n} samples of {specs}")
+    if buf.device.type == "cpu":  # numpy views: cheaper to make than torch ones
+        return {k: torch.from_numpy(v) for k, v in _numpy_views(buf, layout).items()}
     return {f.key: buf[f.offset : f.offset + f.nbytes].view(f.dtype).view(f.shape) for f in layout}
+
+
+def host_specs(reader, bucket: str) -> tuple[FieldSpec, ...]:
+    """(key, dtype, per-sample shape) of the host batch of `bucket` (stored dtypes; `sample_valid` last with
+    `on_error="skip"`)."""
+    cache = reader.__dict__.setdefault("_loader_host_specs", {})
+    specs = cache.get(bucket)
+    if specs is None:
+        stored = reader.host_batch_specs(bucket)
+        specs = [(k, torch.from_numpy(np.empty(0, t)).dtype, s) for k, t, s in stored]
+        if getattr(reader, "on_error", "fail") == "skip":
+            specs.append((SAMPLE_VALID, torch.bool, ()))
+        specs = cache[bucket] = tuple(specs)
+    return specs
+
+
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {}
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    found = _NUMPY_DTYPES.get(dtype)
+    if found is None:
+        found = _NUMPY_DTYPES[dtype] = torch.empty(0, dtype=dtype).numpy().dtype
+    return found
+
+
+def _numpy_views(buf: torch.Tensor, layout: tuple[PackedField, ...]) -> dict[str, np.ndarray]:
+    raw = buf.numpy()
+    views = {}
+    for f in layout:
+        views[f.key] = raw[f.offset : f.offset + f.nbytes].view(_np_dtype(f.dtype)).reshape(f.shape)
+    return views
+
+
+def _buffer(size: int, shared: bool = False, pin: bool = False) -> torch.Tensor:
+    if shared and hasattr(torch.UntypedStorage, "_new_shared"):  # no copy, unlike share_memory_()
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+    if shared:
+        return torch.empty(size, dtype=torch.uint8).share_memory_()
+    return torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+
+
+def read_packed(
+    reader, request: MicroBatchRequest, shared: bool = False, pin: bool = False
+) -> tuple[torch.Tensor, tuple[FieldSpec, ...], list[str]]:
+    """One micro-batch read straight into one packed uint8 buffer: (buffer, its field specs, reasons of
+    skipped samples). The buffer holds the host batch (`host_specs`: stored dtypes, `text_valid.<enc>` from
+    `text_len.<enc>`), allocated in shared memory (`shared`, for a worker to hand over) or pinned (`pin`).
+
+    With `on_error="skip"` every requested sample has a row and `sample_valid` says which are real; an
+    unusable sample's row is a finite placeholder (zeros; `text_valid.*` all True, so attention over it stays
+    finite) and its `SampleSkipped` message is returned (strings: they cross process boundaries). Shapes
+    stay those of the request, so every rank of a tp/cp group and the loss normaliser agree. With
+    `on_error="fail"` the reader raises.
+    """
+    ids, n = list(request.sample_ids), len(request.sample_ids)
+    specs = host_specs(reader, request.bucket)
+    layout, size = pack_layout(specs, n)
+    buf = _buffer(size, shared, pin)
+    views = _numpy_views(buf, layout)
+    encoders = list(reader.manifest.text_encoders)
+    lengths = {
+        "text_len." + e: np.empty(n, dtype=reader.manifest.fields["text_len." + e].dtype) for e in encoders
+    }
+    targets = {k: v for k, v in views.items() if not k.startswith("text_valid.") and k != SAMPLE_VALID}
+    bad = reader.read_into(request.bucket, ids, {**targets, **lengths}) if n else []
+    rows = [row for row, _ in bad]
+    if rows:
+        for v in targets.values():
+            v[rows] = 0
+    for e in encoders:
+        valid = views["text_valid." + e]
+        if rows:
+            lengths["text_len." + e][rows] = valid.shape[1]
+        np.less(np.arange(valid.shape[1])[None, :], lengths["text_len." + e][:, None], out=valid)
+    if SAMPLE_VALID in views:
+        views[SAMPLE_VALID][:] = True
+        views[SAMPLE_VALID][rows] = False
+    return buf, specs, [str(err) for _, err in bad]
+
+
+def read_request(reader, request: MicroBatchRequest) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """One micro-batch as the host batch (views of `read_packed`'s buffer) and skipped samples' reasons."""
+    buf, specs, skipped = read_packed(reader, request)
+    return unpack_batch(buf, specs, len(request.sample_ids)), skipped
+
+
+def to_device(
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    non_blocking: bool = False,
+    owned: bool = True,
+    cast: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A host batch → the batch the training loop gets: on `device`, floating fields in the compute dtype
+    (`cast_to_compute`, after the copy; `cast=False` keeps the stored dtypes, for measurements).
+    `owned=False`: `batch` lives in memory about to be reused, so every field is copied (floating ones by
+    the cast itself)."""
+    if device.type != "cpu":
+        batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+        owned = True
+    out = cast_to_compute(batch) if cast else batch
+    if not owned:
+        out = {k: v.clone() if v is batch[k] else v for k, v in out.items()}
+    return out
 
 
 def report_skipped(request: MicroBatchRequest, reasons) -> None:
@@ -130,14 +192,15 @@ def report_skipped(request: MicroBatchRequest, reasons) -> None:
 class _RequestDataset(Dataset):
     """Map-style dataset indexed by the request itself."""
 
-    def __init__(self, reader):
-        self.reader = reader
+    def __init__(self, reader, pin: bool = False):
+        self.reader, self.pin = reader, pin
 
     def __getitem__(self, request: MicroBatchRequest):
-        batch, skipped = read_request(self.reader, request)
         if get_worker_info() is None:  # read in the main process: nothing to hand over
-            return request, batch, None, skipped
-        return request, pack_batch(batch, shared=True), field_specs(batch), skipped
+            buf, specs, skipped = read_packed(self.reader, request, pin=self.pin)
+        else:
+            buf, specs, skipped = read_packed(self.reader, request, shared=True)
+        return request, buf, specs, skipped
 
 
 def _as_is(item):
@@ -148,8 +211,10 @@ class TorchLoader:
     """Iterating yields `(request, batch)` in the order of `requests`; see the module docstring.
 
     `prefetch`: micro-batches each worker reads ahead (DataLoader's `prefetch_factor`; unused with 0 workers).
-    `pin_memory`: None = pin when `device` is CUDA. `skipped`: samples skipped so far (`data.on_error=skip`:
-    each is logged, its row is a placeholder with `sample_valid` False; see `read_request`).
+    `pin_memory`: None = pin when `device` is CUDA. `cast=False`: yield the stored dtypes (float16) instead of
+    the compute dtype, to measure the loader without the on-device cast. `skipped`: samples skipped so far
+    (`data.on_error=skip`: each is logged, its row is a placeholder with `sample_valid` False; see
+    `read_packed`).
     """
 
     def __init__(
@@ -160,8 +225,9 @@ class TorchLoader:
         prefetch: int = 2,
         pin_memory: bool | None = None,
         device: torch.device | str | None = None,
+        cast: bool = True,
     ):
-        self.reader, self.requests = reader, requests
+        self.reader, self.requests, self.cast = reader, requests, cast
         self.num_workers, self.prefetch = num_workers, prefetch
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
@@ -173,7 +239,7 @@ class TorchLoader:
     def _dataloader(self) -> DataLoader:
         workers = self.num_workers > 0
         return DataLoader(
-            _RequestDataset(self.reader),
+            _RequestDataset(self.reader, pin=self.pin_memory and not workers),
             batch_size=None,
             sampler=self.requests,
             num_workers=self.num_workers,
@@ -187,18 +253,14 @@ class TorchLoader:
         non_blocking = self.device.type == "cuda"
         batches = iter(self._dataloader())
         try:
-            for request, data, specs, skipped in batches:
+            for request, buf, specs, skipped in batches:
                 if skipped:
                     self.skipped += len(skipped)
                     report_skipped(request, skipped)
-                if specs is None:  # a dict of tensors, read here
-                    if self.device.type != "cpu":
-                        data = {k: v.to(self.device, non_blocking=non_blocking) for k, v in data.items()}
-                    yield request, data
-                    continue
                 if self.device.type != "cpu":
-                    data = data.to(self.device, non_blocking=non_blocking)
-                yield request, unpack_batch(data, specs, len(request.sample_ids))
+                    buf = buf.to(self.device, non_blocking=non_blocking)
+                host = unpack_batch(buf, specs, len(request.sample_ids))
+                yield request, to_device(host, self.device, cast=self.cast)
         finally:  # stop the workers now, not when a traceback holding this frame is collected
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:

@@ -23,11 +23,8 @@ from typing import Any
 import numpy as np
 
 from megagen.data.format import (
-    CAPTION_ID,
-    DURATION,
     FORMAT_NAME,
     FORMAT_VERSION,
-    FPS,
     LATENTS,
     MANIFEST_NAME,
     NUMPY_TO_SAFETENSORS,
@@ -519,10 +516,7 @@ class ShardReader:
 
     def _nonfinite(self, latents: np.ndarray) -> np.ndarray:
         """Per-sample bool: does latents[i] hold NaN or inf? (latents stacked on dim 0)."""
-        flat = latents.reshape(len(latents), -1)
-        if flat.dtype == np.float16:  # exponent bits all ones ⇔ inf or NaN; faster than isfinite on fp16
-            return ((flat.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
-        return ~np.isfinite(flat).all(axis=1)
+        return _has_nonfinite(np.ascontiguousarray(latents).reshape(len(latents), -1), axis=1)
 
     # -- reads -----------------------------------------------------------------------------------------------
     def read(self, bucket: str, sample_id: int) -> dict[str, np.ndarray]:
@@ -542,82 +536,184 @@ class ShardReader:
             raise self._error(DataError(f"read failed: {exc}", file=shard.path), bucket, sample_id) from None
         return sample
 
+    def read_into(
+        self, bucket: str, ids: Sequence[int], out: dict[str, np.ndarray]
+    ) -> list[tuple[int, SampleSkipped]]:
+        """Copy samples `ids` of `bucket` into rows 0.. of the preallocated arrays `out` (field → array of
+        shape (len(ids), *per-sample shape), the stored dtype; fields missing from `out` are not read): the
+        one copy out of the memory map. With `check_finite` the latents are checked while they are copied
+        (per chunk, cache-hot: a bit test on float16/float32).
+
+        Returns (row, SampleSkipped) for every unusable sample with on_error="skip" (its row is left as it
+        was: the caller decides what goes there); with on_error="fail" the first problem raises DataError.
+        """
+        skipped: list[tuple[int, SampleSkipped]] = []
+        groups: dict[str, tuple[_Shard, list[int], list[int]]] = {}  # shard → (rows, local indices)
+        for row, i in enumerate(ids):
+            shard, local = self._locate(bucket, int(i))
+            entry = groups.setdefault(shard.path, (shard, [], []))
+            entry[1].append(row)
+            entry[2].append(local)
+        for shard, rows, locals_ in groups.values():
+            try:
+                views = self._shard_views(bucket, shard)
+                bad = self._copy_rows(views, rows, locals_, out)
+            except DataError as exc:
+                bad, reason = rows, exc
+            except OSError as exc:
+                bad, reason = rows, DataError(f"read failed: {exc}", file=shard.path)
+            else:
+                reason = DataError("latents hold NaN or inf", file=shard.path)
+            for row in bad:
+                err = self._error(reason, bucket, int(ids[row]))
+                if not isinstance(err, SampleSkipped):
+                    raise err from None
+                skipped.append((row, err))
+        skipped.sort(key=lambda x: x[0])
+        return skipped
+
+    _SMALL_SAMPLE = 256 << 10
+    """Samples up to this many bytes per field are gathered with one `np.take` per field and shard."""
+    _CHUNK = 256 << 10
+    """Elements per chunk of the fused copy + finite check of large latents."""
+
+    def _copy_rows(
+        self, views: dict[str, np.ndarray], rows: list[int], locals_: list[int], out: dict[str, np.ndarray]
+    ) -> list[int]:
+        """Copy rows `locals_` of a shard's `views` into rows `rows` of `out`; the rows whose latents are not
+        finite (when `check_finite`)."""
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        bad: list[int] = []
+        for name, dst in out.items():
+            src = views[name]
+            checked = self.check_finite and name == LATENTS
+            if src[0].nbytes <= self._SMALL_SAMPLE:
+                if contiguous:
+                    np.take(src, locals_, axis=0, out=dst[rows[0] : rows[0] + len(rows)])
+                else:
+                    dst[rows] = src[locals_]
+                if checked:
+                    block = dst[rows]
+                    bad += [rows[j] for j in np.flatnonzero(self._nonfinite(block))]
+                continue
+            for row, local in zip(rows, locals_):
+                if checked:
+                    if _copy_finite(dst[row, ...], src[local, ...], self._CHUNK):
+                        continue
+                    bad.append(row)
+                else:
+                    np.copyto(dst[row, ...], src[local, ...])
+        return bad
+
     def read_batch(
         self, bucket: str, ids: Sequence[int], skipped: list[SampleSkipped] | None = None
     ) -> dict[str, np.ndarray]:
-        """Samples `ids` of `bucket` stacked on a new dim 0 (fresh, writable arrays).
+        """Samples `ids` of `bucket` stacked on a new dim 0 (fresh, writable arrays in the stored dtypes: one
+        copy out of the memory map, see `read_into`).
 
         With on_error="skip" and a `skipped` list, unusable samples are left out of the batch and their
         SampleSkipped errors appended to `skipped` (the batch may then be shorter, even empty); without the
         list the first SampleSkipped propagates. With on_error="fail" the first problem raises DataError.
         """
         shapes = self.sample_shapes(bucket)
-        rows: dict[str, list[np.ndarray]] = {name: [] for name in shapes}
-        kept: list[int] = []
-        for i in ids:
-            shard, local = self._locate(bucket, int(i))
-            try:
-                views = self._shard_views(bucket, shard)
-            except DataError as exc:
-                err = self._error(exc, bucket, int(i))
-                if isinstance(err, SampleSkipped) and skipped is not None:
-                    skipped.append(err)
-                    continue
-                raise err from None
-            for name, v in views.items():
-                rows[name].append(v[local])
-            kept.append(int(i))
         out = {
-            name: np.stack(r) if r else np.empty((0, *shapes[name]), dtype=self.manifest.fields[name].dtype)
-            for name, r in rows.items()
+            name: np.empty((len(ids), *shape), dtype=np.dtype(self.manifest.fields[name].dtype))
+            for name, shape in shapes.items()
         }
-        if self.check_finite and kept:
-            bad = np.flatnonzero(self._nonfinite(out[LATENTS]))
-            if len(bad):
-                good = np.ones(len(kept), dtype=bool)
-                for j in bad:
-                    shard, _ = self._locate(bucket, kept[j])
-                    err = self._error(DataError("latents hold NaN or inf", file=shard.path), bucket, kept[j])
-                    if isinstance(err, SampleSkipped) and skipped is not None:
-                        skipped.append(err)
-                        good[j] = False
-                    else:
-                        raise err
-                out = {name: a[good] for name, a in out.items()}
+        bad = self.read_into(bucket, ids, out) if len(ids) else []
+        if bad:
+            if skipped is None:
+                raise bad[0][1]
+            skipped += [err for _, err in bad]
+            good = np.ones(len(ids), dtype=bool)
+            good[[row for row, _ in bad]] = False
+            out = {name: a[good] for name, a in out.items()}
         return out
 
-    def to_model_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Arrays from `read_batch` (or one `read` sample) → the training batch of megagen/data/contract.py:
-        `latents` float32, `text.<enc>` float32, `text_valid.<enc>` bool (from `text_len.<enc>`), `fps`,
-        `duration` float32, `caption_id` int64; extra fields as tensors (floating ones as float32)."""
+    def host_batch_specs(self, bucket: str) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(key, numpy dtype, per-sample shape) of every field of the host batch of `bucket`."""
+        shapes, fields = self.sample_shapes(bucket), self.manifest.fields
+        specs = [(LATENTS, np.dtype(fields[LATENTS].dtype), shapes[LATENTS])]
+        for enc in self.manifest.text_encoders:
+            name = TEXT_PREFIX + enc
+            specs.append((name, np.dtype(fields[name].dtype), shapes[name]))
+            specs.append(("text_valid." + enc, np.dtype(bool), shapes[name][:1]))
+        for name, shape in shapes.items():
+            if name == LATENTS or name.startswith(TEXT_LEN_PREFIX) or name.startswith(TEXT_PREFIX):
+                continue
+            specs.append((name, np.dtype(fields[name].dtype), shape))
+        return specs
+
+    def to_host_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Arrays from `read_batch` (or one `read` sample) → the host batch: torch tensors over the same
+        memory in the *stored* dtypes (`latents`, `text.<enc>` float16 as stored), `text_valid.<enc>` bool
+        from `text_len.<enc>` (dropped); see megagen/data/contract.py. `cast_to_compute` makes it the model
+        batch (the loaders do that on the device, after the host-to-device copy)."""
         import torch
 
         latent_rank = len(self.manifest.buckets[0].latent_shape) if self.manifest.buckets else 4
         if arrays[LATENTS].ndim == latent_rank:  # a single sample: add the batch dim
             arrays = {k: np.asarray(v)[None] for k, v in arrays.items()}
 
-        def tensor(a: np.ndarray, dtype=None) -> torch.Tensor:
+        def tensor(a: np.ndarray) -> torch.Tensor:
             a = np.asarray(a)
-            if not a.flags.writeable or not a.flags.c_contiguous:
+            if not a.flags.writeable or not a.flags.c_contiguous:  # a read-only view of the map
                 a = np.array(a, order="C")
-            t = torch.from_numpy(a)
-            return t.to(dtype) if dtype is not None else t
+            return torch.from_numpy(a)
 
-        out: dict[str, Any] = {LATENTS: tensor(arrays[LATENTS], torch.float32)}
+        out: dict[str, Any] = {LATENTS: tensor(arrays[LATENTS])}
         for enc in self.manifest.text_encoders:
-            text = tensor(arrays[TEXT_PREFIX + enc], torch.float32)
-            lengths = tensor(arrays[TEXT_LEN_PREFIX + enc], torch.int64)
-            out[TEXT_PREFIX + enc] = text
-            out["text_valid." + enc] = torch.arange(text.shape[1])[None, :] < lengths[:, None]
-        out[FPS] = tensor(arrays[FPS], torch.float32)
-        out[DURATION] = tensor(arrays[DURATION], torch.float32)
-        out[CAPTION_ID] = tensor(arrays[CAPTION_ID], torch.int64)
+            text = arrays[TEXT_PREFIX + enc]
+            lengths = np.asarray(arrays[TEXT_LEN_PREFIX + enc])
+            out[TEXT_PREFIX + enc] = tensor(text)
+            out["text_valid." + enc] = torch.from_numpy(np.arange(text.shape[1])[None, :] < lengths[:, None])
         for name, a in arrays.items():
-            if name in out or name.startswith(TEXT_LEN_PREFIX) or name.startswith(TEXT_PREFIX):
+            if name == LATENTS or name.startswith(TEXT_LEN_PREFIX) or name.startswith(TEXT_PREFIX):
                 continue
-            t = tensor(a)
-            out[name] = t.float() if t.is_floating_point() else t
+            out[name] = tensor(a)
         return out
+
+    def to_model_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Arrays from `read_batch` (or one `read` sample) → the training batch of megagen/data/contract.py on
+        the host: `to_host_batch`, then `cast_to_compute` (`latents`, `text.<enc>` float32, `text_valid.<enc>`
+        bool, `fps`, `duration` float32, `caption_id` int64; extra fields as tensors, floating ones float32).
+        The loaders instead move the host batch to the device first and cast there."""
+        from megagen.data.contract import cast_to_compute
+
+        return cast_to_compute(self.to_host_batch(arrays))
+
+
+_FINITE_BOUNDS = {
+    np.dtype(np.float16): (np.int16, np.uint16, 0x7C00, 0xFC00),
+    np.dtype(np.float32): (np.int32, np.uint32, 0x7F800000, 0xFF800000),
+}
+"""float dtype → (signed view, unsigned view, smallest positive and negative non-finite bit patterns).
+
+A value is NaN or inf ⇔ its exponent bits are all ones: as the signed integer view the positive ones are
+the largest values (≥ 0x7C00 for float16), as the unsigned view the negative ones are (≥ 0xFC00). So two
+read-only max reductions, no temporary array, find any non-finite value."""
+
+
+def _has_nonfinite(a: np.ndarray, axis: int | None = None):
+    """Does `a` (float, C-contiguous) hold NaN or inf? (per row of a 2-d `a` with `axis=1`)"""
+    bounds = _FINITE_BOUNDS.get(a.dtype)
+    if bounds is None:
+        return ~np.isfinite(a).all(axis=axis)
+    signed, unsigned, pos, neg = bounds
+    return (a.view(signed).max(axis=axis) >= pos) | (a.view(unsigned).max(axis=axis) >= neg)
+
+
+def _copy_finite(dst: np.ndarray, src: np.ndarray, chunk: int = ShardReader._CHUNK) -> bool:
+    """Copy `src` into `dst` (same shape and dtype, `dst` C-contiguous) chunk by chunk, checking each chunk
+    for NaN/inf while it is in cache (`_has_nonfinite`); True when every value is finite."""
+    d, s = dst.reshape(-1), src.reshape(-1)
+    finite = True
+    for lo in range(0, len(d), chunk):
+        part = d[lo : lo + chunk]
+        np.copyto(part, s[lo : lo + chunk])
+        if finite and _has_nonfinite(part):
+            finite = False
+    return finite
 
 
 __all__ = [

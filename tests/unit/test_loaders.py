@@ -16,7 +16,7 @@ from megagen.data.format import BucketInfo, DataError, Manifest, TextEncoderInfo
 from megagen.data.loader_torch import TorchLoader
 from megagen.data.loaders import dali_available, make_loader
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
-from megagen.data.shards import DatasetWriter, ShardReader, shard_file
+from megagen.data.shards import DatasetWriter, ShardReader, parse_header, shard_file
 
 ENCODERS = {"ul2": TextEncoderInfo(dim=6, max_len=5), "byt5": TextEncoderInfo(dim=4, max_len=3)}
 # bucket → (latent shape, samples, shards, global batch, micro batch): an image bucket with big micro-batches,
@@ -242,3 +242,46 @@ def test_make_loader_picks_by_kind(dataset):
         loader = make_loader("auto", reader, plan, num_workers=1, prefetch=3, threads=1)
         assert isinstance(loader, DaliLoader) and loader.device_id is None
         assert (loader.prefetch_queue_depth, loader.num_threads, loader.py_num_workers) == (3, 1, 1)
+
+
+def test_host_batch_keeps_the_stored_dtypes_and_the_cast_is_exact(dataset):
+    """Loaders read float16 up to the device and cast there: the same values as casting on the host."""
+    from megagen.data.contract import cast_to_compute
+    from megagen.data.loader_torch import read_request
+
+    reader = ShardReader(dataset)
+    for req in request_plan(4):
+        host, skipped = read_request(reader, req)
+        assert (
+            not skipped and host["latents"].dtype == torch.float16 and host["text.ul2"].dtype == torch.float16
+        )
+        model = reader.to_model_batch(reader.read_batch(req.bucket, list(req.sample_ids)))
+        cast = cast_to_compute(host)
+        assert cast.keys() == model.keys()
+        assert all(cast[k].dtype == model[k].dtype and torch.equal(cast[k], model[k]) for k in model)
+    fp16 = collect(TorchLoader(reader, request_plan(4), cast=False))
+    assert all(b["latents"].dtype == torch.float16 for _, b in fp16)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_finite_check_of_large_samples_copies_in_chunks(tmp_path, monkeypatch, bad):
+    """Large latents are checked chunk by chunk while copied: a bad value anywhere fails (on_error=fail) or
+    skips the sample (on_error=skip); good samples come out bit-identical."""
+    monkeypatch.setattr(ShardReader, "_SMALL_SAMPLE", 0)  # every field takes the chunked path
+    monkeypatch.setattr(ShardReader, "_CHUNK", 7)  # chunks that do not divide the sample
+    bucket = "t2_h2_w4"
+    path = write_dataset(tmp_path, buckets={bucket: BUCKETS[bucket]})
+    clean = ShardReader(path).read_batch(bucket, [0, 1, 3])["latents"].copy()
+    shard = ShardReader(path)._shards[bucket][0].path
+    entry = parse_header(shard).tensors["latents"]
+    with open(shard, "r+b") as f:  # sample 1, its last value (a later chunk): bad
+        f.seek(entry.start + 2 * (2 * int(np.prod(BUCKETS[bucket][0])) - 1))
+        f.write(np.array([bad], np.float16).tobytes())
+    with pytest.raises(DataError, match="sample 1 of bucket t2_h2_w4.*NaN or inf"):
+        ShardReader(path, verify="none").read_batch(bucket, [0, 1, 3])
+    skipped = []
+    got = ShardReader(path, on_error="skip", verify="none").read_batch(bucket, [0, 1, 3], skipped=skipped)
+    assert [e.sample for e in skipped] == [1]
+    assert np.array_equal(got["latents"].view(np.uint16), clean[[0, 2]].view(np.uint16))
+    unchecked = ShardReader(path, verify="none", check_finite=False).read_batch(bucket, [1])
+    assert not np.isfinite(unchecked["latents"]).all()
