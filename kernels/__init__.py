@@ -1,8 +1,52 @@
-"""Fused ops, each beside its plain-PyTorch reference."""
+"""Fused ops, each beside its plain-PyTorch reference, selected by one backend registry (`backend.py`).
 
-from megagen.kernels.attention import AttentionCore, attention_reference
-from megagen.kernels.modulation import modulate
-from megagen.kernels.norm import RMSNorm, rms_norm
-from megagen.kernels.swiglu import swiglu
+Every op is a plain function (`rms_norm`, `swiglu`, …) that dispatches on the configured
+`kernels.backend` and the tensor's device; `*_reference` is the numerics each fast path is tested against.
+"""
 
-__all__ = ["AttentionCore", "RMSNorm", "attention_reference", "modulate", "rms_norm", "swiglu"]
+from megagen.kernels.attention import AttentionCore, attention, attention_math, attention_reference
+from megagen.kernels.backend import configure, configure_from_config, report_extras
+from megagen.kernels.linear import Linear
+from megagen.kernels.modulation import gated_residual, gated_residual_reference, modulate, modulate_reference
+from megagen.kernels.norm import (
+    RMSNorm,
+    rms_norm,
+    rms_norm_modulate,
+    rms_norm_modulate_reference,
+    rms_norm_reference,
+)
+from megagen.kernels.position import (
+    factorized_position,
+    factorized_position_reference,
+    rotary,
+    rotary_frequencies,
+    rotary_reference,
+)
+from megagen.kernels.swiglu import swiglu, swiglu_reference
+
+__all__ = [
+    "AttentionCore",
+    "Linear",
+    "RMSNorm",
+    "attention",
+    "attention_math",
+    "attention_reference",
+    "configure",
+    "configure_from_config",
+    "factorized_position",
+    "factorized_position_reference",
+    "gated_residual",
+    "gated_residual_reference",
+    "modulate",
+    "modulate_reference",
+    "report_extras",
+    "rms_norm",
+    "rms_norm_modulate",
+    "rms_norm_modulate_reference",
+    "rms_norm_reference",
+    "rotary",
+    "rotary_frequencies",
+    "rotary_reference",
+    "swiglu",
+    "swiglu_reference",
+]

@@ -78,7 +78,7 @@ def parallelize(
     apply_recompute(model, plan.blocks, recompute, layers=recompute_layers)
     if parallel_cfg.compile:
         for block in blocks:
-            block.compile()
+            block.compile(backend=parallel_cfg.compile_backend)
 
     if dims.fsdp * dims.dp_replicate > 1:
         state.fsdp = True

@@ -29,6 +29,9 @@ class LocalRuntime:
         from megagen.parallel.recompute import apply_recompute
 
         apply_recompute(model, plan.blocks, cfg.train.recompute, layers=cfg.train.recompute_layers)
+        if cfg.parallel.compile:
+            for block in model.get_submodule(plan.blocks):
+                block.compile(backend=cfg.parallel.compile_backend)
         return model
 
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -49,6 +49,9 @@ class ParallelConfig:
     reduce_dtype: str = opt("fp32", "FSDP gradient reduction dtype", choices=("fp32", "bf16"))
     reshard_after_forward: bool = opt(True, "FSDP frees gathered parameters after each block's forward")
     compile: bool = opt(False, "torch.compile each transformer block")
+    compile_backend: str = opt(
+        "inductor", "torch.compile backend for parallel.compile", choices=("inductor", "aot_eager", "eager")
+    )
     backend: str = opt("auto", "process-group backend", choices=("auto", "gloo", "nccl"))
 
 
@@ -126,6 +129,10 @@ class TrainConfig:
     log_every: int = opt(1, "print a line every N steps", min=1)
     step_timeout_s: float = opt(0.0, "a longer step dumps where it is stuck and exits; 0 = off", min=0.0)
     ema_decay: float = opt(0.0, "decay of an exponential moving average of the weights; 0 = off", min=0.0)
+    fp8: bool = opt(False, "FP8 GEMMs in block linears via Transformer Engine (torch path without it)")
+    cuda_graphs: bool = opt(
+        False, "capture each bucket's block forward+backward as CUDA graphs (one GPU, no FSDP/TP/CP)"
+    )
 
 
 @dataclass
@@ -153,12 +160,29 @@ class MetricsConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Which implementation runs each fused op and attention (see docs/kernels.md)."""
+
+    backend: str = opt(
+        "auto",
+        "fused ops: auto = fastest available (CPU: torch), torch = reference, triton, te",
+        choices=("auto", "torch", "triton", "te"),
+    )
+    attention: str = opt(
+        "auto",
+        "attention: auto = SDPA's choice; pin an SDPA backend; te = Transformer Engine",
+        choices=("auto", "flash", "cudnn", "efficient", "math", "te"),
+    )
+
+
+@dataclass
 class Config:
     """Everything a run needs; one object flows to every component."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -2,6 +2,9 @@
 
 Every projection is a bias-free `nn.Linear` named so a `ParallelPlan` can point at it, and attention
 reshapes by `head_dim` (not head count) so the same code runs on a tensor-parallel shard of the heads.
+Fused ops go through `megagen.kernels` (backend registry: `kernels.backend`, `kernels.attention`); block
+projections are `kernels.Linear` (an nn.Linear whose GEMM runs in FP8 through Transformer Engine when
+`train.fp8=true`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from megagen.kernels import AttentionCore, swiglu
+from megagen.kernels import AttentionCore, Linear, swiglu
 
 
 class SelfAttention(nn.Module):
@@ -22,10 +25,10 @@ class SelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)
+        self.q = Linear(dim, dim, bias=False)
+        self.k = Linear(dim, dim, bias=False)
+        self.v = Linear(dim, dim, bias=False)
+        self.o = Linear(dim, dim, bias=False)
         self.core = AttentionCore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,10 +45,10 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)
+        self.q = Linear(dim, dim, bias=False)
+        self.k = Linear(dim, dim, bias=False)
+        self.v = Linear(dim, dim, bias=False)
+        self.o = Linear(dim, dim, bias=False)
         self.core = AttentionCore()
 
     def forward(
@@ -64,9 +67,9 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x)))
@@ -77,8 +80,8 @@ class GELUMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(nn.functional.gelu(self.w1(x), approximate="tanh"))

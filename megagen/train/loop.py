@@ -77,11 +77,16 @@ def make_runtime(cfg: Config):
     p = cfg.parallel
     if max(p.dp_replicate, p.cp, p.tp, p.dp_shard) > 1:
         raise ConfigError("parallel", "a mesh larger than 1 needs several processes: launch with torchrun")
-    return LocalRuntime()
+    from megagen.parallel.mesh import device_and_backend
+
+    return LocalRuntime(device_and_backend(p.backend)[0])  # the GPU when there is one, else the CPU
 
 
 def build_model(cfg: Config, spec, runtime):
     """Build and initialise the full model from the seed, then let the runtime shard it."""
+    from megagen.kernels import configure_from_config
+
+    configure_from_config(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
     torch.manual_seed(cfg.run.seed)
     model = spec.build(cfg)
     spec.init_weights(model, cfg)
@@ -143,7 +148,11 @@ class Trainer:
         self.spec = get_spec(cfg.model.spec)
         self.spec.validate(cfg)
         self.runtime = runtime or make_runtime(cfg)
+        from megagen.train.cuda_graphs import check_cuda_graphs, enable_cuda_graphs
+
+        check_cuda_graphs(cfg, self.runtime)  # train.cuda_graphs: refuse unsupported configs before building
         self.model = build_model(cfg, self.spec, self.runtime)
+        self.cuda_graphs = enable_cuda_graphs(cfg, self.model, self.spec.parallel_plan(cfg), self.runtime)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)
         self.step = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megagen.kernels import RMSNorm, modulate
+from megagen.kernels import RMSNorm, factorized_position, gated_residual
 from megagen.specs.layers import CrossAttention, SelfAttention, SwiGLUMLP, TimestepEmbedder
 
 
@@ -67,9 +67,9 @@ class VideoBlock(nn.Module):
         mod = t_mod.view(t_mod.shape[0], 6, -1) + self.mod_table
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
         x = x + pos
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.attn_norm(x), shift1, scale1))
+        x = gated_residual(x, gate1, self.attn(self.attn_norm.modulated(x, shift1, scale1)))
         x = x + self.cross_attn(self.cross_norm(x), context, context_valid)
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.mlp_norm(x), shift2, scale2))
+        x = gated_residual(x, gate2, self.mlp(self.mlp_norm.modulated(x, shift2, scale2)))
         return x
 
 
@@ -141,7 +141,7 @@ class VideoTransformer(nn.Module):
         text_drop: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = self.patch_embed(tokens)
-        pos = self.pos_t(pos_ids[..., 0]) + self.pos_h(pos_ids[..., 1]) + self.pos_w(pos_ids[..., 2])
+        pos = factorized_position(pos_ids, self.pos_t.weight, self.pos_h.weight, self.pos_w.weight)
         context = torch.cat(
             [proj(text[n], None if text_drop is None else text_drop[n]) for n, proj in self.text.items()],
             dim=1,
@@ -154,4 +154,4 @@ class VideoTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, pos, t_mod, context, context_valid)
         shift, scale = (t_emb.unsqueeze(1) + self.out_table).unbind(1)
-        return self.out_proj(modulate(self.out_norm(x), shift, scale))
+        return self.out_proj(self.out_norm.modulated(x, shift, scale))
