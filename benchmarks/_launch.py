@@ -17,6 +17,7 @@ def bench_on_mesh(nproc: int, overrides: list[str], steps: int, warmup: int, con
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             "--nproc_per_node",
             str(nproc),
             "-m",

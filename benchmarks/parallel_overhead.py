@@ -30,7 +30,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default="")
-    ap.add_argument("overrides", nargs="*", default=["data.latent_frames=8", "data.latent_height=16"])
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        default=["data.latent_frames=8", "data.latent_height=16", "train.micro_batch_size=2"],
+    )
     args = ap.parse_args()
     results = {}
     for name, (nproc, extra) in MESHES.items():
