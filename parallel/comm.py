@@ -3,8 +3,10 @@
 `CommCounter` is a TorchDispatchMode: while it is active it sees every c10d collective at the dispatcher
 level — the `c10d::*` ops behind `torch.distributed.*` (ours in `parallel/collectives.py`, FSDP2's, DTensor
 redistributions through functional collectives) and the `_c10d_functional::*` ops — including those issued
-by the autograd engine during `backward()`. It counts at issue time (async work included; waiting is not
-communication) and passes every op through unchanged.
+by the autograd engine during `backward()`. It counts bytes at issue time (async work included) and passes
+every op through unchanged. `seconds` is the time the calling thread spent issuing collectives plus waiting
+for functional ones (`wait_tensor`): the communication the step did not overlap with compute (waits on
+`Work` handles, as FSDP2 uses them, are not dispatcher ops and are not timed).
 
     axes = mesh_axis_groups(mesh, {"dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp")})
     with CommCounter(axes) as comm:
@@ -229,6 +231,11 @@ class CommCounter(TorchDispatchMode):
         # Let tensor subclasses (DTensor) desugar first: their collectives come back here on plain tensors.
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented
+        if func.namespace == "_c10d_functional" and func._opname == "wait_tensor":
+            start = time.perf_counter()  # blocked on an async functional collective: communication time
+            out = func(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return out
         spec = _OPS.get((func.namespace, func._opname)) if func.namespace in _NAMESPACES else None
         if spec is None:
             return func(*args, **kwargs)
