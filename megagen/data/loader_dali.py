@@ -230,7 +230,10 @@ class DaliLoader:
             host = unpack_batch(buf, self.specs[request.bucket], len(request.sample_ids))
         else:
             host = {k: self._to_torch(t) for k, t in zip(self.keys, outputs)}
-        batch = to_device(host, self.device, owned=self.device.type != "cpu", cast=self.cast)
+        # On the CPU the outputs are DALI's buffers, reused by the next `run()`: cast=True copies (the cast,
+        # and clones of the other fields); cast=False yields views, valid until the next batch is requested.
+        owned = self.device.type != "cpu" or not self.cast
+        batch = to_device(host, self.device, owned=owned, cast=self.cast)
         valid = batch.get(SAMPLE_VALID)
         if valid is not None and not bool(valid.all()):
             missing = [i for i, ok in zip(request.sample_ids, valid.tolist()) if not ok]

@@ -7,9 +7,18 @@ the main process reads.
 
 A micro-batch is read straight into one packed buffer (`read_packed`): the host batch in the stored dtypes
 (float16 latents and text, see megagen/data/contract.py), one copy out of the memory maps and nothing
-else — in a worker the buffer is one shared-memory segment per micro-batch, in the main process with CUDA
-it is pinned. The main process moves the buffer to the device in one piece (`non_blocking=True` on CUDA),
-unpacks views there and casts to the compute dtype there (`cast_to_compute`, the one place): on a GPU the
+else. The buffers are recycled slots: a ring of `prefetch × workers + 2` shared-memory slots made before
+the workers fork (a worker reads batch i into slot i mod ring and hands over only the slot's number; the
+pages are mapped and touched once per loader, not once per batch), or two private buffers in the main
+process. With CUDA (`pin_memory`) batches are instead read into fresh buffers (worker: shared memory,
+pinned by DataLoader's pin thread; main process: pinned).
+
+Batch lifetime: a yielded batch in the compute dtype owns its memory (the cast copies the floating fields,
+the others are cloned out of a slot). With `cast=False` on the CPU (measurements) a batch is a view of its
+slot and stays valid until the next batch is requested: copy it to keep it longer.
+
+The main process moves the buffer to the device in one piece (`non_blocking=True` on CUDA), unpacks views
+there and casts to the compute dtype there (`cast_to_compute`, the one place): on a GPU the
 float16 → float32 conversion costs the host nothing and halves the bytes copied.
 
 Worker processes start with the platform's default method (fork on Linux); the reader re-opens its
@@ -120,7 +129,11 @@ def _buffer(size: int, shared: bool = False, pin: bool = False) -> torch.Tensor:
 
 
 def read_packed(
-    reader, request: MicroBatchRequest, shared: bool = False, pin: bool = False
+    reader,
+    request: MicroBatchRequest,
+    shared: bool = False,
+    pin: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[FieldSpec, ...], list[str]]:
     """One micro-batch read straight into one packed uint8 buffer: (buffer, its field specs, reasons of
     skipped samples). The buffer holds the host batch (`host_specs`: stored dtypes, `text_valid.<enc>` from
@@ -130,12 +143,13 @@ def read_packed(
     unusable sample's row is a finite placeholder (zeros; `text_valid.*` all True, so attention over it stays
     finite) and its `SampleSkipped` message is returned (strings: they cross process boundaries). Shapes
     stay those of the request, so every rank of a tp/cp group and the loss normaliser agree. With
-    `on_error="fail"` the reader raises.
+    `on_error="fail"` the reader raises. `out`: a uint8 buffer of at least the packed size to read into
+    instead (the returned buffer is its first bytes).
     """
     ids, n = list(request.sample_ids), len(request.sample_ids)
     specs = host_specs(reader, request.bucket)
     layout, size = pack_layout(specs, n)
-    buf = _buffer(size, shared, pin)
+    buf = out[:size] if out is not None and out.numel() >= size else _buffer(size, shared, pin)
     views = _numpy_views(buf, layout)
     encoders = list(reader.manifest.text_encoders)
     lengths = {
@@ -190,17 +204,40 @@ def report_skipped(request: MicroBatchRequest, reasons) -> None:
 
 
 class _RequestDataset(Dataset):
-    """Map-style dataset indexed by the request itself."""
+    """Map-style dataset indexed by (stream index, request).
 
-    def __init__(self, reader, pin: bool = False):
-        self.reader, self.pin = reader, pin
+    `slots`: shared-memory buffers made in the main process before the workers fork (so every worker and
+    the main process map the same pages once, for the whole pass): a worker reads batch i into slot
+    i % len(slots) and hands over only the slot's number. Slot reuse is safe because the DataLoader has at
+    most `prefetch × workers` batches in flight: batch i + len(slots) (len(slots) = prefetch × workers + 2)
+    is only sent to a worker after batch i + 2 was handed out, i.e. after the consumer asked for batch i + 1.
+    A batch that does not fit its slot goes into a fresh shared-memory buffer instead (sent as a tensor).
+    """
 
-    def __getitem__(self, request: MicroBatchRequest):
-        if get_worker_info() is None:  # read in the main process: nothing to hand over
-            buf, specs, skipped = read_packed(self.reader, request, pin=self.pin)
-        else:
-            buf, specs, skipped = read_packed(self.reader, request, shared=True)
+    def __init__(self, reader, pin: bool = False, slots: list[torch.Tensor] | None = None):
+        self.reader, self.pin, self.slots = reader, pin, slots or []
+
+    def __getitem__(self, item: tuple[int, MicroBatchRequest]):
+        i, request = item
+        worker = get_worker_info() is not None
+        slot = self.slots[i % len(self.slots)] if self.slots else None
+        buf, specs, skipped = read_packed(self.reader, request, shared=worker, pin=self.pin, out=slot)
+        if slot is not None and buf.data_ptr() == slot.data_ptr():
+            return request, (i % len(self.slots), buf.numel()), specs, skipped
         return request, buf, specs, skipped
+
+
+class _Indexed:
+    """The sampler: (stream index, request) pairs."""
+
+    def __init__(self, requests):
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self):
+        return enumerate(self.requests)
 
 
 def _as_is(item):
@@ -212,7 +249,8 @@ class TorchLoader:
 
     `prefetch`: micro-batches each worker reads ahead (DataLoader's `prefetch_factor`; unused with 0 workers).
     `pin_memory`: None = pin when `device` is CUDA. `cast=False`: yield the stored dtypes (float16) instead of
-    the compute dtype, to measure the loader without the on-device cast. `skipped`: samples skipped so far
+    the compute dtype (on the CPU: views of a recycled buffer, valid until the next batch is requested; see
+    the module docstring), to measure the loader without the on-device cast. `skipped`: samples skipped so far
     (`data.on_error=skip`: each is logged, its row is a placeholder with `sample_valid` False; see
     `read_packed`).
     """
@@ -232,16 +270,47 @@ class TorchLoader:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.skipped = 0
+        self._slots: list[torch.Tensor] | None = None
+        self._slots_shared = False
 
     def __len__(self) -> int:
         return len(self.requests)
 
+    def _slot_bytes(self) -> int:
+        """The largest packed micro-batch of `requests` (0 when they cannot be listed up front)."""
+        if not (hasattr(self.requests, "__getitem__") and hasattr(self.requests, "__len__")):
+            return 0
+        micro: dict[str, int] = {}
+        for r in self.requests:
+            micro[r.bucket] = max(micro.get(r.bucket, 0), len(r.sample_ids))
+        return max((pack_layout(host_specs(self.reader, b), n)[1] for b, n in micro.items()), default=0)
+
+    def _worker_slots(self) -> list[torch.Tensor]:
+        """The shared-memory slots workers read into (see `_RequestDataset`); none when batches are pinned
+        for a GPU (DataLoader's pin thread copies each worker's own buffer) or the sizes are unknown."""
+        if self.pin_memory:
+            return []
+        workers = self.num_workers > 0
+        if self._slots is None or self._slots_shared != workers:
+            size = self._slot_bytes()
+            count = self.prefetch * self.num_workers + 2 if workers else 2
+            self._slots = [_buffer(size, shared=workers) for _ in range(count)] if size else []
+            for slot in self._slots:  # touch every page now, once, not in the first pass's reads
+                slot.zero_()
+            self._slots_shared = workers
+        return self._slots
+
+    def start(self) -> None:
+        """Allocate (and touch) the recycled buffers now; otherwise the first iteration does. Like
+        `DaliLoader.start`: a one-time setup cost, kept out of per-batch measurements."""
+        self._worker_slots()
+
     def _dataloader(self) -> DataLoader:
         workers = self.num_workers > 0
         return DataLoader(
-            _RequestDataset(self.reader, pin=self.pin_memory and not workers),
+            _RequestDataset(self.reader, pin=self.pin_memory and not workers, slots=self._worker_slots()),
             batch_size=None,
-            sampler=self.requests,
+            sampler=_Indexed(self.requests),
             num_workers=self.num_workers,
             collate_fn=_as_is,
             pin_memory=self.pin_memory,
@@ -257,10 +326,14 @@ class TorchLoader:
                 if skipped:
                     self.skipped += len(skipped)
                     report_skipped(request, skipped)
+                owned = True
+                if isinstance(buf, tuple):  # (slot, bytes): the worker read into a shared slot
+                    slot, size = buf
+                    buf, owned = self._slots[slot][:size], not self.cast
                 if self.device.type != "cpu":
                     buf = buf.to(self.device, non_blocking=non_blocking)
                 host = unpack_batch(buf, specs, len(request.sample_ids))
-                yield request, to_device(host, self.device, cast=self.cast)
+                yield request, to_device(host, self.device, owned=owned, cast=self.cast)
         finally:  # stop the workers now, not when a traceback holding this frame is collected
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:

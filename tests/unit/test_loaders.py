@@ -117,6 +117,44 @@ def test_torch_loader_follows_the_requests(dataset, reference, workers):
     assert_same(collect(loader), reference)
 
 
+@pytest.mark.parametrize("workers,prefetch", [(0, 2), (1, 1), (2, 1), (2, 3)])
+def test_torch_loader_recycles_its_buffers(dataset, reference, workers, prefetch):
+    """Batches go through a ring of recycled buffers (prefetch × workers + 2 shared-memory slots, or two in
+    the main process) over many more requests than slots: every batch still equals the reference, also
+    when the loader is iterated again, and `cast=False` batches are right until the next one is asked for."""
+    reader = ShardReader(dataset)
+    loader = TorchLoader(reader, request_plan(), num_workers=workers, prefetch=prefetch)
+    loader.start()
+    slots = loader._slots
+    assert len(slots) == (prefetch * workers + 2 if workers else 2) < len(request_plan())
+    assert_same(collect(loader), reference)
+    assert_same(list(loader), reference)  # kept without copying: compute-dtype batches own their memory
+    assert loader._slots is slots  # reused across passes
+    fp16 = collect(TorchLoader(reader, request_plan(), num_workers=workers, prefetch=prefetch, cast=False))
+    assert all(b["latents"].dtype == torch.float16 for _, b in fp16)
+    from megagen.data.contract import cast_to_compute
+
+    assert_same([(r, cast_to_compute(b)) for r, b in fp16], reference)
+
+
+def test_torch_loader_without_slots_reads_fresh_buffers(dataset, reference):
+    """Requests that cannot be listed up front (a plain iterator): no slots, one fresh buffer per batch."""
+    loader = TorchLoader(ShardReader(dataset), _Unindexed(list(request_plan())), num_workers=1)
+    assert_same(collect(loader), reference)
+    assert loader._slots == []
+
+
+class _Unindexed:
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+
 NO_DALI = "nvidia.dali is not installed (pip install nvidia-dali-cuda120)"
 
 
