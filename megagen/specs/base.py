@@ -83,20 +83,31 @@ class ModelSpec(ABC):
         unconditional branch drops every condition to its null embedding). Specs with long inputs override
         this with windowed sampling.
         """
-        from megagen.diffusion import euler_sample, linear_quadratic_schedule
+        from megagen.diffusion import euler_sample
 
-        shape = tuple(batch["latents"].shape)
-        noise = torch.randn(shape, generator=generator).to(batch["latents"].device)
-        names = self.condition_names(cfg)
-        b = shape[0]
-        keep = {n: torch.zeros(b, dtype=torch.bool, device=noise.device) for n in names}
-        drop = {n: torch.ones(b, dtype=torch.bool, device=noise.device) for n in names}
+        noise, keep, drop, schedule = self.sampling_start(cfg, batch, steps, generator)
+        shape = tuple(noise.shape)
 
         def velocity(x, t, cond):
             return self.from_tokens(model(**self.model_inputs(batch, x, t.to(x.dtype), cond)), shape[1:])
 
-        schedule = linear_quadratic_schedule(steps, emulated_steps=max(250, steps))
         return euler_sample(velocity, noise, schedule, keep, drop, cfg_scale)
+
+    def sampling_start(
+        self, cfg: Config, batch: dict[str, torch.Tensor], steps: int, generator: torch.Generator | None
+    ):
+        """What every sampler of this spec starts from: noise shaped like `batch["latents"]`, the
+        keep-all / drop-all condition masks of classifier-free guidance, and Movie Gen's
+        linear-quadratic schedule of `steps` steps."""
+        from megagen.diffusion import linear_quadratic_schedule
+
+        shape = tuple(batch["latents"].shape)
+        noise = torch.randn(shape, generator=generator).to(batch["latents"].device)
+        b = shape[0]
+        names = self.condition_names(cfg)
+        keep = {n: torch.zeros(b, dtype=torch.bool, device=noise.device) for n in names}
+        drop = {n: torch.ones(b, dtype=torch.bool, device=noise.device) for n in names}
+        return noise, keep, drop, linear_quadratic_schedule(steps, emulated_steps=max(250, steps))
 
     def validate(self, cfg: Config) -> None:
         """Cross-checks between this spec and the config (e.g. heads divisible by tp)."""

@@ -106,14 +106,10 @@ def multidiffusion_sample(
     `slice_batch(batch, (a, b))` returns the conditioning of frames [a, b) (text is usually whole). Noise,
     schedule and guidance are exactly those of the default sampler, so one window reproduces it.
     """
-    from megagen.diffusion import euler_sample, linear_quadratic_schedule
+    from megagen.diffusion import euler_sample
 
-    shape = tuple(batch["latents"].shape)
-    noise = torch.randn(shape, generator=generator).to(batch["latents"].device)
-    names = spec.condition_names(cfg)
-    b = shape[0]
-    keep = {n: torch.zeros(b, dtype=torch.bool, device=noise.device) for n in names}
-    drop = {n: torch.ones(b, dtype=torch.bool, device=noise.device) for n in names}
+    noise, keep, drop, schedule = spec.sampling_start(cfg, batch, steps, generator)
+    shape = tuple(noise.shape)
     spans = window_spans(shape[dim], window, overlap)
     weights = blend_weights(shape[dim], spans, overlap, kind)
 
@@ -122,6 +118,5 @@ def multidiffusion_sample(
         out = model(**spec.model_inputs(sub, x, t.to(x.dtype), cond))
         return spec.from_tokens(out, tuple(x.shape[1:]))
 
-    schedule = linear_quadratic_schedule(steps, emulated_steps=max(250, steps))
     velocity = windowed_velocity(window_velocity, spans, weights, dim)
     return euler_sample(velocity, noise, schedule, keep, drop, cfg_scale)
