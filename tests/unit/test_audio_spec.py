@@ -10,6 +10,7 @@ from megagen.specs import get_spec
 from megagen.specs.audio import CONTEXT_MASK, VIDEO_FEATURES, draw_context_mask, resample_frames
 from megagen.specs.base import ModelSpec
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
+from tests.unit.shard_training import train_from_synth_shards
 
 EXAMPLE = "examples/configs/audio_tiny.yaml"
 
@@ -325,30 +326,4 @@ LOADERS = ["torch", "dali"]
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_audio_trains_from_shards_with_both_loaders(tmp_path_factory, loader):
-    from megagen.data.loaders import dali_available
-    from megagen.data.synth import synth
-    from megagen.train import train
-
-    if loader == "dali" and not dali_available():
-        pytest.skip("DALI is not installed")
-    root = tmp_path_factory.getbasetemp() / "audio_shards"
-    if not (root / "manifest.json").exists():
-        synth(root, preset="audio_tiny", samples=16, classes=4)
-    over = [
-        f"data.path={root}",
-        f"data.loader={loader}",
-        "data.num_workers=0",  # DALI's forked python workers can deadlock after torch threads in pytest
-        "train.steps=2",
-        f"run.dir={tmp_path_factory.mktemp('run')}",
-        "metrics.tensorboard=false",
-        "metrics.jsonl=false",
-        "metrics.progress=none",
-    ]
-    losses = train(load_config(EXAMPLE, over)).losses
-    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
-    TRAINED[loader] = losses
-    if len(TRAINED) == 2:
-        assert TRAINED["torch"] == pytest.approx(TRAINED["dali"], rel=1e-6)
-
-
-TRAINED: dict[str, list[float]] = {}
+    train_from_synth_shards(tmp_path_factory, "audio_tiny", loader, EXAMPLE)

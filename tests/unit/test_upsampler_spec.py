@@ -15,6 +15,7 @@ from megagen.specs.upsampler import (
     window_profile,
     window_spans,
 )
+from tests.unit.shard_training import train_from_synth_shards
 
 EXAMPLE = "examples/configs/upsampler_tiny.yaml"
 
@@ -241,32 +242,6 @@ def test_pack_crops_lowres_latents_with_the_latents(tmp_path):
     assert np.array_equal(s[LOWRES], lo[:, :4, 1:9, :])  # the same crop
 
 
-TRAINED: dict[str, list[float]] = {}
-
-
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_upsampler_trains_from_shards_with_both_loaders(tmp_path_factory, loader):
-    from megagen.data.loaders import dali_available
-    from megagen.data.synth import synth
-    from megagen.train import train
-
-    if loader == "dali" and not dali_available():
-        pytest.skip("DALI is not installed")
-    root = tmp_path_factory.getbasetemp() / "upsampler_shards"
-    if not (root / "manifest.json").exists():
-        synth(root, preset="upsampler_tiny", samples=16, classes=4)
-    over = [
-        f"data.path={root}",
-        f"data.loader={loader}",
-        "data.num_workers=0",  # DALI's forked python workers can deadlock after torch threads in pytest
-        "train.steps=2",
-        f"run.dir={tmp_path_factory.mktemp('run')}",
-        "metrics.tensorboard=false",
-        "metrics.jsonl=false",
-        "metrics.progress=none",
-    ]
-    losses = train(load_config(EXAMPLE, over)).losses
-    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
-    TRAINED[loader] = losses
-    if len(TRAINED) == 2:
-        assert TRAINED["torch"] == pytest.approx(TRAINED["dali"], rel=1e-6)
+    train_from_synth_shards(tmp_path_factory, "upsampler_tiny", loader, EXAMPLE)
