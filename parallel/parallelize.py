@@ -10,12 +10,14 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from megagen.parallel.context_parallel import ContextParallelAttention, SequenceLayout
 from megagen.parallel.fsdp import apply_fsdp
 from megagen.parallel.mesh import Mesh
 from megagen.parallel.plan import ParallelPlan
+from megagen.parallel.precision import autocast_forward
 from megagen.parallel.recompute import apply_recompute
 from megagen.parallel.sequence import SequenceSharder
 from megagen.parallel.tensor_parallel import apply_tensor_parallel, replicated_params
@@ -90,4 +92,6 @@ def parallelize(
             parallel_cfg.reduce_dtype,
             parallel_cfg.reshard_after_forward,
         )
+    else:
+        autocast_forward(model, parallel_cfg.param_dtype, torch.device(mesh.device_type))
     return state

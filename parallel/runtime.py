@@ -32,6 +32,9 @@ class LocalRuntime:
         if cfg.parallel.compile:
             for block in model.get_submodule(plan.blocks):
                 block.compile(backend=cfg.parallel.compile_backend)
+        from megagen.parallel.precision import autocast_forward
+
+        autocast_forward(model, cfg.parallel.param_dtype, self.device)
         return model
 
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -25,6 +25,7 @@ import torch
 EXAMPLE = "examples/configs/video_tiny.yaml"
 PRESET = [
     "model.preset=1b",
+    "parallel.param_dtype=bf16",  # bf16 compute, fp32 masters (autocast on one rank: parallel/precision.py)
     "data.latent_frames=8",
     "data.latent_height=32",
     "data.latent_width=32",  # 8·16·16 = 2048 tokens per sample

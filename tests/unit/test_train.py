@@ -119,3 +119,38 @@ def test_resumed_metrics_log_every_step_once(tmp_path):
     second.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_bf16_param_dtype_without_fsdp_computes_in_bf16_with_fp32_masters():
+    """`parallel.param_dtype=bf16` in one process: the forward runs in bf16 (autocast), parameters and
+    gradients stay fp32, the loss is fp32 and close to the fp32 run's."""
+    import torch
+
+    from megagen.config import load_config
+    from megagen.specs import get_spec
+    from megagen.train.loop import Trainer
+
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = load_config(
+            "examples/configs/video_tiny.yaml",
+            [
+                f"parallel.param_dtype={dtype}",
+                "train.steps=1",
+                "train.global_batch_size=2",
+                "train.micro_batch_size=2",
+                "metrics.tensorboard=false",
+                "metrics.jsonl=false",
+                "metrics.progress=none",
+                "run.dir=/tmp/megagen-bf16-test",
+            ],
+        )
+        trainer = Trainer(cfg)
+        spec = get_spec(cfg.model.spec)
+        batch = {k: torch.randn(2, *s) for k, s in spec.sample_shapes(cfg).items()}
+        out = trainer.model(**spec.model_inputs(batch, batch["latents"], torch.full((2,), 0.5), None))
+        assert out.dtype == (torch.bfloat16 if dtype == "bf16" else torch.float32)
+        result = trainer.run()
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        losses[dtype] = result.losses[0]
+    assert losses["bf16"] == __import__("pytest").approx(losses["fp32"], rel=2e-2)
