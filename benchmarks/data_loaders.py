@@ -165,6 +165,17 @@ def read_files(files: list[str]) -> int:
     return total
 
 
+CHECK_EAGER = False
+"""`--check-finite eager`: readers scan every sample's latents for NaN/inf on read (`data.check_finite=eager`,
+and always with `data.on_error=skip`); default as training reads with `data.on_error=fail`: no scan on read
+(`data.check_finite=on_nan_loss`, the scan runs only when a step's loss is not finite)."""
+
+
+def open_reader(path: str) -> ShardReader:
+    """A reader as training opens one (see `CHECK_EAGER`)."""
+    return ShardReader(path, check_finite=CHECK_EAGER)
+
+
 def raw_sequential(reader, plan, sizes, files) -> tuple[float, int, int, str]:
     t = time.perf_counter()
     nbytes = read_files(files)
@@ -186,7 +197,8 @@ def raw_memmap_random(reader, plan, sizes, files) -> tuple[float, int, int, str]
 
 
 def reader_batches(reader, plan, sizes, files) -> tuple[float, int, int, str]:
-    """What every loader does first: `read_batch` (one copy out of the map, NaN/inf check fused)."""
+    """What every loader does first: `read_batch` (one copy out of the map; NaN/inf check fused with
+    `--check-finite eager`)."""
     samples = nbytes = 0
     t = time.perf_counter()
     for req in plan:
@@ -290,7 +302,7 @@ def measure_case(case: Case, root: str, repeat: int, cold: bool, workers: int, t
             for _ in range(repeat if cache == "warm" else 1):
                 if cache == "cold":
                     drop_caches()
-                reader = ShardReader(path)  # fresh memory maps
+                reader = open_reader(path)  # fresh memory maps
                 dt, samples, nbytes, note = fn(reader, plan, sizes, files)
                 if best is None or dt < best.seconds:
                     best = Row(case.name, cache, method, dt, samples, nbytes, note)
@@ -315,7 +327,7 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
     model = spec.build(cfg)
     spec.init_weights(model, cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    reader = ShardReader(path)
+    reader = open_reader(path)
     streams, times = {}, {}
     for name, make in loaders.items():
         plan = request_plan(reader, micro)
@@ -366,7 +378,7 @@ def data_wait_synthetic(path: str, micro: int, loaders: dict, step_ms: float, st
     """The data-wait share at the Movie Gen shape with a *synthetic* step of known duration: the host sleeps
     `step_ms` per micro-batch, as a host does while the GPU computes (a real step at this shape takes far
     longer on a GPU: this is a pessimistic short one). Loaders take turns, one pass each."""
-    reader = ShardReader(path)
+    reader = open_reader(path)
     out = {}
     for name, make in loaders.items():
         plan = request_plan(reader, micro)
@@ -436,7 +448,16 @@ def main() -> None:
     p.add_argument(
         "--moviegen-step-ms", type=float, default=100.0, help="Movie Gen data-wait: synthetic step (ms)"
     )
+    p.add_argument(
+        "--check-finite",
+        default="on_nan_loss",
+        choices=("on_nan_loss", "eager"),
+        help="data.check_finite of the readers: on_nan_loss (training's default with on_error=fail: no "
+        "NaN/inf scan on read) or eager (scan fused with every copy)",
+    )
     args = p.parse_args()
+    global CHECK_EAGER
+    CHECK_EAGER = args.check_finite == "eager"
 
     cases = {
         "video_tiny": Case("video_tiny", None, args.tiny_samples, 8),
@@ -455,6 +476,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"machine: {cpus} CPU cores (1-min load {load:.1f}), torch {torch.__version__} ({threads} threads)")
     print(f"DALI: {dali}")
+    print(f"readers: data.check_finite={args.check_finite}")
     os.makedirs(args.root, exist_ok=True)
     for case in chosen:
         ensure_dataset(args.root, case)

@@ -76,6 +76,12 @@ class DataConfig:
         "fail", "unreadable sample: stop, or skip it (logged and counted)", choices=("fail", "skip")
     )
     verify: str = opt("size", "shard verification at start-up", choices=("none", "size", "checksum"))
+    check_finite: str = opt(
+        "on_nan_loss",
+        "NaN/inf latents: scan a step's samples only when its loss is not finite (on_nan_loss), or every "
+        "sample on read (eager; always so with on_error=skip)",
+        choices=("on_nan_loss", "eager"),
+    )
     bucket_batch: dict = opt(
         {}, "per-bucket batch sizes {bucket: {global: G, micro: M}}; default train.global/micro_batch_size"
     )

@@ -3,14 +3,15 @@
 A `torch.utils.data.DataLoader` over a map-style dataset whose index is a whole `MicroBatchRequest`
 (`batch_size=None`, the sampler yields the requests), so one worker reads one micro-batch and the
 DataLoader's in-order delivery keeps the request order for any number of workers. With `num_workers=0`
-the main process reads.
+the main process reads, on a read-ahead thread `prefetch` micro-batches ahead (`TorchLoader._read_ahead`;
+no DataLoader), so the reads and the per-batch Python work overlap the training step.
 
 A micro-batch is read straight into one packed buffer (`read_packed`): the host batch in the stored dtypes
 (float16 latents and text, see megagen/data/contract.py), one copy out of the memory maps and nothing
 else. The buffers are recycled slots: a ring of `prefetch × workers + 2` shared-memory slots made before
 the workers fork (a worker reads batch i into slot i mod ring and hands over only the slot's number; the
-pages are mapped and touched once per loader, not once per batch), or two private buffers in the main
-process. With CUDA (`pin_memory`) batches are instead read into fresh buffers (worker: shared memory,
+pages are mapped and touched once per loader, not once per batch), or `prefetch + 2` private buffers in
+the main process. With CUDA (`pin_memory`) batches are instead read into fresh buffers (worker: shared memory,
 pinned by DataLoader's pin thread; main process: pinned).
 
 Batch lifetime: a yielded batch in the compute dtype owns its memory (the cast copies the floating fields,
@@ -30,6 +31,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -247,7 +250,8 @@ def _as_is(item):
 class TorchLoader:
     """Iterating yields `(request, batch)` in the order of `requests`; see the module docstring.
 
-    `prefetch`: micro-batches each worker reads ahead (DataLoader's `prefetch_factor`; unused with 0 workers).
+    `prefetch`: micro-batches each worker reads ahead (DataLoader's `prefetch_factor`); with 0 workers, the
+    depth of the main process's read-ahead thread.
     `pin_memory`: None = pin when `device` is CUDA. `cast=False`: yield the stored dtypes (float16) instead of
     the compute dtype (on the CPU: views of a recycled buffer, valid until the next batch is requested; see
     the module docstring), to measure the loader without the on-device cast. `skipped`: samples skipped so far
@@ -293,7 +297,7 @@ class TorchLoader:
         workers = self.num_workers > 0
         if self._slots is None or self._slots_shared != workers:
             size = self._slot_bytes()
-            count = self.prefetch * self.num_workers + 2 if workers else 2
+            count = self.prefetch * self.num_workers + 2 if workers else self.prefetch + 2
             self._slots = [_buffer(size, shared=workers) for _ in range(count)] if size else []
             for slot in self._slots:  # touch every page now, once, not in the first pass's reads
                 slot.zero_()
@@ -304,6 +308,57 @@ class TorchLoader:
         """Allocate (and touch) the recycled buffers now; otherwise the first iteration does. Like
         `DaliLoader.start`: a one-time setup cost, kept out of per-batch measurements."""
         self._worker_slots()
+
+    def _read_ahead(self) -> Iterator[tuple]:
+        """0 workers: the main process reads, on one read-ahead thread (`prefetch` batches ahead; numpy's
+        copies release the GIL, so reading overlaps the consumer's step). Items are `_RequestDataset`'s, in
+        request order (one thread reads them in order); a read's exception is raised by the consumer at that
+        batch. Batch i goes into slot i mod (prefetch + 2): the consumer holds at most one batch and the
+        queue `prefetch`, so the thread writing one more never touches a slot still in use."""
+        slots = self._worker_slots()
+        dataset = _RequestDataset(self.reader, pin=self.pin_memory, slots=slots)
+        items: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    items.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for pair in enumerate(self.requests):
+                    if stop.is_set():
+                        return
+                    try:
+                        item = (True, dataset[pair])
+                    except BaseException as exc:  # raised in the consumer, at this batch
+                        put((False, exc))
+                        return
+                    if not put(item):
+                        return
+                put((False, None))
+            except BaseException as exc:  # iterating the requests failed
+                put((False, exc))
+
+        thread = threading.Thread(target=produce, name="megagen-read-ahead", daemon=True)
+        thread.start()
+        try:
+            while True:
+                ok, item = items.get()
+                if ok:
+                    yield item
+                elif item is None:
+                    return
+                else:
+                    raise item
+        finally:
+            stop.set()
+            thread.join()
 
     def _dataloader(self) -> DataLoader:
         workers = self.num_workers > 0
@@ -320,7 +375,7 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
         non_blocking = self.device.type == "cuda"
-        batches = iter(self._dataloader())
+        batches = iter(self._dataloader()) if self.num_workers > 0 else self._read_ahead()
         try:
             for request, buf, specs, skipped in batches:
                 if skipped:
@@ -335,6 +390,6 @@ class TorchLoader:
                 host = unpack_batch(buf, specs, len(request.sample_ids))
                 yield request, to_device(host, self.device, owned=owned, cast=self.cast)
         finally:  # stop the workers now, not when a traceback holding this frame is collected
-            shutdown = getattr(batches, "_shutdown_workers", None)
+            shutdown = getattr(batches, "_shutdown_workers", None) or getattr(batches, "close", None)
             if shutdown is not None:
                 shutdown()

@@ -35,9 +35,39 @@ class DataPipeline:
     sampler: object
     plan: RequestPlan
     loader: object
+    reader: object = None
+    lazy_finite: bool = False
+    """`data.check_finite=on_nan_loss` with `on_error=fail`: reads do not scan latents for NaN/inf; the
+    trainer calls `on_nonfinite_loss` when a step's loss is not finite."""
 
     def state_after(self, steps_done: int) -> dict:
         return self.plan.state_after(steps_done)
+
+    def on_nonfinite_loss(self, step: int, requests: list[MicroBatchRequest]) -> None:
+        """The loss of `step` (1-based) is NaN/inf: with lazy finite checking, scan the step's samples on this
+        rank and raise DataError naming the first non-finite one (file, bucket, sample: the eager check's
+        message), else a DataError saying the data was finite. Does nothing otherwise (the run goes on, as
+        with eager checking or synthetic data)."""
+        if not self.lazy_finite:
+            return
+        from megagen.data.format import DataError
+
+        for req in requests:
+            err = self.reader.nonfinite_error(req.bucket, req.sample_ids)
+            if err is not None:
+                raise DataError(
+                    f"{err.reason} (found after the loss of step {step} went non-finite; "
+                    "data.check_finite=on_nan_loss)",
+                    file=err.file,
+                    sample=err.sample,
+                    bucket=err.bucket,
+                )
+        buckets = sorted({r.bucket for r in requests})
+        raise DataError(
+            f"the loss went non-finite at step {step} with finite data: every latent of this rank's samples "
+            f"of the step (buckets {', '.join(buckets)}) is finite",
+            file=getattr(self.reader, "path", None),
+        )
 
 
 def bucket_plans(cfg: Config, bucket_sizes: dict[str, int]) -> list[BucketPlan]:
@@ -71,7 +101,13 @@ def build_data(
     from megagen.data.loaders import make_loader
     from megagen.data.shards import ShardReader
 
-    reader = reader or ShardReader(cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify)
+    eager = (
+        cfg.data.on_error == "skip" or cfg.data.check_finite == "eager"
+    )  # skip drops samples before a step
+    if reader is None:
+        reader = ShardReader(
+            cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify, check_finite=eager
+        )
     sizes = {name: info.samples for name, info in reader.buckets.items()}
     sampler = BucketSampler(bucket_plans(cfg, sizes), cfg.run.seed, cfg.data.bucket_weights or None)
     if sampler_state:
@@ -86,4 +122,5 @@ def build_data(
         threads=cfg.data.threads,
         device=runtime.device,
     )
-    return DataPipeline(sampler, plan, loader)
+    lazy = not reader.check_finite and reader.on_error == "fail"
+    return DataPipeline(sampler, plan, loader, reader, lazy_finite=lazy)

@@ -7,6 +7,7 @@ process and for any mesh.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -235,10 +236,12 @@ class Trainer:
                 step_loss = torch.zeros((), device=runtime.device)
                 wait = 0.0
                 micro, accum = 0, 1
+                step_reqs = []
                 while micro < accum:
                     t_wait = time.perf_counter()
                     req, batch = next(stream)
                     wait += time.perf_counter() - t_wait
+                    step_reqs.append(req)
                     if req.step != step or req.micro != micro:
                         raise RuntimeError(f"data stream out of order: got step {req.step} micro {req.micro}")
                     accum = req.accumulation
@@ -256,6 +259,8 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 global_loss = runtime.global_loss(step_loss)
+                if not math.isfinite(global_loss):  # data.check_finite=on_nan_loss: scan the step's samples
+                    self.data.on_nonfinite_loss(step + 1, step_reqs)
                 runtime.synchronize()
                 dt = time.perf_counter() - t_start
                 self.step = step + 1

@@ -126,7 +126,7 @@ def test_torch_loader_recycles_its_buffers(dataset, reference, workers, prefetch
     loader = TorchLoader(reader, request_plan(), num_workers=workers, prefetch=prefetch)
     loader.start()
     slots = loader._slots
-    assert len(slots) == (prefetch * workers + 2 if workers else 2) < len(request_plan())
+    assert len(slots) == (prefetch * workers + 2 if workers else prefetch + 2) < len(request_plan())
     assert_same(collect(loader), reference)
     assert_same(list(loader), reference)  # kept without copying: compute-dtype batches own their memory
     assert loader._slots is slots  # reused across passes
@@ -323,3 +323,34 @@ def test_finite_check_of_large_samples_copies_in_chunks(tmp_path, monkeypatch, b
     assert np.array_equal(got["latents"].view(np.uint16), clean[[0, 2]].view(np.uint16))
     unchecked = ShardReader(path, verify="none", check_finite=False).read_batch(bucket, [1])
     assert not np.isfinite(unchecked["latents"]).all()
+
+
+def _read_ahead_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "megagen-read-ahead"]
+
+
+def test_main_process_read_ahead_raises_at_the_failing_batch_and_stops(bad_dataset):
+    """0 workers: a read-ahead thread reads; batches come in request order, a read error is raised at its own
+    batch (the ones before it are delivered), and the thread is gone afterwards or when the consumer stops."""
+    bucket = "t2_h2_w4"
+    plan = [
+        MicroBatchRequest(0, 0, bucket, (1, 3), (0, 1), 1),
+        MicroBatchRequest(1, 0, bucket, (4, 0), (0, 1), 1),
+        MicroBatchRequest(2, 0, bucket, (5, 2), (0, 1), 1),  # sample 2 holds a NaN
+        MicroBatchRequest(3, 0, bucket, (1, 4), (0, 1), 1),
+    ]
+    reader = ShardReader(bad_dataset)  # check_finite=True: the eager check raises at read time
+    got = []
+    with pytest.raises(DataError, match="sample 2 of bucket t2_h2_w4.*NaN"):
+        for req, batch in TorchLoader(reader, plan, num_workers=0, prefetch=1):
+            got.append(req)
+            assert batch["caption_id"].tolist() == [i + 2000 for i in req.sample_ids]
+    assert got == plan[:2]
+    assert not _read_ahead_threads()
+    stream = iter(TorchLoader(reader, plan[:2] * 8, num_workers=0, prefetch=2))
+    next(stream)
+    assert len(_read_ahead_threads()) == 1
+    stream.close()  # the consumer stops early: the thread is joined
+    assert not _read_ahead_threads()
