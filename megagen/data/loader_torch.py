@@ -309,12 +309,13 @@ class TorchLoader:
         `DaliLoader.start`: a one-time setup cost, kept out of per-batch measurements."""
         self._worker_slots()
 
-    def _read_ahead(self) -> Iterator[tuple]:
+    def _read_ahead(self, finish=None) -> Iterator[tuple]:
         """0 workers: the main process reads, on one read-ahead thread (`prefetch` batches ahead; numpy's
         copies release the GIL, so reading overlaps the consumer's step). Items are `_RequestDataset`'s, in
         request order (one thread reads them in order); a read's exception is raised by the consumer at that
         batch. Batch i goes into slot i mod (prefetch + 2): the consumer holds at most one batch and the
-        queue `prefetch`, so the thread writing one more never touches a slot still in use."""
+        queue `prefetch`, so the thread writing one more never touches a slot still in use. `finish`, when
+        given, runs on the thread too (unpack and cast on a CPU device), so the consumer only dequeues."""
         slots = self._worker_slots()
         dataset = _RequestDataset(self.reader, pin=self.pin_memory, slots=slots)
         items: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -335,7 +336,8 @@ class TorchLoader:
                     if stop.is_set():
                         return
                     try:
-                        item = (True, dataset[pair])
+                        item = dataset[pair]
+                        item = (True, finish(item) if finish is not None else item)
                     except BaseException as exc:  # raised in the consumer, at this batch
                         put((False, exc))
                         return
@@ -373,22 +375,32 @@ class TorchLoader:
             in_order=True,
         )
 
+    def _finish(self, item: tuple) -> tuple[MicroBatchRequest, dict[str, torch.Tensor]]:
+        """A read item → (request, the batch the training loop gets)."""
+        request, buf, specs, skipped = item
+        if skipped:
+            self.skipped += len(skipped)
+            report_skipped(request, skipped)
+        owned = True
+        if isinstance(buf, tuple):  # (slot, bytes): the batch was read into a shared slot
+            slot, size = buf
+            buf, owned = self._slots[slot][:size], not self.cast
+        if self.device.type != "cpu":
+            buf = buf.to(self.device, non_blocking=self.device.type == "cuda")
+        host = unpack_batch(buf, specs, len(request.sample_ids))
+        return request, to_device(host, self.device, owned=owned, cast=self.cast)
+
     def __iter__(self) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
-        non_blocking = self.device.type == "cuda"
-        batches = iter(self._dataloader()) if self.num_workers > 0 else self._read_ahead()
+        if self.num_workers > 0:
+            batches = iter(self._dataloader())
+            finished = (self._finish(item) for item in batches)
+        elif self.device.type == "cpu":  # the read-ahead thread also unpacks and casts: nothing left to do
+            batches = finished = self._read_ahead(finish=self._finish)
+        else:  # the host→device copy stays on the consumer's thread (its CUDA stream)
+            batches = self._read_ahead()
+            finished = (self._finish(item) for item in batches)
         try:
-            for request, buf, specs, skipped in batches:
-                if skipped:
-                    self.skipped += len(skipped)
-                    report_skipped(request, skipped)
-                owned = True
-                if isinstance(buf, tuple):  # (slot, bytes): the worker read into a shared slot
-                    slot, size = buf
-                    buf, owned = self._slots[slot][:size], not self.cast
-                if self.device.type != "cpu":
-                    buf = buf.to(self.device, non_blocking=non_blocking)
-                host = unpack_batch(buf, specs, len(request.sample_ids))
-                yield request, to_device(host, self.device, owned=owned, cast=self.cast)
+            yield from finished
         finally:  # stop the workers now, not when a traceback holding this frame is collected
             shutdown = getattr(batches, "_shutdown_workers", None) or getattr(batches, "close", None)
             if shutdown is not None:
