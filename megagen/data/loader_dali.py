@@ -266,7 +266,21 @@ class DaliLoader:
             self.close()  # a previous pass stopped early with batches of it queued in DALI: start over
         self.start()
         self._fresh = False
-        pipe = self._pipe
+        if self.device.type == "cpu" and self.cast:
+            # run the pipeline and convert on a thread (the cast copies each batch out of DALI's buffers,
+            # so running ahead is safe): the consumer only dequeues
+            from megagen.data.loader_torch import _on_thread
+
+            pipe = self._pipe
+            yield from _on_thread(
+                lambda: self._batches(pipe), None, self.prefetch_queue_depth, name="megagen-dali-ahead"
+            )
+        else:  # device outputs stay on the consumer's thread (its CUDA stream); uncast views live until
+            # the next batch is requested
+            yield from self._batches(self._pipe)
+
+    def _batches(self, pipe) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
+        """One pass over the requests: run the pipeline once per batch, then let DALI end its epoch."""
         for i in range(len(self.requests)):
             try:
                 outputs = pipe.run()

@@ -206,6 +206,59 @@ def report_skipped(request: MicroBatchRequest, reasons) -> None:
         log.warning("data.on_error=skip: step %d micro %d: skipped %s", request.step, request.micro, reason)
 
 
+def _on_thread(make_items, finish, depth: int, name: str = "megagen-read-ahead") -> Iterator:
+    """Iterate `make_items()` on a background thread, `depth` items ahead, applying `finish` there.
+
+    Order is kept (one thread); an exception raised while producing item i is raised by the consumer at
+    item i; the thread is stopped and joined when the consumer finishes or stops early."""
+    items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = None
+        try:
+            source = make_items()
+            while not stop.is_set():
+                try:
+                    item = next(source)
+                except StopIteration:
+                    put((False, None))
+                    return
+                item = finish(item) if finish is not None else item
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # raised in the consumer, at this item
+            put((False, exc))
+        finally:
+            close = getattr(source, "_shutdown_workers", None)  # a DataLoader's worker processes
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = items.get()
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+    finally:
+        stop.set()
+        thread.join()
+
+
 class _RequestDataset(Dataset):
     """Map-style dataset indexed by (stream index, request).
 
@@ -316,51 +369,8 @@ class TorchLoader:
         batch. Batch i goes into slot i mod (prefetch + 2): the consumer holds at most one batch and the
         queue `prefetch`, so the thread writing one more never touches a slot still in use. `finish`, when
         given, runs on the thread too (unpack and cast on a CPU device), so the consumer only dequeues."""
-        slots = self._worker_slots()
-        dataset = _RequestDataset(self.reader, pin=self.pin_memory, slots=slots)
-        items: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    items.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for pair in enumerate(self.requests):
-                    if stop.is_set():
-                        return
-                    try:
-                        item = dataset[pair]
-                        item = (True, finish(item) if finish is not None else item)
-                    except BaseException as exc:  # raised in the consumer, at this batch
-                        put((False, exc))
-                        return
-                    if not put(item):
-                        return
-                put((False, None))
-            except BaseException as exc:  # iterating the requests failed
-                put((False, exc))
-
-        thread = threading.Thread(target=produce, name="megagen-read-ahead", daemon=True)
-        thread.start()
-        try:
-            while True:
-                ok, item = items.get()
-                if ok:
-                    yield item
-                elif item is None:
-                    return
-                else:
-                    raise item
-        finally:
-            stop.set()
-            thread.join()
+        dataset = _RequestDataset(self.reader, pin=self.pin_memory, slots=self._worker_slots())
+        return _on_thread(lambda: (dataset[pair] for pair in enumerate(self.requests)), finish, self.prefetch)
 
     def _dataloader(self) -> DataLoader:
         workers = self.num_workers > 0
@@ -391,7 +401,11 @@ class TorchLoader:
         return request, to_device(host, self.device, owned=owned, cast=self.cast)
 
     def __iter__(self) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
-        if self.num_workers > 0:
+        if self.num_workers > 0 and self.device.type == "cpu" and self.cast:
+            # a thread takes the workers' batches and unpacks + casts them (the cast copies each batch out
+            # of its shared slot at once, so the slot ring's bound still holds); the consumer only dequeues
+            batches = finished = _on_thread(lambda: iter(self._dataloader()), self._finish, self.prefetch)
+        elif self.num_workers > 0:
             batches = iter(self._dataloader())
             finished = (self._finish(item) for item in batches)
         elif self.device.type == "cpu":  # the read-ahead thread also unpacks and casts: nothing left to do

@@ -300,6 +300,9 @@ class Trainer:
                 if on_step_end is not None:
                     on_step_end(self, self.step)
         finally:
+            close_stream = getattr(stream, "close", None)  # stop the loader's threads / workers now
+            if close_stream is not None:
+                close_stream()
             logger.close()
             if profiler is not None:
                 profiler.close()

@@ -325,10 +325,11 @@ def test_finite_check_of_large_samples_copies_in_chunks(tmp_path, monkeypatch, b
     assert not np.isfinite(unchecked["latents"]).all()
 
 
-def _read_ahead_threads():
+def _read_ahead_threads(before=()):
+    """Live read-ahead threads, except those in `before` (left by other tests' abandoned loaders)."""
     import threading
 
-    return [t for t in threading.enumerate() if t.name == "megagen-read-ahead"]
+    return [t for t in threading.enumerate() if t.name == "megagen-read-ahead" and t not in before]
 
 
 def test_main_process_read_ahead_raises_at_the_failing_batch_and_stops(bad_dataset):
@@ -342,15 +343,16 @@ def test_main_process_read_ahead_raises_at_the_failing_batch_and_stops(bad_datas
         MicroBatchRequest(3, 0, bucket, (1, 4), (0, 1), 1),
     ]
     reader = ShardReader(bad_dataset)  # check_finite=True: the eager check raises at read time
+    before = set(_read_ahead_threads())
     got = []
     with pytest.raises(DataError, match="sample 2 of bucket t2_h2_w4.*NaN"):
         for req, batch in TorchLoader(reader, plan, num_workers=0, prefetch=1):
             got.append(req)
             assert batch["caption_id"].tolist() == [i + 2000 for i in req.sample_ids]
     assert got == plan[:2]
-    assert not _read_ahead_threads()
+    assert not _read_ahead_threads(before)
     stream = iter(TorchLoader(reader, plan[:2] * 8, num_workers=0, prefetch=2))
     next(stream)
-    assert len(_read_ahead_threads()) == 1
+    assert len(_read_ahead_threads(before)) == 1
     stream.close()  # the consumer stops early: the thread is joined
-    assert not _read_ahead_threads()
+    assert not _read_ahead_threads(before)
