@@ -10,7 +10,7 @@ from megagen.specs import get_spec
 from megagen.specs.audio import CONTEXT_MASK, VIDEO_FEATURES, draw_context_mask, resample_frames
 from megagen.specs.base import ModelSpec
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
-from tests.unit.shard_training import train_from_synth_shards
+from tests.unit.spec_helpers import make_batch, randomized, train_from_synth_shards
 
 EXAMPLE = "examples/configs/audio_tiny.yaml"
 
@@ -18,19 +18,6 @@ EXAMPLE = "examples/configs/audio_tiny.yaml"
 @pytest.fixture
 def cfg():
     return load_config(EXAMPLE, [])
-
-
-def randomized(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
-
-
-def make_batch(spec, cfg, b=2, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn((b, *s), generator=gen) for k, s in spec.sample_shapes(cfg).items()}
 
 
 def test_shapes_forward_and_zero_init_output(cfg):

@@ -15,7 +15,7 @@ from megagen.specs.upsampler import (
     window_profile,
     window_spans,
 )
-from tests.unit.shard_training import train_from_synth_shards
+from tests.unit.spec_helpers import make_batch, randomized, train_from_synth_shards
 
 EXAMPLE = "examples/configs/upsampler_tiny.yaml"
 
@@ -23,20 +23,6 @@ EXAMPLE = "examples/configs/upsampler_tiny.yaml"
 @pytest.fixture
 def cfg():
     return load_config(EXAMPLE, [])
-
-
-def randomized(model, seed=0):
-    """Every parameter random (so outputs are not the zero-initialised v̂ = 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model
-
-
-def make_batch(spec, cfg, b=2, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn((b, *s), generator=gen) for k, s in spec.sample_shapes(cfg).items()}
 
 
 def test_forward_shape_zero_output_and_zero_conditioning_columns(cfg):

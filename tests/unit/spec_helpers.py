@@ -1,13 +1,29 @@
-"""Shared test step: train a spec for 2 steps from synthetic shards with one loader, and check that the
-torch and DALI loaders give the same losses (each spec's test calls it once per loader)."""
+"""Helpers shared by the spec tests: random weights, a random batch of a spec's sample shapes, and a
+2-step training run from synthetic shards per loader (torch and DALI must give the same losses)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megagen.config import load_config
 
 _TRAINED: dict[str, dict[str, list[float]]] = {}
+
+
+def randomized(model, seed=0):
+    """Every parameter random (so outputs are not the zero-initialised v̂ = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def make_batch(spec, cfg, b=2, seed=1):
+    """A batch of `b` random samples of the spec's sample shapes for this config."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn((b, *s), generator=gen) for k, s in spec.sample_shapes(cfg).items()}
 
 
 def train_from_synth_shards(tmp_path_factory, preset: str, loader: str, config: str) -> list[float]:
