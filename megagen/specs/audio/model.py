@@ -18,7 +18,7 @@ from torch import nn
 
 from megagen.kernels import modulate
 from megagen.specs.layers import GELUMLP, CrossAttention, SelfAttention, TimestepEmbedder
-from megagen.specs.video.model import TextProjector
+from megagen.specs.video.model import TextProjector, project_text
 
 
 @dataclass(frozen=True)
@@ -139,12 +139,7 @@ class AudioTransformer(nn.Module):
         if drop is not None and "video" in drop:
             v = torch.where(drop["video"].view(-1, 1, 1), self.video_null.to(v.dtype).expand_as(v), v)
         x = self.patch_embed(tokens) + v + self.pos(pos_ids)
-        context = torch.cat(
-            [proj(text[n], None if drop is None else drop.get(n)) for n, proj in self.text.items()], dim=1
-        )
-        context_valid = None
-        if text_valid is not None:
-            context_valid = torch.cat([text_valid[n] for n in self.text], dim=1)
+        context, context_valid = project_text(self.text, text, text_valid, drop)
         t_emb = self.t_embed(t)
         t_mod = self.t_mod(nn.functional.silu(t_emb))
         for blk in self.blocks:

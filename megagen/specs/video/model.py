@@ -89,6 +89,22 @@ class TextProjector(nn.Module):
         return torch.where(drop.view(-1, 1, 1), self.null.to(h.dtype).expand_as(h), h)
 
 
+def project_text(
+    projectors: nn.ModuleDict,
+    text: dict[str, torch.Tensor],
+    text_valid: dict[str, torch.Tensor] | None,
+    drop: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every text encoder's embedding through its projector (null embedding where `drop[name]`), joined on
+    the token dim: the cross-attention context and its key mask (None when no `text_valid` is given)."""
+    context = torch.cat(
+        [proj(text[n], None if drop is None else drop.get(n)) for n, proj in projectors.items()], dim=1
+    )
+    if text_valid is None:
+        return context, None
+    return context, torch.cat([text_valid[n] for n in projectors], dim=1)
+
+
 class VideoTransformer(nn.Module):
     """tokens (B, S, patch_dim), pos_ids (B|1, S, 3), t (B,), text embeddings → velocity (B, S, patch_dim)."""
 
@@ -142,13 +158,7 @@ class VideoTransformer(nn.Module):
     ) -> torch.Tensor:
         x = self.patch_embed(tokens)
         pos = factorized_position(pos_ids, self.pos_t.weight, self.pos_h.weight, self.pos_w.weight)
-        context = torch.cat(
-            [proj(text[n], None if text_drop is None else text_drop[n]) for n, proj in self.text.items()],
-            dim=1,
-        )
-        context_valid = None
-        if text_valid is not None:
-            context_valid = torch.cat([text_valid[n] for n in self.text], dim=1)
+        context, context_valid = project_text(self.text, text, text_valid, text_drop)
         t_emb = self.t_embed(t)
         t_mod = self.t_mod(nn.functional.silu(t_emb))
         for blk in self.blocks:
