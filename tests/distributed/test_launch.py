@@ -4,36 +4,28 @@ killed mid-run is restarted by torchrun and the job resumes from its last checkp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from tests.distributed.torchrun import run_torchrun
 
 pytestmark = pytest.mark.slow
 
 
 def test_torchrun_trains_and_rank0_logs_comm(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "megagen",
-        "train",
-        "examples/configs/video_tiny.yaml",
-        "parallel.cp=2",
-        "parallel.cp_kind=ulysses",
-        "train.steps=2",
-        "metrics.comm=true",
-        "metrics.tensorboard=false",
-        "metrics.progress=lines",
-        f"run.dir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    proc = run_torchrun(
+        [
+            "train",
+            "examples/configs/video_tiny.yaml",
+            "parallel.cp=2",
+            "parallel.cp_kind=ulysses",
+            "train.steps=2",
+            "metrics.comm=true",
+            "metrics.tensorboard=false",
+            "metrics.progress=lines",
+            f"run.dir={tmp_path}",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step 2/2") == 1, "only rank 0 prints"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -42,33 +34,27 @@ def test_torchrun_trains_and_rank0_logs_comm(tmp_path):
         assert r["comm_bytes"]["cp"] > 0 and r["comm_bytes"]["dp_shard_cp"] > 0
 
 
-def _torchrun(tmp_path, run_dir, extra_args, overrides, entry=("-m", "megagen"), crash_at=0):
-    from megagen.launch_cli import launch_env
-
-    env = {**launch_env(), "OMP_NUM_THREADS": "1", "MEGAGEN_TEST_CRASH_AT_STEP": str(crash_at)}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        *extra_args,
-        *entry,
-        "train",
-        "examples/configs/video_tiny.yaml",
-        "parallel.tp=2",
-        "train.steps=6",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=4",
-        "checkpoint.every=2",
-        "checkpoint.async_save=true",
-        "metrics.tensorboard=false",
-        "metrics.progress=none",
-        f"run.dir={run_dir}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=os.getcwd())
+def _train_with_checkpoints(run_dir, torchrun_args, entry=("-m", "megagen"), crash_at=0):
+    """6 tp2 steps with an async checkpoint every 2 (`crash_at`: read by tests/distributed/crash_once.py)."""
+    return run_torchrun(
+        [
+            "train",
+            "examples/configs/video_tiny.yaml",
+            "parallel.tp=2",
+            "train.steps=6",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "checkpoint.every=2",
+            "checkpoint.async_save=true",
+            "metrics.tensorboard=false",
+            "metrics.progress=none",
+            f"run.dir={run_dir}",
+        ],
+        torchrun_args,
+        entry,
+        env={"MEGAGEN_TEST_CRASH_AT_STEP": str(crash_at)},
+        timeout=300,
+    )
 
 
 def _losses(run_dir):
@@ -78,13 +64,11 @@ def _losses(run_dir):
 def test_rank_killed_is_restarted_and_resumes_exactly(tmp_path):
     """Rank 1 is SIGKILLed after step 5 (checkpoint at step 4); torchrun --max-restarts 1 restarts both
     ranks, they resume from step 4 and the metrics of steps 1–6 equal an uninterrupted run's, bit for bit."""
-    straight = _torchrun(tmp_path, tmp_path / "straight", ["--standalone"], [])
+    straight = _train_with_checkpoints(tmp_path / "straight", ("--standalone",))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    crashed = _torchrun(
-        tmp_path,
+    crashed = _train_with_checkpoints(
         tmp_path / "crashed",
-        ["--standalone", "--max-restarts", "1", "--monitor-interval", "0.2"],
-        [],
+        ("--standalone", "--max-restarts", "1", "--monitor-interval", "0.2"),
         entry=("tests/distributed/crash_once.py",),
         crash_at=5,
     )

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from megagen.config import ConfigError
 from megagen.parallel.mesh import ParallelDims
+from tests.distributed.torchrun import run_torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -34,22 +31,16 @@ def test_bad_mesh_fails_on_every_rank(dist_pool, overrides, needle):
 
 
 def test_bad_mesh_under_torchrun_exits_nonzero_without_hanging(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "megagen",
-        "train",
-        "examples/configs/video_tiny.yaml",
-        "parallel.tp=2",
-        "parallel.cp=3",
-        f"run.dir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = run_torchrun(
+        [
+            "train",
+            "examples/configs/video_tiny.yaml",
+            "parallel.tp=2",
+            "parallel.cp=3",
+            f"run.dir={tmp_path}",
+        ],
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "world size 2 is not divisible by dp_replicate*cp*tp" in proc.stderr
 
