@@ -14,6 +14,7 @@ from megagen.checkpoint.layout import COMPLETE
 from megagen.checkpoint.safe_reader import read_index
 from tests.distributed.cases_checkpoint import train_with_checkpoints
 from tests.distributed.pool import DistributedPool, WorkerError
+from tests.norms import rel_diff
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +30,14 @@ def straight_one_process(tmp_path_factory) -> dict:
     return _straight["ref"]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()))
-
-
 def assert_close_run(got: dict, ref: dict, first_step: int, name: str) -> None:
     for i, (a, b) in enumerate(zip(got["losses"], ref["losses"][first_step:], strict=True)):
         assert abs(a - b) <= TOL * abs(b), f"{name}: loss of step {first_step + i + 1}: {a} vs {b}"
     for kind in ("params", "ema"):
         assert got[kind].keys() == ref[kind].keys()
         for pname, b in ref[kind].items():
-            assert _rel(got[kind][pname], b) <= TOL, (
-                f"{name}: {kind} {pname} rel {_rel(got[kind][pname], b):.1e}"
+            assert rel_diff(got[kind][pname], b) <= TOL, (
+                f"{name}: {kind} {pname} rel {rel_diff(got[kind][pname], b):.1e}"
             )
 
 

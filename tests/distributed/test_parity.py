@@ -7,9 +7,9 @@ One worker pool per world size runs all of its meshes.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.distributed.cases_parity import run_training
+from tests.norms import rel_diff
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +69,6 @@ def reference(padded: bool) -> dict:
     return _reference_cache[key]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    denom = torch.linalg.vector_norm(b.double())
-    diff = torch.linalg.vector_norm((a - b).double())
-    return float(diff / denom) if denom > 0 else float(diff)
-
-
 def assert_parity(got: dict, ref: dict, name: str) -> None:
     worst = 0.0
     for kind in ("losses", "grad_norms"):
@@ -87,7 +81,7 @@ def assert_parity(got: dict, ref: dict, name: str) -> None:
         for pname, b in ref[kind].items():
             a = got[kind][pname]
             assert a.shape == b.shape, f"{name}: {kind} {pname} shape {a.shape} vs {b.shape}"
-            rel = _rel(a, b)
+            rel = rel_diff(a, b)
             worst = max(worst, rel)
             assert rel <= TOL, f"{name}: {kind} {pname} rel diff {rel:.2e}"
     WORST[name] = worst

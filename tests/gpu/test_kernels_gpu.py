@@ -15,6 +15,7 @@ import torch
 from megagen import kernels as K
 from megagen.kernels import backend as registry
 from megagen.kernels.attention import attention_sdpa
+from tests.norms import rel_diff
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 """TRITON_INTERPRET=1 (with triton importable) runs the Triton cases on CPU in Triton's interpreter."""
@@ -29,11 +30,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
-
-
 def compare(fast, ref, inputs, tol, name):
     """Forward and backward of `fast` vs `ref` on the same inputs and the same output gradient."""
     leaves_f = [
@@ -44,13 +40,15 @@ def compare(fast, ref, inputs, tol, name):
     ]
     out_f, out_r = fast(*leaves_f), ref(*leaves_r)
     assert out_f.dtype == out_r.dtype and out_f.shape == out_r.shape, name
-    assert _rel(out_f, out_r) <= tol, f"{name}: forward rel {_rel(out_f, out_r):.2e}"
+    assert rel_diff(out_f, out_r) <= tol, f"{name}: forward rel {rel_diff(out_f, out_r):.2e}"
     dy = torch.randn_like(out_r)
     out_f.backward(dy)
     out_r.backward(dy)
     for i, (a, b) in enumerate(zip(leaves_f, leaves_r)):
         if torch.is_tensor(b) and b.requires_grad:
-            assert _rel(a.grad, b.grad) <= tol, f"{name}: grad of input {i} rel {_rel(a.grad, b.grad):.2e}"
+            assert rel_diff(a.grad, b.grad) <= tol, (
+                f"{name}: grad of input {i} rel {rel_diff(a.grad, b.grad):.2e}"
+            )
 
 
 def _t(*shape, dtype, grad=True):

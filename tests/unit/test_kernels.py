@@ -11,11 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megagen import kernels as K
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+from tests.norms import rel_diff
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +25,9 @@ def test_rms_norm_reference_matches_the_formula_and_the_dispatched_op():
     torch.manual_seed(0)
     x, w = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
     want = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
-    assert _rel(K.rms_norm_reference(x, w, 1e-6), want) < 1e-6  # the reference computes in fp32
-    assert _rel(K.rms_norm(x, w, 1e-6), want) < 1e-12
-    assert _rel(K.rms_norm_reference(x, None, 1e-6), want / w) < 1e-6
+    assert rel_diff(K.rms_norm_reference(x, w, 1e-6), want) < 1e-6  # the reference computes in fp32
+    assert rel_diff(K.rms_norm(x, w, 1e-6), want) < 1e-12
+    assert rel_diff(K.rms_norm_reference(x, None, 1e-6), want / w) < 1e-6
     xb = x.to(torch.bfloat16)
     assert K.rms_norm_reference(xb, w.float(), 1e-6).dtype == torch.bfloat16
 
@@ -51,7 +47,7 @@ def test_rms_norm_modulate_is_norm_then_modulate_values_and_grads():
         K.rms_norm_modulate(x, w, 1e-6, shift, scale),
         norm.modulated(x, shift, scale),
     ):
-        assert _rel(got, want) < 1e-6
+        assert rel_diff(got, want) < 1e-6
     assert torch.autograd.gradcheck(
         lambda *a: K.rms_norm_modulate(a[0], a[1], 1e-6, a[2], a[3]),
         (x[:, :2, :8], w[:8], shift[:, :8], scale[:, :8]),
@@ -117,13 +113,13 @@ def test_attention_matches_the_explicit_formula_with_padding(mask_kind):
     elif mask_kind == "shared":
         mask = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
     want = K.attention_math(q, k, v, mask)
-    assert _rel(K.attention_reference(q, k, v, mask), want) < 1e-5
-    assert _rel(K.attention(q, k, v, mask), want) < 1e-5
+    assert rel_diff(K.attention_reference(q, k, v, mask), want) < 1e-5
+    assert rel_diff(K.attention(q, k, v, mask), want) < 1e-5
     if mask is not None:  # padded keys carry no weight: changing them changes nothing
         bad = mask if mask.dim() == 2 else mask.expand(2, -1)
         k2, v2 = k.clone(), v.clone()
         k2[~bad], v2[~bad] = 100.0, 100.0
-        assert _rel(K.attention(q, k2, v2, mask), want) < 1e-5
+        assert rel_diff(K.attention(q, k2, v2, mask), want) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["flash", "cudnn", "efficient", "math", "te"])
@@ -132,7 +128,7 @@ def test_pinned_attention_backends_fall_back_on_cpu(kind):
     q = torch.randn(1, 4, 2, 8)
     mask = torch.tensor([True, True, False, True])
     K.configure("auto", kind, False)
-    assert _rel(K.attention(q, q, q, mask), K.attention_math(q, q, q, mask)) < 1e-5
+    assert rel_diff(K.attention(q, q, q, mask), K.attention_math(q, q, q, mask)) < 1e-5
 
 
 def test_flash_with_a_padding_mask_goes_to_a_masked_backend():
