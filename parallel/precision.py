@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import nn
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from megagen.parallel.fsdp import DTYPES
 
 
 def autocast_forward(model: nn.Module, param_dtype: str, device: torch.device) -> bool:
