@@ -8,7 +8,8 @@ latent (16×32×96×96 fp16 = 9.4 MB, 73,728 tokens per sample) — it writes a 
 - raw memmap random: every sample of the request stream copied out of the memory map, in request order;
 - `reader.read_batch`: the reader's part of every loader's work: one copy out of the memory map into the
   host batch (stored dtypes, fp16) with the NaN/inf check fused into the copy;
-- the torch loader (main process, and worker processes) and the DALI loader (python workers): iterate all
+- the torch loader (main process, and worker processes) and the DALI loader (its default source "map":
+  DALI's threads copy out of the memory maps; and "workers": python worker processes): iterate all
   requests, batches ready as the training loop gets them: on the device, fp32. The host batch stays fp16
   up to the device; the fp16 → fp32 cast runs on the device after the copy — on this CPU-only machine the
   device is the CPU, so it is counted in these rows;
@@ -252,22 +253,28 @@ def torch_loader(workers: int, cast: bool = True):
     return method
 
 
-def dali_loader(workers: int, threads: int, cast: bool = True):
+def dali_loader(workers: int, threads: int, cast: bool = True, source: str = "map"):
     def method(reader, plan, sizes, files):
         from megagen.data.loader_dali import DaliLoader
 
         loader = DaliLoader(
-            reader, plan, num_threads=threads, prefetch_queue_depth=2, py_num_workers=workers, cast=cast
+            reader,
+            plan,
+            num_threads=threads,
+            prefetch_queue_depth=2,
+            py_num_workers=workers,
+            cast=cast,
+            source=source,
         )
         t = time.perf_counter()
         loader.start()
         start = time.perf_counter() - t
         dt, samples, nbytes, first = run_loader(loader, sizes)
-        shm = sum(loader.shm_statistics().get("capacities", [])) / 2**20
+        shm = sum(loader.shm_statistics().get("capacities", [])) / 2**20 if source == "workers" else 0
         loader.close()
         kind = "fp32 (cast on CPU)" if cast else "fp16, no cast"
-        note = f"{kind}; {threads} threads; setup {start:.2f}s, 1st batch {first:.2f}s; shm {shm:.0f} MB"
-        return dt, samples, nbytes, note
+        note = f"{kind}; {threads} threads; setup {start:.2f}s, 1st batch {first:.2f}s"
+        return dt, samples, nbytes, note + (f"; shm {shm:.0f} MB" if source == "workers" else "")
 
     return method
 
@@ -284,8 +291,10 @@ def methods(workers: int, threads: int) -> dict:
         f"torch ({workers} workers) fp16": torch_loader(workers, cast=False),
     }
     if dali_available():
-        out[f"DALI loader ({workers} workers)"] = dali_loader(workers, threads)
-        out[f"DALI ({workers} workers) fp16"] = dali_loader(workers, threads, cast=False)
+        out["DALI loader (map)"] = dali_loader(0, threads)
+        out["DALI (map) fp16"] = dali_loader(0, threads, cast=False)
+        out[f"DALI loader ({workers} workers)"] = dali_loader(workers, threads, source="workers")
+        out[f"DALI ({workers} workers) fp16"] = dali_loader(workers, threads, cast=False, source="workers")
     return out
 
 
@@ -511,8 +520,9 @@ def main() -> None:
         if dali_available():
             from megagen.data.loader_dali import DaliLoader
 
+            loaders["DALI loader (map)"] = lambda r, plan: DaliLoader(r, plan, num_threads=args.threads)
             loaders[f"DALI loader ({w} workers)"] = lambda r, plan: DaliLoader(
-                r, plan, num_threads=args.threads, py_num_workers=w
+                r, plan, num_threads=args.threads, py_num_workers=w, source="workers"
             )
         path = os.path.join(args.root, "video_tiny")
         print(f"{'loader':<27} {'step ms':>8} {'wait ms':>8} {'p90 wait':>8} {'wait share':>10}")
@@ -536,8 +546,11 @@ def main() -> None:
         if dali_available():
             from megagen.data.loader_dali import DaliLoader
 
+            loaders["DALI loader (map)"] = lambda r, plan: DaliLoader(
+                r, plan, num_threads=args.threads, cast=False
+            )
             loaders[f"DALI loader ({w} workers)"] = lambda r, plan: DaliLoader(
-                r, plan, num_threads=args.threads, py_num_workers=w, cast=False
+                r, plan, num_threads=args.threads, py_num_workers=w, source="workers", cast=False
             )
         path = os.path.join(args.root, "moviegen_768px_16s")
         print(f"{'loader':<27} {'step ms':>8} {'wait ms':>8} {'p90 wait':>8} {'wait share':>10}")

@@ -71,7 +71,13 @@ class DataConfig:
     )
     num_workers: int = opt(2, "loader worker processes (torch) / python workers (DALI)", min=0)
     prefetch: int = opt(2, "micro-batches prefetched per worker / DALI queue depth", min=1)
-    threads: int = opt(2, "DALI CPU threads", min=1)
+    threads: int = opt(2, "DALI CPU threads (they copy the batches out of the shards' memory maps)", min=1)
+    dali_source: str = opt(
+        "map",
+        "DALI's source: views of the memory maps copied by DALI's threads (map), or python worker processes "
+        "(workers: data.num_workers of them)",
+        choices=("map", "workers"),
+    )
     on_error: str = opt(
         "fail", "unreadable sample: stop, or skip it (logged and counted)", choices=("fail", "skip")
     )

@@ -1,22 +1,30 @@
 """The NVIDIA DALI shard loader: megagen's sampler drives, DALI prefetches, batches and copies to the GPU.
 
-DALI's own readers shard and shuffle by themselves, so they cannot follow our sampler. The source here is
-`fn.external_source(parallel=True, batch=True, batch_info=True)` whose callback (`BatchSource`, picklable
-and deterministic) returns batch i = request i, read from the memory-mapped shards by the `ShardReader` in
-DALI's python worker processes. Batch mode accepts a different batch size and shape on every iteration
-(up to the pipeline's `max_batch_size`, the largest micro-batch of the request stream), so buckets with
-their own micro-batch sizes and latent shapes share one pipeline.
+DALI's own readers shard and shuffle by themselves, so they cannot follow our sampler. The source is an
+`fn.external_source(batch=True, batch_info=True)` whose callback returns batch i = request i, read from
+the memory-mapped shards by the `ShardReader`. Two sources (`source=`, config `data.dali_source`):
 
-The worker runs the torch loader's `read_packed` (the host batch in the stored dtypes, read straight into
-one buffer; with `data.on_error=skip` placeholder rows and `sample_valid`), and the main process the torch
-loader's `to_device` (the cast to the compute dtype), so keys, dtypes and values equal the torch loader's
-by construction. The worker hands DALI either that buffer (a one-sample DALI batch: one output, one
-host-to-device transfer; the default for batches up to `PACK_LIMIT`, where the per-output cost dominates)
-or one output per field (views of the same buffer). With `device_id` set the outputs go `.gpu()` inside
-the pipeline (DALI's pinned staging and host-to-device copy), are copied into CUDA tensors with DALI's
-torch plugin (`feed_ndarray`) and cast there: written for GPUs, untested on the CPU-only machine. On the
-CPU the floating fields are cast straight out of DALI's output buffer (no extra copy) and the others
-copied out of it.
+- `"map"` (default; megagen/data/dali_map_source.py): the callback runs in the main process and hands DALI
+  views of the memory maps (`no_copy=True`); DALI's threads copy them into its output, the batch's one
+  copy. Measured at ≥ 0.8 of the raw read speed (docs/benchmarking.md).
+- `"workers"`: `parallel=True`, `BatchSource` (picklable, deterministic) runs in DALI's python worker
+  processes — for sources whose reads are slow enough to need processes; each batch is copied three times
+  (worker buffer, DALI shared memory, DALI output), ≈ 0.2 of the raw read speed on 2 cores.
+
+Batch mode accepts a different batch size and shape on every iteration (up to the pipeline's
+`max_batch_size`), so buckets with their own micro-batch sizes and latent shapes share one pipeline. With
+`device_id` set the outputs go `.gpu()` inside the pipeline (DALI's pinned staging and host-to-device
+copy), are copied into CUDA tensors with DALI's torch plugin (`feed_ndarray`) and cast there: written for
+GPUs, untested on the CPU-only machine.
+
+The workers source: the worker runs the torch loader's `read_packed` (the host batch in the stored
+dtypes, read straight into one buffer; with `data.on_error=skip` placeholder rows and `sample_valid`),
+and the main process the torch loader's `to_device` (the cast to the compute dtype), so keys, dtypes and
+values equal the torch loader's by construction. The worker hands DALI either that buffer (a one-sample
+DALI batch: one output, one host-to-device transfer; the default for batches up to `PACK_LIMIT`, where
+the per-output cost dominates) or one output per field (views of the same buffer). On the CPU the
+floating fields are cast straight out of DALI's output buffer (no extra copy) and the others copied out
+of it.
 
 Worker start: `py_start_method="fork"` (default on CPU) is fast but must happen before CUDA is initialised
 in the process; `"spawn"` (default when `device_id` is set) re-imports the main module in every worker, so
@@ -34,6 +42,7 @@ import numpy as np
 import torch
 
 from megagen.data.contract import MicroBatchRequest
+from megagen.data.dali_map_source import MapLayout, MapSource
 from megagen.data.loader_torch import (
     SAMPLE_VALID,
     FieldSpec,
@@ -47,6 +56,8 @@ from megagen.data.loader_torch import (
 )
 
 log = logging.getLogger("megagen")
+
+SOURCES = ("map", "workers")
 
 PACK_LIMIT = 16 << 20
 """Pack micro-batches into one buffer when the largest one is at most this many bytes."""
@@ -98,7 +109,8 @@ class DaliLoader:
     at most `PACK_LIMIT` bytes). `bytes_per_sample_hint`: initial shared-memory slot per DALI sample
     (default: the largest packed batch, or the largest sample). `skipped`: samples skipped so far
     (`data.on_error=skip`; each logged, as in `TorchLoader`). `cast=False`: yield the stored dtypes, as in
-    `TorchLoader`.
+    `TorchLoader`. `source`: "map" (views of the memory maps, copied by DALI's `num_threads` threads; the
+    worker options do not apply) or "workers" (python worker processes; see the module docstring).
     """
 
     def __init__(
@@ -113,8 +125,13 @@ class DaliLoader:
         pack: bool | None = None,
         bytes_per_sample_hint: int | None = None,
         cast: bool = True,
+        source: str = "map",
     ):
-        self.reader, self.cast = reader, cast
+        if source not in SOURCES:
+            raise ValueError(
+                f"data.dali_source: unknown source {source!r}; choose one of {', '.join(SOURCES)}"
+            )
+        self.reader, self.cast, self.source = reader, cast, source
         self.requests = _indexable(requests)
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
         self.py_num_workers, self.device_id = py_num_workers, device_id
@@ -131,7 +148,13 @@ class DaliLoader:
         self.max_batch_size = 1 if self.pack else max(micro.values(), default=1)
         sample_bytes = max((pack_layout(specs, 1)[1] for specs in self.specs.values()), default=1)
         self.bytes_per_sample_hint = bytes_per_sample_hint or (packed_bytes if self.pack else sample_bytes)
+        self.layouts: dict[str, MapLayout] = {}
+        if source == "map":
+            self.micro = micro
+            self.layouts = {b: MapLayout(reader, b, num_threads) for b in micro}
+            self.max_batch_size = max((self.layouts[b].lanes(n)[1] for b, n in micro.items()), default=1)
         self.skipped = 0
+        self._source: MapSource | None = None
         self._pipe = None
         self._fresh = False  # the pipeline sits at the start of its epoch
 
@@ -148,6 +171,32 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ pipeline
     def _build(self):
+        return self._build_map() if self.source == "map" else self._build_workers()
+
+    def _build_map(self):
+        from nvidia.dali import fn
+        from nvidia.dali.pipeline import Pipeline
+
+        # exec_dynamic=False: the classic executor copies no_copy inputs into its output buffers with its
+        # thread pool (one task per batch sample, i.e. per lane); the dynamic one copies in the feeding thread
+        pipe = Pipeline(
+            batch_size=self.max_batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=self.prefetch_queue_depth,
+            exec_dynamic=False,
+        )
+        ring = self.prefetch_queue_depth + 3  # > the iterations DALI holds fed but unconsumed
+        source = self._source = MapSource(self.reader, self.requests, self.layouts, self.micro, ring=ring)
+        with pipe:
+            outs = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True, no_copy=True)
+            if self.device_id is not None:  # DALI's pinned staging + host-to-device copy (untested here)
+                outs = [o.gpu() for o in outs]
+            pipe.set_outputs(*outs)
+        pipe.build()
+        return pipe
+
+    def _build_workers(self):
         from nvidia.dali import fn
         from nvidia.dali.pipeline import Pipeline
 
@@ -195,6 +244,9 @@ class DaliLoader:
             return
         # DALI stops its python workers when the pipeline is collected (or at exit); do it now instead of
         # leaving idle worker processes behind a reference cycle.
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
         pipe._shutdown()
         pool = getattr(pipe, "_py_pool", None)
         if pool is not None:
@@ -225,7 +277,12 @@ class DaliLoader:
     def _batch(self, request: MicroBatchRequest, outputs) -> dict[str, torch.Tensor]:
         """DALI's outputs of `request` → the batch (compute dtype, owning its memory); logs and counts skipped
         samples."""
-        if self.pack:
+        if self.source == "map":
+            n = len(request.sample_ids)
+            host = self.layouts[request.bucket].unpack(
+                self._to_torch(outputs[0]), self._to_torch(outputs[1]), n
+            )
+        elif self.pack:
             buf = self._to_torch(outputs[0])[0]
             host = unpack_batch(buf, self.specs[request.bucket], len(request.sample_ids))
         else:

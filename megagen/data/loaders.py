@@ -37,13 +37,15 @@ def make_loader(
     prefetch: int = 2,
     threads: int = 2,
     device: torch.device | str | None = None,
+    dali_source: str = "map",
     **extra,
 ):
     """A loader over `requests` (indexable for DALI, e.g. a `RequestPlan`) reading from `reader`.
 
-    `num_workers`: torch DataLoader workers / DALI python workers (0 = read in the main process).
-    `prefetch`: micro-batches read ahead (per worker for torch; DALI's queue depth). `threads`: DALI CPU
-    threads. `device`: where batches land. `extra` goes to the chosen loader's constructor.
+    `num_workers`: torch DataLoader workers / DALI python workers with `dali_source="workers"` (0 = read
+    in the main process). `prefetch`: micro-batches read ahead (per worker for torch; DALI's queue depth).
+    `threads`: DALI CPU threads. `device`: where batches land. `dali_source`: see `DaliLoader`. `extra`
+    goes to the chosen loader's constructor.
     """
     if kind not in KINDS:
         raise ConfigError("data.loader", f"unknown loader {kind!r}; choose one of {', '.join(KINDS)}")
@@ -73,6 +75,7 @@ def make_loader(
             prefetch_queue_depth=prefetch,
             py_num_workers=num_workers,
             device_id=device_id,
+            source=dali_source,
             **extra,
         )
     from megagen.data.loader_torch import TorchLoader

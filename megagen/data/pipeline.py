@@ -121,6 +121,7 @@ def build_data(
         prefetch=cfg.data.prefetch,
         threads=cfg.data.threads,
         device=runtime.device,
+        dali_source=cfg.data.dali_source,
     )
     lazy = not reader.check_finite and reader.on_error == "fail"
     return DataPipeline(sampler, plan, loader, reader, lazy_finite=lazy)

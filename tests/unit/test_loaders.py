@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -158,12 +159,68 @@ class _Unindexed:
 NO_DALI = "nvidia.dali is not installed (pip install nvidia-dali-cuda120)"
 
 
+def test_latent_pieces_give_every_thread_a_lane():
+    from megagen.data.dali_map_source import latent_pieces
+
+    assert latent_pieces(16, 1, 8) == 8 and latent_pieces(16, 2, 8) == 4 and latent_pieces(16, 3, 8) == 4
+    assert latent_pieces(16, 8, 8) == 1 and latent_pieces(16, 9, 8) == 1
+    assert latent_pieces(3, 1, 2) == 3  # a divisor of the first dim: 3 channels make 3 pieces
+    assert latent_pieces(3, 1, 8) == 3  # never more pieces than the first dim has rows
+    assert latent_pieces(4, 0, 2) == 4
+
+
 @pytest.mark.skipif(not dali_available(), reason=NO_DALI)
-def test_dali_loader_matches_torch_loader(dataset, reference):
+def test_dali_map_source_matches_torch_loader(dataset, reference):
+    """The default source: DALI copies straight out of the memory maps, a micro-batch cut into lanes."""
+    from megagen.data.contract import cast_to_compute
+    from megagen.data.loader_dali import DaliLoader
+
+    reader = ShardReader(dataset)
+    with DaliLoader(reader, request_plan(), num_threads=2) as loader:
+        assert loader.source == "map"
+        # 8 lanes wanted (4 per thread): 3-sample micro-batches of 4-channel latents cut in 4 → 12 lanes,
+        # 1-sample ones in 4 (never more pieces than channels)
+        assert loader.max_batch_size == 12 and loader.layouts["t2_h2_w4"].lanes(1) == (4, 4)
+        assert_same(collect(loader), reference)
+        assert_same(collect(loader), reference)  # a second pass rewinds to request 0
+        partial = next(iter(loader))  # a pass abandoned early ...
+        assert partial[0] == reference[0][0]
+        assert_same(collect(loader), reference)  # ... does not leak its queued batches into the next one
+        loader.start()
+        source = loader._source
+        pieces, rest = source(SimpleNamespace(iteration=0))
+        request = reference[0][0]
+        c, k = loader.layouts[request.bucket].lanes(len(request.sample_ids))
+        assert len(pieces) == len(rest) == k == c * len(request.sample_ids)
+        # the latents are handed over uncopied: read-only views of the shard's memory map
+        assert all(not p.flags.writeable and not p.flags.owndata for p in pieces)
+        assert len({r.nbytes for r in rest}) == 1  # equal lanes, as DALI's dense output needs
+        assert any(t.name == "megagen-dali-source" for t in threading.enumerate())
+    assert not any(t.name == "megagen-dali-source" for t in threading.enumerate())  # closed with the loader
+    with DaliLoader(ShardReader(dataset), request_plan(), num_threads=1, cast=False) as loader:
+        assert loader.max_batch_size == 6 and loader.layouts["t2_h2_w4"].lanes(1) == (4, 4)
+        assert loader.layouts["t1_h48_w64"].lanes(3) == (2, 6)
+        fp16 = collect(loader)
+        assert all(b["latents"].dtype == torch.float16 for _, b in fp16)
+        assert_same([(r, cast_to_compute(b)) for r, b in fp16], reference)
+
+
+@pytest.mark.skipif(not dali_available(), reason=NO_DALI)
+def test_dali_unknown_source_names_the_option(dataset):
+    from megagen.data.loader_dali import DaliLoader
+
+    with pytest.raises(ValueError, match="data.dali_source.*'disk'"):
+        DaliLoader(ShardReader(dataset), request_plan(), source="disk")
+
+
+@pytest.mark.skipif(not dali_available(), reason=NO_DALI)
+def test_dali_workers_source_matches_torch_loader(dataset, reference):
     from megagen.data.loader_dali import DaliLoader
 
     # One pipeline for every assertion (DALI's worker start is the slow part).
-    with DaliLoader(ShardReader(dataset), request_plan(), num_threads=2, py_num_workers=2) as loader:
+    with DaliLoader(
+        ShardReader(dataset), request_plan(), num_threads=2, py_num_workers=2, source="workers"
+    ) as loader:
         assert loader.pack and loader.max_batch_size == 1  # small batches travel packed in one buffer
         assert_same(collect(loader), reference)
         assert_same(collect(loader), reference)  # a second pass rewinds to request 0
@@ -173,7 +230,9 @@ def test_dali_loader_matches_torch_loader(dataset, reference):
         assert loader.skipped == 0
         assert loader.shm_statistics()["capacities"]
     # One output per field: DALI's batch size follows the micro-batch size of each request's bucket.
-    with DaliLoader(ShardReader(dataset), request_plan(), py_num_workers=1, pack=False) as loader:
+    with DaliLoader(
+        ShardReader(dataset), request_plan(), py_num_workers=1, pack=False, source="workers"
+    ) as loader:
         assert loader.max_batch_size == 3
         assert_same(collect(loader), reference)
 
@@ -215,9 +274,11 @@ def _loaders(path, on_error):
     if dali_available():
         from megagen.data.loader_dali import DaliLoader
 
-        yield "dali", DaliLoader(ShardReader(path, on_error=on_error), _skip_plan(), py_num_workers=1)
+        yield "dali", DaliLoader(ShardReader(path, on_error=on_error), _skip_plan())
         reader = ShardReader(path, on_error=on_error)
-        yield "dali-fields", DaliLoader(reader, _skip_plan(), py_num_workers=1, pack=False)
+        yield "dali-workers", DaliLoader(reader, _skip_plan(), py_num_workers=1, source="workers")
+        reader = ShardReader(path, on_error=on_error)
+        yield "dali-fields", DaliLoader(reader, _skip_plan(), py_num_workers=1, pack=False, source="workers")
 
 
 def test_skip_puts_placeholders_logs_and_counts(bad_dataset, caplog):
