@@ -62,6 +62,7 @@ from megagen.data.loaders import dali_available
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
 from megagen.data.shards import ShardReader
 from megagen.data.synth import synth
+from megagen.train.step_gc import StepGC
 
 
 @dataclass
@@ -346,7 +347,9 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
             loader.start()
         streams[name], times[name] = (loader, iter(loader)), ([], [])
 
-    def train_steps(name: str, n: int, record: bool) -> None:
+    done = [0]
+
+    def train_steps(name: str, n: int, record: bool, step_gc: StepGC | None = None) -> None:
         stream = streams[name][1]
         for _ in range(n):
             t0 = time.perf_counter()
@@ -361,12 +364,18 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
             if record:
                 times[name][0].append(t1 - t0)
                 times[name][1].append(time.perf_counter() - t1)
+            if step_gc is not None:
+                done[0] += 1
+                step_gc.step_done(done[0])
 
     for name in loaders:
         train_steps(name, warmup, record=False)
-    for _ in range(rounds):
-        for name in loaders:
-            train_steps(name, steps, record=True)
+    # garbage collection at step boundaries, as `megagen train` does (train.gc_every, default 50): an
+    # automatic collection inside `next()` would count as data wait
+    with StepGC(50) as step_gc:
+        for _ in range(rounds):
+            for name in loaders:
+                train_steps(name, steps, record=True, step_gc=step_gc)
     out = {}
     for name, (loader, stream) in streams.items():
         for _ in stream:

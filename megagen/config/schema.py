@@ -145,6 +145,9 @@ class TrainConfig:
     cuda_graphs: bool = opt(
         False, "capture each bucket's block forward+backward as CUDA graphs (one GPU, no FSDP/TP/CP)"
     )
+    gc_every: int = opt(
+        50, "Python garbage collection after every N steps, automatic collection off; 0 = automatic", min=0
+    )
 
 
 @dataclass

@@ -21,6 +21,7 @@ from megagen.parallel.plan_check import check_plan
 from megagen.specs import get_spec
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
+from megagen.train.step_gc import StepGC
 
 log = logging.getLogger("megagen")
 
@@ -223,6 +224,7 @@ class Trainer:
             watchdog = StepWatchdog(cfg.train.step_timeout_s, runtime.rank, counter)
         comm = [] if counter is not None else None
         stream = iter(self.data.loader)
+        step_gc = StepGC(cfg.train.gc_every).__enter__()
         try:
             for step in range(self.step, cfg.train.steps):
                 if counter is not None:
@@ -299,7 +301,9 @@ class Trainer:
                 logger.log(self.step, record)
                 if on_step_end is not None:
                     on_step_end(self, self.step)
+                step_gc.step_done(self.step)
         finally:
+            step_gc.__exit__(None, None, None)
             close_stream = getattr(stream, "close", None)  # stop the loader's threads / workers now
             if close_stream is not None:
                 close_stream()
