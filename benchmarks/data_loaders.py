@@ -321,6 +321,16 @@ def measure_case(case: Case, root: str, repeat: int, cold: bool, workers: int, t
 
 
 # ------------------------------------------------------------------------------------------------ data wait
+WAIT_HEADER = f"{'loader':<27} " + " ".join(f"{c:>8}" for c in ("step ms", "wait ms", "p50 wait", "p90 wait"))
+WAIT_HEADER += f" {'wait share':>10}"
+
+
+def wait_row(name: str, step_ms: float, res: dict) -> str:
+    """One line of a data-wait table: mean / median / p90 wait per step and the share of the step."""
+    cols = (step_ms, res["wait_ms"], res["wait_p50_ms"], res["wait_p90_ms"])
+    return f"{name:<27} " + " ".join(f"{c:>8.3f}" for c in cols) + f" {100 * res['share']:>9.2f}%"
+
+
 def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, warmup: int = 3) -> dict:
     """Train the tiny model on each loader's stream, `steps` steps per loader per round, loaders taking
     turns so that machine noise hits all alike. Per loader: median compute ms, mean wait ms, share."""
@@ -386,6 +396,7 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
         out[name] = {
             "step_ms": 1e3 * statistics.median(computes),
             "wait_ms": 1e3 * statistics.mean(waits),
+            "wait_p50_ms": 1e3 * statistics.median(waits),
             "wait_p90_ms": 1e3 * sorted(waits)[int(0.9 * (len(waits) - 1))],
             "share": sum(waits) / (sum(waits) + sum(computes)),
         }
@@ -416,6 +427,7 @@ def data_wait_synthetic(path: str, micro: int, loaders: dict, step_ms: float, st
             loader.close()
         out[name] = {
             "wait_ms": 1e3 * statistics.mean(waits),
+            "wait_p50_ms": 1e3 * statistics.median(waits),
             "wait_p90_ms": 1e3 * sorted(waits)[int(0.9 * (len(waits) - 1))],
             "share": sum(waits) / total,
         }
@@ -534,12 +546,9 @@ def main() -> None:
                 r, plan, num_threads=args.threads, py_num_workers=w, source="workers"
             )
         path = os.path.join(args.root, "video_tiny")
-        print(f"{'loader':<27} {'step ms':>8} {'wait ms':>8} {'p90 wait':>8} {'wait share':>10}")
+        print(WAIT_HEADER)
         for name, res in data_wait(path, 8, loaders, rounds, steps).items():
-            print(
-                f"{name:<27} {res['step_ms']:>8.2f} {res['wait_ms']:>8.3f} {res['wait_p90_ms']:>8.3f} "
-                f"{100 * res['share']:>9.2f}%"
-            )
+            print(wait_row(name, res["step_ms"], res))
     if "moviegen_768px_16s" in args.cases:
         w, ms, micro = args.workers, args.moviegen_step_ms, args.moviegen_micro
         steps = len(request_plan(ShardReader(os.path.join(args.root, "moviegen_768px_16s")), micro)) - 2
@@ -562,12 +571,9 @@ def main() -> None:
                 r, plan, num_threads=args.threads, py_num_workers=w, source="workers", cast=False
             )
         path = os.path.join(args.root, "moviegen_768px_16s")
-        print(f"{'loader':<27} {'step ms':>8} {'wait ms':>8} {'p90 wait':>8} {'wait share':>10}")
+        print(WAIT_HEADER)
         for name, res in data_wait_synthetic(path, micro, loaders, ms, steps).items():
-            print(
-                f"{name:<27} {ms:>8.2f} {res['wait_ms']:>8.3f} {res['wait_p90_ms']:>8.3f} "
-                f"{100 * res['share']:>9.2f}%"
-            )
+            print(wait_row(name, ms, res))
     print(f"\n1-min load average at the end: {os.getloadavg()[0]:.1f}")
 
 
