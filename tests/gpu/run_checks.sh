@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks that CI cannot run (one GPU, < 5 min). Sections run alone or together:
 #
-#   tests/gpu/run_checks.sh                       # all: kernels te train bench
+#   tests/gpu/run_checks.sh                       # all: kernels te train bench dali
 #   tests/gpu/run_checks.sh kernels graphs bench  # any subset, in this order
 #
 #   kernels  Triton kernels and pinned SDPA backends vs their references (forward + grads)
@@ -10,6 +10,8 @@
 #   graphs   video 1b: eager vs CUDA graphs (train.cuda_graphs=true): same checks
 #   train    video 1b: all modes (eager, triton kernels, compile, CUDA graphs)
 #   bench    `megagen bench --json` of video 1b on this GPU (MFU)
+#   dali     DALI (map, workers) vs torch loaders into GPU memory at the Movie Gen 768 px latent: same
+#            batches, GB/s vs raw read ("unverified (not installed)" without nvidia.dali)
 #
 # Logs and JSON go to $OUT (default ./gpu-out); a short table is printed last. Exit status: non-zero if a
 # check failed. Without a GPU it says so and exits 0.
@@ -21,9 +23,9 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(kernels te train bench)
+[ ${#sections[@]} -eq 0 ] && sections=(kernels te train bench dali)
 for s in "${sections[@]}"; do
-  case "$s" in kernels|te|compile|graphs|train|bench) ;; *) echo "unknown section: $s" >&2; exit 2 ;; esac
+  case "$s" in kernels|te|compile|graphs|train|bench|dali) ;; *) echo "unknown section: $s" >&2; exit 2 ;; esac
 done
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -70,6 +72,9 @@ if [ ${#modes[@]} -gt 0 ]; then
 fi
 if has bench; then
   run bench 120 "$PY" -m tests.gpu.train_modes bench --out "$OUT" --steps 5 --warmup 2
+fi
+if has dali; then
+  run dali 150 "$PY" -m tests.gpu.dali_loaders --out "$OUT"
 fi
 
 "$PY" -m tests.gpu.summary "$OUT"

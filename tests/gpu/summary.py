@@ -54,7 +54,18 @@ def rows(out: Path) -> list[tuple[str, str]]:
         )
     else:
         table.append(("bench 1b", "not run"))
+    table.append(("loaders to GPU", _dali(out / "dali.json")))
     return table
+
+
+def _dali(path: Path) -> str:
+    if not path.is_file():
+        return "not run"
+    d = json.loads(path.read_text())
+    if "skipped" in d:
+        return f"unverified ({d['skipped']})"
+    speeds = ", ".join(f"{name} {s['of_raw']:.2f}" for name, s in d["loaders"].items())
+    return f"{'same batches' if d['ok'] else 'BATCHES DIFFER'}; of raw {d['raw_gb_per_s']:.1f} GB/s: {speeds}"
 
 
 def main(argv: list[str]) -> int:
