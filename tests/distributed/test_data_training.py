@@ -1,4 +1,5 @@
-"""Training from latent shards: both loaders, one process and fsdp2×cp2, same losses step for step."""
+"""Training from latent shards: both loaders (DALI with each source), one process and fsdp2×cp2, same losses
+step for step."""
 
 from __future__ import annotations
 
@@ -34,9 +35,14 @@ def reference(dataset):
     )
 
 
-@pytest.mark.parametrize("loader", LOADERS)
+ONE_PROCESS = [["data.loader=torch"]] + (
+    [["data.loader=dali"], ["data.loader=dali", "data.dali_source=workers"]] if dali_available() else []
+)
+
+
+@pytest.mark.parametrize("loader", ONE_PROCESS, ids=lambda o: " ".join(o))
 def test_one_process_loaders_agree(dataset, reference, loader):
-    got = train_from_shards(dataset, [f"data.loader={loader}", "data.num_workers=1", *BUCKETS])
+    got = train_from_shards(dataset, [*loader, "data.num_workers=1", *BUCKETS])
     assert got["samples"] == reference["samples"]
     for a, b in zip(got["losses"], reference["losses"]):
         assert a == pytest.approx(b, rel=1e-6)
