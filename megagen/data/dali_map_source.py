@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from megagen.data.contract import MicroBatchRequest
+from megagen.data.format import LATENTS
 from megagen.data.loader_torch import (
     FieldSpec,
     _on_thread,
@@ -35,7 +36,6 @@ from megagen.data.loader_torch import (
 )
 from megagen.data.shards import SampleSkipped
 
-LATENTS = "latents"
 LANE_ALIGN = 64
 
 
@@ -76,6 +76,15 @@ class MapLayout:
         k = self.lanes(n)[1]
         return math.ceil(size / k / LANE_ALIGN) * LANE_ALIGN
 
+    def most(self, top: int) -> tuple[int, int]:
+        """(lanes, rest bytes) that fit every micro-batch of up to `top` samples — a maximum over all sizes:
+        lanes are not monotone in n (4 channels, 8 lanes wanted: 3 samples make 12 lanes, 4 make 8)."""
+        sizes = range(top + 1)
+        return (
+            max(self.lanes(n)[1] for n in sizes),
+            max(self.rest_lane_bytes(n) * self.lanes(n)[1] for n in sizes),
+        )
+
     def unpack(self, latents: torch.Tensor, rest: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
         """The two outputs of one micro-batch (lanes first, any device) → the host batch."""
         batch = {LATENTS: latents.reshape(n, *self.latent_shape)}
@@ -107,14 +116,7 @@ class MapSource:
         ahead: int = 2,
     ):
         self.reader, self.requests, self.layouts, self.ahead = reader, requests, layouts, ahead
-        size = max(
-            (
-                layouts[b].rest_lane_bytes(n) * layouts[b].lanes(n)[1]
-                for b, top in micro.items()
-                for n in range(top + 1)
-            ),
-            default=0,
-        )
+        size = max((layouts[b].most(top)[1] for b, top in micro.items()), default=0)
         self._ring = [torch.empty(size, dtype=torch.uint8) for _ in range(ring + ahead + 1)]
         self._prepared = None  # the read-ahead generator
         self._next = 0  # the iteration it yields next
@@ -157,9 +159,7 @@ class MapSource:
                 failed.append(row)
         pieces = [p for lat in latents for p in np.split(lat, c)] if n else [layout.latent_zeros[:0]]
         slot = self._ring[i % len(self._ring)]
-        buf, _, _ = read_packed(
-            self.reader, request, out=slot, skip_keys=(LATENTS,), failed_rows=tuple(failed)
-        )
+        buf, _, _ = read_packed(self.reader, request, out=slot, specs=layout.rest, failed_rows=tuple(failed))
         if buf.data_ptr() != slot.data_ptr():
             raise RuntimeError(
                 f"request {i}: {buf.numel()} bytes of fields do not fit the ring's {slot.numel()}"

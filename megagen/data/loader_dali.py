@@ -152,7 +152,7 @@ class DaliLoader:
         if source == "map":
             self.micro = micro
             self.layouts = {b: MapLayout(reader, b, num_threads) for b in micro}
-            self.max_batch_size = max((self.layouts[b].lanes(n)[1] for b, n in micro.items()), default=1)
+            self.max_batch_size = max((self.layouts[b].most(n)[0] for b, n in micro.items()), default=1)
         self.skipped = 0
         self._source: MapSource | None = None
         self._pipe = None

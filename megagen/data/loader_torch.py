@@ -137,7 +137,7 @@ def read_packed(
     shared: bool = False,
     pin: bool = False,
     out: torch.Tensor | None = None,
-    skip_keys: tuple[str, ...] = (),
+    specs: tuple[FieldSpec, ...] | None = None,
     failed_rows: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, tuple[FieldSpec, ...], list[str]]:
     """One micro-batch read straight into one packed uint8 buffer: (buffer, its field specs, reasons of
@@ -149,14 +149,13 @@ def read_packed(
     finite) and its `SampleSkipped` message is returned (strings: they cross process boundaries). Shapes
     stay those of the request, so every rank of a tp/cp group and the loss normaliser agree. With
     `on_error="fail"` the reader raises. `out`: a uint8 buffer of at least the packed size to read into
-    instead (the returned buffer is its first bytes). `skip_keys`: host fields left out of the buffer (read
-    elsewhere: the DALI map source hands the latents over as views of the map); `failed_rows`: rows found
-    unusable elsewhere (with `on_error="skip"`), given placeholders like the ones found here.
+    instead (the returned buffer is its first bytes). `specs`: the host fields the buffer holds (default all
+    of `host_specs`; the DALI map source leaves the latents out, handing them over as views of the map);
+    `failed_rows`: rows found unusable elsewhere (with `on_error="skip"`), given placeholders like the ones
+    found here.
     """
     ids, n = list(request.sample_ids), len(request.sample_ids)
-    specs = host_specs(reader, request.bucket)
-    if skip_keys:
-        specs = tuple(s for s in specs if s[0] not in skip_keys)
+    specs = host_specs(reader, request.bucket) if specs is None else specs
     layout, size = pack_layout(specs, n)
     buf = out[:size] if out is not None and out.numel() >= size else _buffer(size, shared, pin)
     views = _numpy_views(buf, layout)

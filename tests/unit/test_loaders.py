@@ -206,6 +206,25 @@ def test_dali_map_source_matches_torch_loader(dataset, reference):
 
 
 @pytest.mark.skipif(not dali_available(), reason=NO_DALI)
+def test_dali_map_source_sizes_its_pipeline_for_every_micro_batch_size(dataset):
+    """Lanes are not monotone in the micro-batch size: with 2 threads (8 lanes wanted) a 4-channel latent
+    makes 12 lanes for 3 samples but 8 for 4, so the pipeline must fit the smaller request too."""
+    from megagen.data.loader_dali import DaliLoader
+
+    bucket = "t2_h2_w4"
+    plan = [
+        MicroBatchRequest(0, 0, bucket, (0, 1, 2, 3), (0, 1, 2, 3), 1),
+        MicroBatchRequest(1, 0, bucket, (4, 5, 6), (0, 1, 2), 1),
+    ]
+    reader = ShardReader(dataset)
+    want = [(r, reader.to_model_batch(reader.read_batch(r.bucket, list(r.sample_ids)))) for r in plan]
+    with DaliLoader(ShardReader(dataset), plan, num_threads=2) as loader:
+        assert loader.layouts[bucket].lanes(3)[1] == 12 > loader.layouts[bucket].lanes(4)[1] == 8
+        assert loader.max_batch_size == 12
+        assert_same(collect(loader), want)
+
+
+@pytest.mark.skipif(not dali_available(), reason=NO_DALI)
 def test_dali_unknown_source_names_the_option(dataset):
     from megagen.data.loader_dali import DaliLoader
 
