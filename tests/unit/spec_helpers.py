@@ -1,12 +1,14 @@
-"""Helpers shared by the spec tests: random weights, a random batch of a spec's sample shapes, and a
-2-step training run from synthetic shards per loader (torch and DALI must give the same losses)."""
+"""Helpers shared by the spec tests: random weights, a random batch of a spec's sample shapes, a config
+check that must name its key, and a 2-step training run from synthetic shards per loader (torch and DALI
+must give the same losses)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megagen.config import load_config
+from megagen.config import ConfigError, load_config
+from megagen.specs import get_spec
 
 _TRAINED: dict[str, dict[str, list[float]]] = {}
 
@@ -24,6 +26,17 @@ def make_batch(spec, cfg, b=2, seed=1):
     """A batch of `b` random samples of the spec's sample shapes for this config."""
     gen = torch.Generator().manual_seed(seed)
     return {k: torch.randn((b, *s), generator=gen) for k, s in spec.sample_shapes(cfg).items()}
+
+
+def assert_validate_names_the_key(spec_name: str, cfg, override: str, key: str) -> None:
+    """Setting `override` ("group.name=<int>") on `cfg` makes the spec's `validate` raise a ConfigError
+    naming `key`."""
+    k, v = override.split("=")
+    group, name = k.split(".")
+    setattr(getattr(cfg, group), name, int(v))
+    with pytest.raises(ConfigError) as info:
+        get_spec(spec_name).validate(cfg)
+    assert info.value.key == key
 
 
 def train_from_synth_shards(tmp_path_factory, preset: str, loader: str, config: str) -> list[float]:

@@ -8,6 +8,7 @@ import torch
 from megagen.config import ConfigError, load_config
 from megagen.specs import get_spec
 from megagen.specs.video import patchify, unpatchify
+from tests.unit.spec_helpers import assert_validate_names_the_key
 
 
 @pytest.fixture
@@ -80,12 +81,7 @@ def test_plan_patterns_match_real_modules(cfg):
     ],
 )
 def test_validate_names_the_key(cfg, override, key):
-    k, v = override.split("=")
-    group, name = k.split(".")
-    setattr(getattr(cfg, group), name, int(v))
-    with pytest.raises(ConfigError) as info:
-        get_spec("video").validate(cfg)
-    assert info.value.key == key
+    assert_validate_names_the_key("video", cfg, override, key)
 
 
 def test_ulysses_needs_heads_divisible_by_cp_tp(cfg):
