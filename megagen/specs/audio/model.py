@@ -18,7 +18,7 @@ from torch import nn
 
 from megagen.kernels import modulate
 from megagen.specs.layers import GELUMLP, CrossAttention, SelfAttention, TimestepEmbedder
-from megagen.specs.video.model import TextProjector, project_text
+from megagen.specs.video.model import TextProjector, init_conditioning_and_output, project_text
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,8 @@ class AudioTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, TextProjector):
                 nn.init.ones_(m.norm.weight)
-        for blk in self.blocks:
-            nn.init.normal_(blk.mod_table, std=self.arch.dim**-0.5)
-        for proj in self.text.values():
-            nn.init.normal_(proj.null, std=std)
+        init_conditioning_and_output(self, std)  # draws the same random numbers first, as before
         nn.init.normal_(self.video_null, std=std)
-        nn.init.zeros_(self.out_table)
-        nn.init.zeros_(self.out_proj.weight)
-        nn.init.zeros_(self.out_proj.bias)
 
     def forward(
         self,

@@ -105,6 +105,18 @@ def project_text(
     return context, torch.cat([text_valid[n] for n in projectors], dim=1)
 
 
+def init_conditioning_and_output(model: nn.Module, std: float) -> None:
+    """What the video and audio transformers initialise alike: each block's adaLN table (std dim^-1/2),
+    the text projectors' null embeddings (std), and a zero output layer, so training starts at v̂ = 0."""
+    for blk in model.blocks:
+        nn.init.normal_(blk.mod_table, std=model.arch.dim**-0.5)
+    for proj in model.text.values():
+        nn.init.normal_(proj.null, std=std)
+    nn.init.zeros_(model.out_table)
+    nn.init.zeros_(model.out_proj.weight)
+    nn.init.zeros_(model.out_proj.bias)
+
+
 class VideoTransformer(nn.Module):
     """tokens (B, S, patch_dim), pos_ids (B|1, S, 3), t (B,), text embeddings → velocity (B, S, patch_dim)."""
 
@@ -139,13 +151,7 @@ class VideoTransformer(nn.Module):
                 nn.init.normal_(m.weight, std=std)
             elif isinstance(m, RMSNorm) and m.weight is not None:
                 nn.init.ones_(m.weight)
-        for blk in self.blocks:
-            nn.init.normal_(blk.mod_table, std=self.arch.dim**-0.5)
-        for proj in self.text.values():
-            nn.init.normal_(proj.null, std=std)
-        nn.init.zeros_(self.out_table)
-        nn.init.zeros_(self.out_proj.weight)
-        nn.init.zeros_(self.out_proj.bias)
+        init_conditioning_and_output(self, std)
 
     def forward(
         self,
