@@ -357,9 +357,10 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
             loader.start()
         streams[name], times[name] = (loader, iter(loader)), ([], [])
 
-    done = [0]
+    done = 0  # recorded steps over all loaders: the step count the garbage collector follows
 
     def train_steps(name: str, n: int, record: bool, step_gc: StepGC | None = None) -> None:
+        nonlocal done
         stream = streams[name][1]
         for _ in range(n):
             t0 = time.perf_counter()
@@ -375,8 +376,8 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
                 times[name][0].append(t1 - t0)
                 times[name][1].append(time.perf_counter() - t1)
             if step_gc is not None:
-                done[0] += 1
-                step_gc.step_done(done[0])
+                done += 1
+                step_gc.step_done(done)
 
     for name in loaders:
         train_steps(name, warmup, record=False)
