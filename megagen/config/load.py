@@ -113,15 +113,29 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _read_yaml(p: Path) -> Any:
+    """The YAML tree of config file `p`, or a ConfigError naming the file (and the line of a syntax error)."""
+    if p.is_dir():
+        raise ConfigError("<config>", f"{p} is a directory; expected a YAML file")
+    if not p.is_file():
+        raise ConfigError("<config>", f"file not found: {p}")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("<config>", f"{p}:{where}: not valid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<config>", f"cannot read {p}: {exc}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults ← YAML file ← overrides, then validated. Raises ConfigError naming the bad key."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("<config>", f"file not found: {p}")
-        with open(p, encoding="utf-8") as fh:
-            tree = yaml.safe_load(fh) or {}
+        tree = _read_yaml(Path(path))
         for key, value in _flatten(tree).items():
             _set(cfg, key, value)
     for text in overrides:

@@ -66,15 +66,19 @@ def max_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def make_runtime(cfg: Config):
-    """The single-process runtime, or the distributed one when launched by torchrun."""
+def _launched_distributed() -> bool:
     import os
 
     import torch.distributed as dist
 
+    return dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_runtime(cfg: Config):
+    """The single-process runtime, or the distributed one when launched by torchrun."""
     from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
 
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _launched_distributed():
         return DistributedRuntime(cfg)
     p = cfg.parallel
     if max(p.dp_replicate, p.cp, p.tp, p.dp_shard) > 1:
@@ -95,6 +99,19 @@ def build_model(cfg: Config, spec, runtime):
     plan = spec.parallel_plan(cfg)
     check_plan(model, plan, cfg.parallel.tp, spec.name)
     return runtime.parallelize(model.to(runtime.device), plan, cfg)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training: the steps done and the checkpoint the same command resumes from."""
+
+    def __init__(self, steps_done: int, checkpoint: Path | None):
+        self.steps_done, self.checkpoint = steps_done, checkpoint
+        resume = (
+            f"the same command resumes from {checkpoint}"
+            if checkpoint is not None
+            else "no checkpoint: progress is lost"
+        )
+        super().__init__(f"interrupted at step {steps_done}; {resume}")
 
 
 class _Profiler:
@@ -327,6 +344,13 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
     from megagen.checkpoint import attach_checkpointing
     from megagen.checkpoint import preflight as checkpoint_preflight
 
+    if runtime is None and not _launched_distributed():  # under torchrun the pre-flight checks every rank
+        from megagen.checkpoint.hooks import checkpoint_dir
+        from megagen.fsutil import ensure_writable_dir
+
+        ensure_writable_dir(cfg.run.dir, "run.dir")
+        if cfg.checkpoint.every > 0:
+            ensure_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
     checkpoint_preflight(cfg)  # a bad resume / init_from path fails before the model is built
     trainer = Trainer(cfg, runtime)
     hook = attach_checkpointing(trainer)
@@ -336,5 +360,10 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
         )
     try:
         return trainer.run(capture_grads=capture_grads, on_step_end=hook)
+    except KeyboardInterrupt:
+        from megagen.checkpoint.hooks import checkpoint_dir
+        from megagen.checkpoint.layout import read_latest
+
+        raise TrainingInterrupted(trainer.step, read_latest(checkpoint_dir(cfg))) from None
     finally:
         hook.close()
