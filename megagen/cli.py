@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from megagen.config import ConfigError, describe_keys, load_config
+from megagen.config import describe_keys, load_config
 
 DESCRIPTION = """megagen: train Movie-Gen-class media foundation models with 3D parallelism.
 
