@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         config_parser.error("the following argument is required: CONFIG")
     from megagen.checkpoint.cli import run_ckpt_command
     from megagen.data.cli import run_data_command
-    from megagen.launch_cli import run_doctor_command, run_launch_command
+    from megagen.doctor import run_doctor_command
+    from megagen.launch_cli import run_launch_command
     from megagen.plan_cli import run_plan_command
     from megagen.sample import run_sample_command
     from megagen.specs.cli import run_specs_command

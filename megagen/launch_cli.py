@@ -187,37 +187,3 @@ def run_launch_command(args) -> int:
         return run_local(args)
     print("megagen launch: choose slurm or local (see --help)", file=sys.stderr)
     return 2
-
-
-def run_doctor_command(args) -> int:
-    import torch.distributed as dist
-
-    from megagen.config.load import config_fingerprint
-    from megagen.parallel.preflight import preflight, rank_facts
-
-    cfg = load_config(args.config, args.overrides)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not dist.is_initialized():
-        facts = rank_facts(config_fingerprint(cfg), [cfg.data.path, cfg.eval.path], [cfg.run.dir])
-        problems = [f"cannot see {p}" for p in facts.missing_paths] + [
-            f"cannot write {p}" for p in facts.unwritable_paths
-        ]
-        print(f"megagen doctor: 1 process on {facts.host}, code {facts.code_version}")
-        for p in problems:
-            print(f"  problem: {p}")
-        return 1 if problems else 0
-    from megagen.parallel.mesh import Mesh, ParallelDims, device_and_backend
-
-    device, backend = device_and_backend(cfg.parallel.backend)
-    dist.init_process_group(backend)
-    p = cfg.parallel
-    dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, dist.get_world_size())
-    mesh = Mesh(dims, device.type)
-    report = preflight(cfg, config_fingerprint(cfg), mesh.axis_groups(), device, time_links=True)
-    if dist.get_rank() == 0:
-        hosts = ", ".join(report["hosts"])
-        print(f"megagen doctor: {dist.get_world_size()} ranks on {hosts}, code {report['code_version']}")
-        print(f"  mesh {dims.sizes()}: OK")
-        for axis, seconds in report["links_s"].items():
-            print(f"  all-reduce 1 MiB on {axis:12s}: {seconds * 1e3:8.2f} ms (slowest rank)")
-    dist.destroy_process_group()
-    return 0

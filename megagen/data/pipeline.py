@@ -100,6 +100,7 @@ def build_data(
         return DataPipeline(sampler, plan, SyntheticLoader(dataset, plan, runtime.device))
     from megagen.data.loaders import make_loader
     from megagen.data.shards import ShardReader
+    from megagen.data.spec_fields import check_dataset_fields
 
     eager = (
         cfg.data.on_error == "skip" or cfg.data.check_finite == "eager"
@@ -108,6 +109,7 @@ def build_data(
         reader = ShardReader(
             cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify, check_finite=eager
         )
+    check_dataset_fields(reader.manifest, spec, cfg, cfg.data.path)
     sizes = {name: info.samples for name, info in reader.buckets.items()}
     sampler = BucketSampler(bucket_plans(cfg, sizes), cfg.run.seed, cfg.data.bucket_weights or None)
     if sampler_state:
