@@ -25,21 +25,18 @@ def _check(name: str, fn) -> tuple[str, str | None]:
     return name, " ".join(str(problem).split()) if problem else None
 
 
-def _data_check(cfg, spec, dp_size: int) -> None:
-    """The dataset opens, fits the spec, and each bucket's batch sizes divide over the data-parallel ranks."""
-    from megagen.data.pipeline import bucket_plans
-    from megagen.data.sampler import BucketSampler, SyntheticSampler
+def _data_check(cfg, spec, world_size: int, dp_size: int) -> None:
+    """The dataset opens and fits the spec; each bucket's batch sizes divide and fit (as training plans)."""
+    from megagen.data.pipeline import make_sampler
+    from megagen.parallel.mesh import device_and_backend
 
-    if not cfg.data.path:
-        sampler = SyntheticSampler(cfg.train.global_batch_size, cfg.train.micro_batch_size)
-    else:
+    reader = None
+    if cfg.data.path:
         from megagen.data.shards import ShardReader
-        from megagen.data.spec_fields import check_dataset_fields
 
         reader = ShardReader(cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify)
-        check_dataset_fields(reader.manifest, spec, cfg, cfg.data.path)
-        sizes = {name: info.samples for name, info in reader.buckets.items()}
-        sampler = BucketSampler(bucket_plans(cfg, sizes), cfg.run.seed, cfg.data.bucket_weights or None)
+    device = device_and_backend(cfg.parallel.backend)[0]
+    sampler = make_sampler(cfg, spec, world_size, dp_size, device, reader)
     for name in sampler.buckets:
         sampler.accumulation(name, dp_size)
 
@@ -75,7 +72,7 @@ def local_checks(cfg, world_size: int) -> list[tuple[str, str | None]]:
 
     results.append(_check("mesh", mesh))
     if spec is not None:
-        results.append(_check("data", lambda: _data_check(cfg, spec, dims.dp if dims else 1)))
+        results.append(_check("data", lambda: _data_check(cfg, spec, world_size, dims.dp if dims else 1)))
     results.append(_check("checkpoint", lambda: checkpoint_preflight(cfg) and None))  # a path = fine
     results.append(_check("paths", lambda: _path_check(cfg)))
     return results

@@ -27,9 +27,17 @@ def _field_type(owner: Any, name: str) -> type:
     return hints[name]
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
-    """Convert `value` (YAML scalar or override string) to `typ`, or raise naming `key`."""
+def _coerce(key: str, value: Any, typ: type, words: tuple = ()) -> Any:
+    """Convert `value` (YAML scalar or override string) to `typ`, or raise naming `key`. A field typed
+    `int | str` holds an integer or one of its `words` (e.g. `auto`)."""
     from_string = isinstance(value, str)
+    if words:
+        if from_string and value.strip().lower() in words:
+            return value.strip().lower()
+        try:
+            return _coerce(key, value, int)
+        except ConfigError:
+            raise ConfigError(key, f"expected an integer or {' / '.join(words)}, got {value!r}") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -89,7 +97,8 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     names = [f.name for f in dataclasses.fields(group)]
     if name not in names:
         raise ConfigError(key, f"unknown key; {group_name} has: {', '.join(names)}")
-    setattr(group, name, _coerce(key, value, _field_type(group, name)))
+    meta = next(f.metadata for f in dataclasses.fields(group) if f.name == name)
+    setattr(group, name, _coerce(key, value, _field_type(group, name), meta.get("words", ())))
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
@@ -151,6 +160,8 @@ def _check_bucket_tables(cfg: Config) -> None:
         if not isinstance(sizes, dict) or set(sizes) - {"global", "micro"}:
             raise ConfigError(key, f"expected {{global: G, micro: M}}, got {sizes!r}")
         for name, value in sizes.items():
+            if name == "micro" and value == "auto":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}.{name}", f"expected a positive integer, got {value!r}")
     for bucket, weight in cfg.data.bucket_weights.items():
@@ -175,13 +186,14 @@ def validate(cfg: Config) -> None:
             choices, low = f.metadata.get("choices"), f.metadata.get("min")
             if choices is not None and value not in choices:
                 raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, choices))}")
-            if low is not None and value < low:
+            if low is not None and not isinstance(value, str) and value < low:
                 raise ConfigError(key, f"got {value!r}; must be >= {low}")
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard", "got 0; use a positive size or -1 for the rest of the world")
     if cfg.train.cond_dropout > 1.0:
         raise ConfigError("train.cond_dropout", f"got {cfg.train.cond_dropout}; must be in [0, 1]")
-    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+    micro = cfg.train.micro_batch_size
+    if isinstance(micro, int) and cfg.train.global_batch_size % micro:
         raise ConfigError(
             "train.micro_batch_size",
             f"{cfg.train.micro_batch_size} does not divide "

@@ -130,7 +130,13 @@ class TrainConfig:
 
     steps: int = opt(100, "optimizer steps to run", min=1)
     global_batch_size: int = opt(8, "samples per optimizer step over all data-parallel ranks", min=1)
-    micro_batch_size: int = opt(8, "samples per forward/backward on one rank", min=1)
+    micro_batch_size: int | str = opt(
+        "auto",
+        "samples per forward/backward on one rank; auto = per bucket, the largest that divides the global "
+        "batch over the data-parallel ranks and fits memory",
+        min=1,
+        words=("auto",),
+    )
     cond_dropout: float = opt(
         0.1, "probability of replacing each text condition by its null embedding", min=0.0
     )

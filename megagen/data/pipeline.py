@@ -70,9 +70,14 @@ class DataPipeline:
         )
 
 
-def bucket_plans(cfg: Config, bucket_sizes: dict[str, int]) -> list[BucketPlan]:
-    """Each bucket's global/micro batch: `data.bucket_batch` overrides, else the train.* sizes."""
+def bucket_plans(
+    cfg: Config, bucket_sizes: dict[str, int], dp_size: int = 1, fit_for=None
+) -> list[BucketPlan]:
+    """Each bucket's global/micro batch: `data.bucket_batch` overrides, else the train.* sizes; a micro
+    size of `auto` resolved per bucket (megagen/data/micro_batch.py). `fit_for(bucket)` gives the memory
+    check of that bucket's samples (None: no memory bound)."""
     from megagen.config import ConfigError
+    from megagen.data.micro_batch import resolve_micro_batch
 
     unknown = set(cfg.data.bucket_batch) - set(bucket_sizes)
     if unknown:
@@ -83,8 +88,31 @@ def bucket_plans(cfg: Config, bucket_sizes: dict[str, int]) -> list[BucketPlan]:
         sizes = cfg.data.bucket_batch.get(name, {})
         g = sizes.get("global", cfg.train.global_batch_size)
         m = sizes.get("micro", cfg.train.micro_batch_size)
+        fits = fit_for(name) if fit_for is not None else None
+        m = resolve_micro_batch(m, g, dp_size, fits, name, per_bucket="micro" in sizes or "global" in sizes)
         plans.append(BucketPlan(name, size, g, m))
     return plans
+
+
+def make_sampler(cfg: Config, spec, world_size: int, dp_size: int, device, reader=None):
+    """The job's sampler: the synthetic one, or the bucket sampler over `reader`'s dataset (checked against
+    the spec), with every bucket's micro-batch size resolved for `dp_size` data-parallel ranks."""
+    from megagen.planning import activation_fit
+
+    if reader is None:
+        fits = activation_fit(cfg, spec.latent_shape(cfg), world_size, device)
+        (plan,) = bucket_plans(cfg, {SyntheticSampler.BUCKET: 2**62}, dp_size, lambda _: fits)
+        return SyntheticSampler(plan.global_batch, plan.micro_batch)
+    from megagen.data.spec_fields import check_dataset_fields
+
+    check_dataset_fields(reader.manifest, spec, cfg, cfg.data.path)
+    sizes = {name: info.samples for name, info in reader.buckets.items()}
+
+    def fit_for(name: str):
+        return activation_fit(cfg, tuple(reader.buckets[name].latent_shape), world_size, device)
+
+    plans = bucket_plans(cfg, sizes, dp_size, fit_for)
+    return BucketSampler(plans, cfg.run.seed, cfg.data.bucket_weights or None)
 
 
 def build_data(
@@ -92,7 +120,7 @@ def build_data(
 ) -> DataPipeline:
     """Sampler (restored from `sampler_state` when resuming), this rank's request plan, and its loader."""
     if not cfg.data.path:
-        sampler = SyntheticSampler(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+        sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device)
         if sampler_state:
             sampler.load_state_dict(sampler_state)
         plan = RequestPlan(sampler, steps, runtime.dp_rank, runtime.dp_size)
@@ -100,7 +128,6 @@ def build_data(
         return DataPipeline(sampler, plan, SyntheticLoader(dataset, plan, runtime.device))
     from megagen.data.loaders import make_loader
     from megagen.data.shards import ShardReader
-    from megagen.data.spec_fields import check_dataset_fields
 
     eager = (
         cfg.data.on_error == "skip" or cfg.data.check_finite == "eager"
@@ -109,9 +136,7 @@ def build_data(
         reader = ShardReader(
             cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify, check_finite=eager
         )
-    check_dataset_fields(reader.manifest, spec, cfg, cfg.data.path)
-    sizes = {name: info.samples for name, info in reader.buckets.items()}
-    sampler = BucketSampler(bucket_plans(cfg, sizes), cfg.run.seed, cfg.data.bucket_weights or None)
+    sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device, reader)
     if sampler_state:
         sampler.load_state_dict(sampler_state)
     plan = RequestPlan(sampler, steps, runtime.dp_rank, runtime.dp_size)
