@@ -359,7 +359,10 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
             "checkpoint: %s already reached train.steps=%d; nothing to do", hook.resumed_from, trainer.step
         )
     try:
-        return trainer.run(capture_grads=capture_grads, on_step_end=hook)
+        result = trainer.run(capture_grads=capture_grads, on_step_end=hook)
+        if trainer.runtime.is_logging_rank:
+            log.info("run written to %s", Path(cfg.run.dir).resolve())
+        return result
     except KeyboardInterrupt:
         from megagen.checkpoint.hooks import checkpoint_dir
         from megagen.checkpoint.layout import read_latest
