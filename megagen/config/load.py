@@ -177,6 +177,28 @@ def _check_bucket_tables(cfg: Config) -> None:
         raise ConfigError("eval.t_values", f"values must lie in [0, 1], got {cfg.eval.t_values!r}")
 
 
+def profile_step_range(text: str) -> tuple[int, int] | None:
+    """`metrics.profile_steps` "a,b" (or "a") → (a, b) with 1 <= a <= b; None when empty."""
+    text = text.strip()
+    if not text:
+        return None
+    first, _, last = text.partition(",")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise ConfigError("metrics.profile_steps", f"expected `a,b` (step numbers), got {text!r}") from None
+    if not 1 <= a <= b:
+        raise ConfigError("metrics.profile_steps", f"expected 1 <= a <= b, got {text!r}")
+    return a, b
+
+
+def _check_run_fields(cfg: Config) -> None:
+    """Values that are strings to the schema but have a grammar of their own."""
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir", "is empty; give the run's directory (e.g. runs/my-run)")
+    profile_step_range(cfg.metrics.profile_steps)
+
+
 def validate(cfg: Config) -> None:
     """Field-level checks (choices, bounds) and cross-field checks that need no model."""
     for group in dataclasses.fields(cfg):
@@ -202,6 +224,7 @@ def validate(cfg: Config) -> None:
     if not cfg.data.synthetic and not cfg.data.path:
         raise ConfigError("data.path", "required when data.synthetic=false")
     _check_bucket_tables(cfg)
+    _check_run_fields(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -118,13 +118,9 @@ class _Profiler:
     """torch.profiler over steps a..b (`metrics.profile_steps=a,b`): Chrome trace + top-ops table."""
 
     def __init__(self, cfg: Config, runtime):
-        first, _, last = cfg.metrics.profile_steps.partition(",")
-        try:
-            self.first, self.last = int(first), int(last or first)
-        except ValueError as exc:
-            raise ConfigError(
-                "metrics.profile_steps", f"expected `a,b`, got {cfg.metrics.profile_steps!r}"
-            ) from exc
+        from megagen.config.load import profile_step_range
+
+        self.first, self.last = profile_step_range(cfg.metrics.profile_steps)
         self.out = Path(cfg.run.dir) / "profile"
         self.rank = runtime.rank
         self.prof = None
