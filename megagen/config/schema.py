@@ -160,6 +160,12 @@ class CheckpointConfig:
     async_save: bool = opt(False, "write checkpoints in the background while training continues")
     resume: str = opt("auto", "auto = latest complete checkpoint in dir if any; never; or a checkpoint PATH")
     init_from: str = opt("", "start from another run's weights (new optimizer); position tables are extended")
+    verify: str = opt(
+        "checksum",
+        "before reading a checkpoint (resume, init_from): checksum = every file's checksum, each rank "
+        "hashing its share in parallel; size = file sizes only",
+        choices=("checksum", "size"),
+    )
 
 
 @dataclass
