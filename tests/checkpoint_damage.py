@@ -2,7 +2,7 @@
 
 `plant_bytes_payload` builds the attack of issue 14 item 3: the DCP index keeps to DCP's own classes but
 marks one key as a "bytes" entry whose data (a pickle appended to a shard) writes `marker` when
-unpickled with `weights_only=False`; the sizes in `megagen.json` are edited to match, so only a reader
+unpickled with `weights_only=False`; the manifest is resealed to match (sizes, checksums), so only a reader
 that refuses bytes entries (or never unpickles them) is safe.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 META = "megagen.json"
+COMPLETE = "COMPLETE"
 
 
 class WriteMarker:
@@ -28,12 +29,34 @@ class WriteMarker:
         return (exec, (f"open({self.path!r}, 'w').write('payload ran')",))
 
 
-def _rewrite_sizes(ckpt: Path, *names: str) -> None:
-    meta_path = ckpt / META
-    meta = json.loads(meta_path.read_text())
-    for name in names:
+def reseal(ckpt: Path) -> None:
+    """Make the manifest match the files again: sizes, checksums (when it has them) and the checksum of
+    `megagen.json` in `COMPLETE` — what a forger, or someone editing a checkpoint on purpose, would do."""
+    meta = json.loads((ckpt / META).read_text())
+    for name in meta["files"]:
         meta["files"][name] = (ckpt / name).stat().st_size
-    meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if "checksums" in meta:
+        from megagen.checkpoint.checksum import ALGORITHM, digest_bytes
+
+        for name in meta["files"]:
+            meta["checksums"][name] = digest_bytes((ckpt / name).read_bytes())
+    raw = json.dumps(meta, indent=1, sort_keys=True).encode()
+    (ckpt / META).write_bytes(raw)
+    marker = json.loads((ckpt / COMPLETE).read_text())
+    if "manifest" in marker:
+        marker["manifest"] = f"{ALGORITHM}:{digest_bytes(raw)}"
+        (ckpt / COMPLETE).write_text(json.dumps(marker))
+
+
+def make_legacy(ckpt: Path) -> None:
+    """Turn a checkpoint into one as megagen wrote them before checksums (sizes only)."""
+    meta = json.loads((ckpt / META).read_text())
+    meta.pop("checksums", None)
+    meta.pop("checksum_algorithm", None)
+    (ckpt / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    marker = json.loads((ckpt / COMPLETE).read_text())
+    marker.pop("manifest", None)
+    (ckpt / COMPLETE).write_text(json.dumps(marker))
 
 
 def plant_bytes_payload(ckpt: Path, marker: Path, key: str = "model.pos_t.weight", shard="__0_0.distcp"):
@@ -56,7 +79,7 @@ def plant_bytes_payload(ckpt: Path, marker: Path, key: str = "model.pos_t.weight
     index.storage_data = {k: v for k, v in index.storage_data.items() if k.fqn != key}
     index.storage_data[MetadataIndex(key)] = _StorageInfo(shard, offset, len(payload))
     index_path.write_bytes(pickle.dumps(index))
-    _rewrite_sizes(ckpt, ".metadata", shard)
+    reseal(ckpt)
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
