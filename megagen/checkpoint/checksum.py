@@ -21,7 +21,11 @@ _HEX = 8
 
 
 def default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Up to 8 hashing threads, sharing the cores with the other ranks of this node (torchrun's
+    LOCAL_WORLD_SIZE), which hash their own files at the same time."""
+    env = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    local = max(1, int(env)) if env.isdigit() else 1
+    return max(1, min(8, (os.cpu_count() or 1) // local))
 
 
 def digest_bytes(data: bytes) -> str:
