@@ -36,14 +36,21 @@ def reseal(ckpt: Path) -> None:
     for name in meta["files"]:
         meta["files"][name] = (ckpt / name).stat().st_size
     if "checksums" in meta:
-        from megagen.checkpoint.checksum import ALGORITHM, digest_bytes
+        from megagen.checkpoint.checksum import digest_bytes
 
         for name in meta["files"]:
             meta["checksums"][name] = digest_bytes((ckpt / name).read_bytes())
+    write_meta(ckpt, meta)
+
+
+def write_meta(ckpt: Path, meta: dict) -> None:
+    """Write `megagen.json` and record its checksum in `COMPLETE` (when the marker has one)."""
     raw = json.dumps(meta, indent=1, sort_keys=True).encode()
     (ckpt / META).write_bytes(raw)
     marker = json.loads((ckpt / COMPLETE).read_text())
     if "manifest" in marker:
+        from megagen.checkpoint.checksum import ALGORITHM, digest_bytes
+
         marker["manifest"] = f"{ALGORITHM}:{digest_bytes(raw)}"
         (ckpt / COMPLETE).write_text(json.dumps(marker))
 

@@ -93,6 +93,11 @@ def check_sizes(ckpt: Path, meta: dict, key: str) -> dict[str, int]:
     if not isinstance(files, dict) or DCP_METADATA not in files:
         raise CheckpointError(key, f"{ckpt}: the manifest in {META} lists no {DCP_METADATA}")
     for rel, size in files.items():
+        parts = str(rel).split("/")
+        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+            raise CheckpointError(key, f"{ckpt}: the manifest names a file outside the checkpoint: {rel!r}")
+        if not isinstance(size, int):
+            raise CheckpointError(key, f"{ckpt}: the manifest records no size for {rel}")
         f = ckpt / rel
         if not f.is_file():
             kind = "shard file" if rel.endswith(".distcp") else "file"

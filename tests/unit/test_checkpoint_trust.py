@@ -17,7 +17,13 @@ from megagen.checkpoint.layout import COMPLETE, LATEST, META, rotate
 from megagen.cli import main as megagen_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worker cases live in tests.distributed
-from tests.checkpoint_damage import edit_meta, flip_byte, make_legacy, plant_bytes_payload  # noqa: E402
+from tests.checkpoint_damage import (  # noqa: E402
+    edit_meta,
+    flip_byte,
+    make_legacy,
+    plant_bytes_payload,
+    write_meta,
+)
 from tests.distributed.cases_checkpoint import config, train_with_checkpoints  # noqa: E402
 
 SAVE = ["checkpoint.every=2", "checkpoint.keep=0", "train.steps=4"]
@@ -153,6 +159,17 @@ def test_stripped_checksums_are_not_taken_for_an_old_checkpoint(run):
     del marker["manifest"]
     (step4 / COMPLETE).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="lists checksums but COMPLETE has none"):
+        open_checkpoint(step4, "CKPT")
+
+
+@pytest.mark.parametrize("name", ["../../outside", "/etc/hostname", "rng/../../x"])
+def test_manifest_naming_a_file_outside_is_refused(run, name):
+    _, step4 = run
+    meta = json.loads((step4 / META).read_text())
+    meta["files"][name] = 1
+    meta["checksums"][name] = "00000000"
+    write_meta(step4, meta)  # a consistent, resealed manifest: only the name is wrong
+    with pytest.raises(CheckpointError, match="the manifest names a file outside the checkpoint"):
         open_checkpoint(step4, "CKPT")
 
 
