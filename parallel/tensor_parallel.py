@@ -142,4 +142,3 @@ def apply_tensor_parallel(
             module.register_forward_pre_hook(
                 _region_hook(region, names, group, sequence_parallel), with_kwargs=True
             )
-
