@@ -55,10 +55,13 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
 
 def _classify_owner(mname: str, attr: str, plan: ParallelPlan, regions: list[str], rows: list[str]):
     """(class, None) or (None, why it cannot be classified) for parameter `attr` of module `mname`."""
-    if _matches(mname, plan.colwise):
+    col, row = _matches(mname, plan.colwise), _matches(mname, plan.rowwise)
+    if (col or row) and attr not in ("weight", "bias"):
+        return None, f"the tensor-parallel linear {mname!r} keeps only its weight and bias"
+    if col:
         return SHARDED, None
-    if _matches(mname, plan.rowwise):
-        return (SHARDED, None) if attr == "weight" else (BETWEEN, None)
+    if row:
+        return (SHARDED, None) if attr == "weight" else (BETWEEN, None)  # the bias is added after the sum
     owning = [r for r in regions if _inside(mname, r)]
     if not owning:
         return BETWEEN, None

@@ -233,4 +233,10 @@ def test_parameters_the_gradient_rule_cannot_classify_are_refused_by_name():
     msg = _message(GOOD, tied, tp=2)
     assert "parameter 'embed.bias'" in msg and "shared by modules the rule classifies differently" in msg
 
+    scaled_linear = Toy()
+    for blk in scaled_linear.blocks:
+        blk.attn.q.scale = nn.Parameter(torch.ones(8))  # the colwise replacement would drop it
+    msg = _message(GOOD, scaled_linear, tp=2)
+    assert "parameter 'blocks.*.attn.q.scale'" in msg and "keeps only its weight and bias" in msg
+
     check_plan(on_region, GOOD, tp=1)  # nothing is partial over tp without tensor parallelism
