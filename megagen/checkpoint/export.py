@@ -46,9 +46,9 @@ def _prefix(meta: dict, ema: bool, ckpt: Path, key: str) -> str:
     return "ema" if ema else "model"
 
 
-def load_checkpoint_weights(path: str | Path, ema: bool = False, key: str = "CKPT"):
-    """(full weights by name, meta) of a checkpoint."""
-    ckpt, meta = open_checkpoint(path, key)
+def load_checkpoint_weights(path: str | Path, ema: bool = False, key: str = "CKPT", verify: str = "checksum"):
+    """(full weights by name, meta) of a checkpoint, verified first (`verify`: checksum | size)."""
+    ckpt, meta = open_checkpoint(path, key, verify)
     return read_tensors(ckpt, _prefix(meta, ema, ckpt, key), key), meta
 
 
@@ -69,9 +69,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: str | Path, metadat
     return out
 
 
-def export_safetensors(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+def export_safetensors(
+    path: str | Path, out: str | Path, ema: bool = False, verify: str = "checksum"
+) -> Path:
     """`megagen ckpt export`: consolidated full weights of checkpoint `path` into `out`."""
-    ckpt, meta = open_checkpoint(path, "CKPT")
+    ckpt, meta = open_checkpoint(path, "CKPT", verify)
     tensors = read_tensors(ckpt, _prefix(meta, ema, ckpt, "CKPT"))
     metadata = {
         "format": WEIGHTS_FORMAT,

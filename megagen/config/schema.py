@@ -33,6 +33,14 @@ class ModelConfig:
     spec: str = opt("video", "registered spec name (`megagen specs`) or a dotted path `pkg.module:SPEC`")
     preset: str = opt("tiny", "size preset defined by the spec (video: tiny, 1b, 5b, 30b)")
     init_std: float = opt(0.02, "std of the normal init of linear weights", min=0.0)
+    qk_norm: bool = opt(False, "learned RMSNorm of queries and keys over head_dim (video, upsampler, audio)")
+    init: str = opt(
+        "default",
+        "initialisation: the spec's own (default), or live: a test option that adds N(0, init_std) noise to "
+        "every parameter so that every path (zero output layer, gates, nulls, norm weights) carries "
+        "gradient from step 1",
+        choices=("default", "live"),
+    )
 
 
 @dataclass
@@ -166,6 +174,12 @@ class CheckpointConfig:
     async_save: bool = opt(False, "write checkpoints in the background while training continues")
     resume: str = opt("auto", "auto = latest complete checkpoint in dir if any; never; or a checkpoint PATH")
     init_from: str = opt("", "start from another run's weights (new optimizer); position tables are extended")
+    verify: str = opt(
+        "checksum",
+        "before reading a checkpoint (resume, init_from): checksum = every file's checksum, each rank "
+        "hashing its share in parallel; size = file sizes only",
+        choices=("checksum", "size"),
+    )
 
 
 @dataclass

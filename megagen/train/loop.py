@@ -19,6 +19,7 @@ from megagen.config import Config, ConfigError, save_config
 from megagen.metrics import MetricsLogger
 from megagen.parallel.plan_check import check_plan
 from megagen.specs import get_spec
+from megagen.specs.base import init_model
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
 from megagen.train.step_gc import StepGC
@@ -95,7 +96,7 @@ def build_model(cfg: Config, spec, runtime):
     configure_from_config(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
     torch.manual_seed(cfg.run.seed)
     model = spec.build(cfg)
-    spec.init_weights(model, cfg)
+    init_model(spec, model, cfg)
     plan = spec.parallel_plan(cfg)
     check_plan(model, plan, cfg.parallel.tp, spec.name)
     return runtime.parallelize(model.to(runtime.device), plan, cfg)
