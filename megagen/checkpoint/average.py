@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megagen.checkpoint.layout import FORMAT, VERSION, CheckpointError, open_checkpoint, publish
+from megagen.config.errors import UsageError
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -90,7 +91,7 @@ def average_checkpoints(
     weights = weights or [1.0] * len(paths)
     out = Path(out)
     if out.exists():
-        raise CheckpointError("--out", f"{out} exists; refusing to overwrite it")
+        raise UsageError("--out", f"{out} exists; refusing to overwrite it (remove it or choose another)")
     tensors, metas, sources = average_tensors(paths, weights, ema, verify)
     first = metas[0]
     steps = [m.get("step") for m in metas]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megagen.checkpoint.layout import CheckpointError, open_checkpoint
+from megagen.config.errors import UsageError
 
 WEIGHTS_FORMAT = "megagen-weights"
 
@@ -58,7 +59,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: str | Path, metadat
 
     out = Path(out)
     if out.exists():
-        raise CheckpointError("OUT", f"{out} exists; refusing to overwrite it")
+        raise UsageError("OUT", f"{out} exists; refusing to overwrite it (remove it or choose another)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
