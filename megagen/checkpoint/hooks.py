@@ -117,7 +117,7 @@ class CheckpointHook:
             self.manager.close()
 
 
-def _resume_target(cfg, directory: Path) -> Path | None:
+def resume_target(cfg, directory: Path) -> Path | None:
     choice = cfg.checkpoint.resume
     if choice == "never":
         return None
@@ -137,7 +137,7 @@ def preflight(cfg) -> Path | None:
     in seconds rather than after a large model was built. Returns the checkpoint (or init_from source), or
     None. Checksums of the data are left to `attach_checkpointing`, where the ranks share them.
     """
-    target = _resume_target(cfg, checkpoint_dir(cfg))
+    target = resume_target(cfg, checkpoint_dir(cfg))
     if target is not None:
         ckpt, meta = open_checkpoint(target, "checkpoint.resume", verify="size")
         check_same_model(meta, cfg, ckpt, "checkpoint.resume")
@@ -156,7 +156,7 @@ def resume(trainer, ema, directory: Path) -> Path | None:
     key = "checkpoint.resume"
 
     def select():
-        target = _resume_target(cfg, directory)
+        target = resume_target(cfg, directory)
         if target is None:
             return None
         ckpt, meta = open_checkpoint(target, key, cfg.checkpoint.verify, *_rank_and_world())

@@ -24,6 +24,9 @@ class RunConfig:
     dir: str = opt("runs/default", "run directory: resolved config, metrics.jsonl, TensorBoard, checkpoints")
     seed: int = opt(0, "global seed; sample i of step s depends only on (seed, s, i)", min=0)
     name: str = opt("", "free-form run name shown in logs")
+    overwrite: bool = opt(
+        False, "start afresh in a run.dir that already holds another run's metrics (they are replaced)"
+    )
 
 
 @dataclass

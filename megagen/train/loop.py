@@ -338,17 +338,10 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
     `checkpoint.dir` (`checkpoint.resume=auto`), or start from `checkpoint.init_from`; EMA when
     `train.ema_decay > 0`; a save every `checkpoint.every` steps and at the end.
     """
-    from megagen.checkpoint import attach_checkpointing
-    from megagen.checkpoint import preflight as checkpoint_preflight
+    from megagen.checkpoint import attach_checkpointing, checkpoint_dir, read_latest
+    from megagen.train.run_dir import check_before_build
 
-    if runtime is None and not _launched_distributed():  # under torchrun the pre-flight checks every rank
-        from megagen.checkpoint.hooks import checkpoint_dir
-        from megagen.fsutil import ensure_writable_dir
-
-        ensure_writable_dir(cfg.run.dir, "run.dir")
-        if cfg.checkpoint.every > 0:
-            ensure_writable_dir(checkpoint_dir(cfg), "checkpoint.dir")
-    checkpoint_preflight(cfg)  # a bad resume / init_from path fails before the model is built
+    check_before_build(cfg, single_process=runtime is None and not _launched_distributed())
     trainer = Trainer(cfg, runtime)
     hook = attach_checkpointing(trainer)
     if trainer.step >= cfg.train.steps and trainer.runtime.is_logging_rank:
@@ -361,9 +354,6 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
             log.info("run written to %s", Path(cfg.run.dir).resolve())
         return result
     except KeyboardInterrupt:
-        from megagen.checkpoint.hooks import checkpoint_dir
-        from megagen.checkpoint.layout import read_latest
-
         raise TrainingInterrupted(trainer.step, read_latest(checkpoint_dir(cfg))) from None
     finally:
         hook.close()

@@ -240,3 +240,14 @@ def test_ctrl_c_reports_where_to_resume(tmp_path):
     lines = error_lines(err)
     assert "Traceback" not in err and len(lines) == 1, lines
     assert "interrupted at step" in lines[0] and "resumes from" in lines[0] and "step-" in lines[0], lines[0]
+
+
+def test_fresh_run_into_a_finished_run_dir_is_refused(tmp_path, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    args = ["train", EXAMPLE, "train.steps=1", f"run.dir={run_dir}", "metrics.progress=none"]
+    assert run_main(args, capsys, tmp_path, monkeypatch).returncode == 0
+    before = (run_dir / "metrics.jsonl").read_text()
+    assert_one_line_error(run_main(args, capsys, tmp_path, monkeypatch), "run.dir", "run.overwrite=true")
+    assert (run_dir / "metrics.jsonl").read_text() == before, "nothing of the finished run was touched"
+    assert run_main([*args, "run.overwrite=true"], capsys, tmp_path, monkeypatch).returncode == 0
+    assert len(list((run_dir / "tb").glob("events.*"))) == 1, "the old TensorBoard events were replaced"
