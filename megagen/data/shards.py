@@ -38,6 +38,7 @@ from megagen.data.format import (
     Manifest,
     SampleSkipped,
     ShardInfo,
+    field_ranges,
     fsync_dir,
     load_manifest,
     write_json_atomic,
@@ -388,6 +389,8 @@ class ShardReader:
         self.path = os.fspath(path)
         self.on_error, self.verify, self.check_finite = on_error, verify, check_finite
         self.manifest = load_manifest(self.path)
+        self.ranges = field_ranges(self.manifest)
+        """Bounded per-sample fields (`text_len.E`): every read checks them, whatever `check_finite` says."""
         self.buckets: dict[str, BucketInfo] = {b.name: b for b in self.manifest.buckets}
         self._shards: dict[str, list[_Shard]] = {}
         self._starts: dict[str, list[int]] = {}
@@ -545,6 +548,9 @@ class ShardReader:
         try:
             views = self._shard_views(bucket, shard)
             sample = {name: v[local, ...] for name, v in views.items()}  # 0-d arrays for scalars
+            for r in self.ranges:
+                if r.outside(sample[r.field]):
+                    raise DataError(r.message(sample[r.field]), file=shard.path)
             if self.check_finite and self._nonfinite(sample[LATENTS][None])[0]:
                 raise DataError("latents hold NaN or inf", file=shard.path)
         except DataError as exc:
@@ -559,7 +565,8 @@ class ShardReader:
         """Copy samples `ids` of `bucket` into rows 0.. of the preallocated arrays `out` (field → array of
         shape (len(ids), *per-sample shape), the stored dtype; fields missing from `out` are not read): the
         one copy out of the memory map. With `check_finite` the latents are checked while they are copied
-        (per chunk, cache-hot: a bit test on float16/float32).
+        (per chunk, cache-hot: a bit test on float16/float32). The bounded fields (`ranges`) are checked on
+        every read, on the map, whether or not `out` asks for them.
 
         Returns (row, SampleSkipped) for every unusable sample with on_error="skip" (its row is left as it
         was: the caller decides what goes there); with on_error="fail" the first problem raises DataError.
@@ -574,20 +581,34 @@ class ShardReader:
         for shard, rows, locals_ in groups.values():
             try:
                 views = self._shard_views(bucket, shard)
-                bad = self._copy_rows(views, rows, locals_, out)
+                bad = self._out_of_range(views, rows, locals_)
+                nonfinite = self._copy_rows(views, rows, locals_, out)
+                bad += [(row, "latents hold NaN or inf") for row in nonfinite]
+                problems = [(row, DataError(reason, file=shard.path)) for row, reason in bad]
             except DataError as exc:
-                bad, reason = rows, exc
+                problems = [(row, exc) for row in rows]
             except OSError as exc:
-                bad, reason = rows, DataError(f"read failed: {exc}", file=shard.path)
-            else:
-                reason = DataError("latents hold NaN or inf", file=shard.path)
-            for row in bad:
+                problems = [(row, DataError(f"read failed: {exc}", file=shard.path)) for row in rows]
+            seen: set[int] = set()
+            for row, reason in sorted(problems, key=lambda x: x[0]):  # a sample's first problem, in row order
+                if row in seen:
+                    continue
+                seen.add(row)
                 err = self._error(reason, bucket, int(ids[row]))
                 if not isinstance(err, SampleSkipped):
                     raise err from None
                 skipped.append((row, err))
         skipped.sort(key=lambda x: x[0])
         return skipped
+
+    def _out_of_range(self, views: dict[str, np.ndarray], rows: list[int], locals_: list[int]):
+        """(row, reason) of each of a shard's rows `locals_` whose bounded fields lie outside their range."""
+        bad: list[tuple[int, str]] = []
+        for r in self.ranges:
+            values = views[r.field][locals_]
+            for j in np.flatnonzero(r.outside(values)):
+                bad.append((rows[j], r.message(values[j])))
+        return bad
 
     _SMALL_SAMPLE = 256 << 10
     """Samples up to this many bytes per field are gathered with one `np.take` per field and shard."""
