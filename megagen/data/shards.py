@@ -402,13 +402,15 @@ class ShardReader:
             self._shards[b.name] = shards
             self._starts[b.name] = [s.first for s in shards]
         self._views: dict[str, dict[str, np.ndarray]] = {}
+        self._out_of_range: dict[str, dict[int, str]] = {}
+        """Per mapped shard: local row → why its bounded fields are out of range (usually empty)."""
         if verify != "none":
             self._verify_all()
 
     # -- pickling: paths + offsets only --------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_views"] = {}
+        state["_views"], state["_out_of_range"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -416,7 +418,7 @@ class ShardReader:
 
     def close(self) -> None:
         """Drop this process's memory maps (they reopen on the next read)."""
-        self._views = {}
+        self._views, self._out_of_range = {}, {}
 
     # -- open-time checks ------------------------------------------------------------------------------------
     def _shard_problems(self, bucket: BucketInfo, shard: _Shard) -> list[DataError]:
@@ -513,8 +515,20 @@ class ShardReader:
             t = shard.header.tensors[name]
             view = mm[t.start : t.end].view(np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape)
             views[name] = np.asarray(view)  # a plain ndarray over the map: cheaper to index than np.memmap
+        self._out_of_range[shard.path] = self._range_problems(views)
         self._views[shard.path] = views
         return views
+
+    def _range_problems(self, views: dict[str, np.ndarray]) -> dict[int, str]:
+        """Local row → reason for the rows of a shard whose bounded fields (`ranges`) are out of range: one
+        vectorised pass over each bounded column when the shard is mapped, so that a read of a sample costs
+        one lookup in a (usually empty) dict instead of per-batch array operations."""
+        problems: dict[int, str] = {}
+        for r in self.ranges:
+            values = views[r.field]
+            for j in np.flatnonzero(r.outside(values)):
+                problems.setdefault(int(j), r.message(values[j]))
+        return problems
 
     def _error(self, exc: DataError, bucket: str, sample: int) -> DataError:
         cls = SampleSkipped if self.on_error == "skip" else DataError
@@ -548,9 +562,9 @@ class ShardReader:
         try:
             views = self._shard_views(bucket, shard)
             sample = {name: v[local, ...] for name, v in views.items()}  # 0-d arrays for scalars
-            for r in self.ranges:
-                if r.outside(sample[r.field]):
-                    raise DataError(r.message(sample[r.field]), file=shard.path)
+            out_of_range = self._out_of_range[shard.path].get(local)
+            if out_of_range is not None:
+                raise DataError(out_of_range, file=shard.path)
             if self.check_finite and self._nonfinite(sample[LATENTS][None])[0]:
                 raise DataError("latents hold NaN or inf", file=shard.path)
         except DataError as exc:
@@ -566,7 +580,7 @@ class ShardReader:
         shape (len(ids), *per-sample shape), the stored dtype; fields missing from `out` are not read): the
         one copy out of the memory map. With `check_finite` the latents are checked while they are copied
         (per chunk, cache-hot: a bit test on float16/float32). The bounded fields (`ranges`) are checked on
-        every read, on the map, whether or not `out` asks for them.
+        every read (found when the shard is mapped), whether or not `out` asks for them.
 
         Returns (row, SampleSkipped) for every unusable sample with on_error="skip" (its row is left as it
         was: the caller decides what goes there); with on_error="fail" the first problem raises DataError.
@@ -581,7 +595,8 @@ class ShardReader:
         for shard, rows, locals_ in groups.values():
             try:
                 views = self._shard_views(bucket, shard)
-                bad = self._out_of_range(views, rows, locals_)
+                known = self._out_of_range[shard.path]  # found when mapped; usually empty: one test
+                bad = [(r, known[i]) for r, i in zip(rows, locals_) if i in known] if known else []
                 nonfinite = self._copy_rows(views, rows, locals_, out)
                 bad += [(row, "latents hold NaN or inf") for row in nonfinite]
                 problems = [(row, DataError(reason, file=shard.path)) for row, reason in bad]
@@ -600,15 +615,6 @@ class ShardReader:
                 skipped.append((row, err))
         skipped.sort(key=lambda x: x[0])
         return skipped
-
-    def _out_of_range(self, views: dict[str, np.ndarray], rows: list[int], locals_: list[int]):
-        """(row, reason) of each of a shard's rows `locals_` whose bounded fields lie outside their range."""
-        bad: list[tuple[int, str]] = []
-        for r in self.ranges:
-            values = views[r.field][locals_]
-            for j in np.flatnonzero(r.outside(values)):
-                bad.append((rows[j], r.message(values[j])))
-        return bad
 
     _SMALL_SAMPLE = 256 << 10
     """Samples up to this many bytes per field are gathered with one `np.take` per field and shard."""
