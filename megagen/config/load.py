@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -165,8 +166,9 @@ def _check_bucket_tables(cfg: Config) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}.{name}", f"expected a positive integer, got {value!r}")
     for bucket, weight in cfg.data.bucket_weights.items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
-            raise ConfigError(f"data.bucket_weights.{bucket}", f"expected a weight >= 0, got {weight!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+            key = f"data.bucket_weights.{bucket}"
+            raise ConfigError(key, f"expected a finite weight >= 0, got {weight!r}")
     try:
         values = [float(v) for v in cfg.eval.t_values.split(",")]
     except ValueError as exc:
@@ -175,6 +177,33 @@ def _check_bucket_tables(cfg: Config) -> None:
         ) from exc
     if not values or any(not 0.0 <= v <= 1.0 for v in values):
         raise ConfigError("eval.t_values", f"values must lie in [0, 1], got {cfg.eval.t_values!r}")
+
+
+_BOUNDS = (
+    ("min", ">=", lambda v, b: v >= b),
+    ("above", ">", lambda v, b: v > b),
+    ("max", "<=", lambda v, b: v <= b),
+    ("below", "<", lambda v, b: v < b),
+)
+"""Bound kinds of `opt(...)` metadata: (key, how the message says it, the test a valid value passes)."""
+
+
+def check_field(key: str, value: Any, meta: dict) -> None:
+    """One field against its `opt` metadata: choices, finiteness (floats), bounds. ConfigError naming `key`.
+
+    Bounds are written as tests a valid value passes, so NaN (which fails every comparison) cannot slip by.
+    """
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, choices))}")
+    if isinstance(value, str) and value in meta.get("words", ()):
+        return  # e.g. `auto`: a word the field allows besides numbers
+    if isinstance(value, float) and meta.get("finite", True) and not math.isfinite(value):
+        raise ConfigError(key, f"got {value!r}; must be a finite number")
+    for name, says, ok in _BOUNDS:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(key, f"got {value!r}; must be {says} {bound}")
 
 
 def profile_step_range(text: str) -> tuple[int, int] | None:
@@ -200,20 +229,13 @@ def _check_run_fields(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Field-level checks (choices, bounds) and cross-field checks that need no model."""
+    """Field-level checks (choices, finiteness, bounds) and cross-field checks that need no model."""
     for group in dataclasses.fields(cfg):
         sub = getattr(cfg, group.name)
         for f in dataclasses.fields(sub):
-            key, value = f"{group.name}.{f.name}", getattr(sub, f.name)
-            choices, low = f.metadata.get("choices"), f.metadata.get("min")
-            if choices is not None and value not in choices:
-                raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, choices))}")
-            if low is not None and not isinstance(value, str) and value < low:
-                raise ConfigError(key, f"got {value!r}; must be >= {low}")
+            check_field(f"{group.name}.{f.name}", getattr(sub, f.name), f.metadata)
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard", "got 0; use a positive size or -1 for the rest of the world")
-    if cfg.train.cond_dropout > 1.0:
-        raise ConfigError("train.cond_dropout", f"got {cfg.train.cond_dropout}; must be in [0, 1]")
     micro = cfg.train.micro_batch_size
     if isinstance(micro, int) and cfg.train.global_batch_size % micro:
         raise ConfigError(

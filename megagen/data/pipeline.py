@@ -43,13 +43,13 @@ class DataPipeline:
     def state_after(self, steps_done: int) -> dict:
         return self.plan.state_after(steps_done)
 
-    def on_nonfinite_loss(self, step: int, requests: list[MicroBatchRequest]) -> None:
+    def on_nonfinite_loss(self, step: int, requests: list[MicroBatchRequest]) -> str:
         """The loss of `step` (1-based) is NaN/inf: with lazy finite checking, scan the step's samples on this
         rank and raise DataError naming the first non-finite one (file, bucket, sample: the eager check's
-        message), else a DataError saying the data was finite. Does nothing otherwise (the run goes on, as
-        with eager checking or synthetic data)."""
+        message); else return a note that they are finite (for the trainer's `train.nonfinite` message).
+        Returns "" without lazy checking (eager reads already dropped or refused such samples; synthetic)."""
         if not self.lazy_finite:
-            return
+            return ""
         from megagen.data.format import DataError
 
         for req in requests:
@@ -63,10 +63,9 @@ class DataPipeline:
                     bucket=err.bucket,
                 )
         buckets = sorted({r.bucket for r in requests})
-        raise DataError(
+        return (
             f"the loss went non-finite at step {step} with finite data: every latent of this rank's samples "
-            f"of the step (buckets {', '.join(buckets)}) is finite",
-            file=getattr(self.reader, "path", None),
+            f"of the step (buckets {', '.join(buckets)}) is finite"
         )
 
 

@@ -10,6 +10,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from megagen.metrics import MetricsLogger
 from megagen.parallel.plan_check import check_plan
 from megagen.specs import get_spec
 from megagen.specs.base import init_model
+from megagen.train.nonfinite import NonFiniteGuard
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
 from megagen.train.step_gc import StepGC
@@ -197,6 +199,15 @@ class Trainer:
             self.skipped_samples += int((~sample_valid).sum())
         return loss.detach(), tokens_per_sample
 
+    def _skip_nonfinite(self, guard: NonFiniteGuard, step: int, loss: float, grad_norm: float, requests):
+        """`train.nonfinite` for `step` (1-based): True to skip its update; raises to stop. A non-finite loss
+        first lets the data layer name a NaN/inf sample (data.check_finite=on_nan_loss), so bad data is
+        reported as such rather than as a diverged step."""
+        note = ""
+        if not math.isfinite(loss):
+            note = self.data.on_nonfinite_loss(step, requests)
+        return guard.should_skip(step, loss, grad_norm, note)
+
     def run(self, capture_grads: bool = False, on_step_end=None) -> TrainResult:
         """Train from `self.step` to `train.steps`; `on_step_end(trainer, steps_done)` follows each step."""
         cfg, runtime, model = self.cfg, self.runtime, self.model
@@ -237,6 +248,7 @@ class Trainer:
 
             watchdog = StepWatchdog(cfg.train.step_timeout_s, runtime.rank, counter)
         comm = [] if counter is not None else None
+        guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps)
         stream = iter(self.data.loader)
         step_gc = StepGC(cfg.train.gc_every).__enter__()
         try:
@@ -268,15 +280,18 @@ class Trainer:
                     micro += 1
                 runtime.finish_grads(model)
                 grad_norm = runtime.clip_grads(self.params, cfg.optim.grad_clip)
+                global_loss = runtime.global_loss(step_loss)  # before the update: a NaN step must not land
+                skip = self._skip_nonfinite(guard, step + 1, global_loss, grad_norm, step_reqs)
                 if capture_grads and step == cfg.train.steps - 1:
                     last_grads = full_tensors([(n, p.grad) for n, p in model.named_parameters()])
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
+                if not skip:
+                    self.optimizer.step()
+                with warnings.catch_warnings():
+                    if skip:  # torch warns when the schedule moves before the first optimizer step
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                global_loss = runtime.global_loss(step_loss)
-                if not math.isfinite(global_loss):  # data.check_finite=on_nan_loss: scan the step's samples
-                    self.data.on_nonfinite_loss(step + 1, step_reqs)
                 runtime.synchronize()
                 dt = time.perf_counter() - t_start
                 self.step = step + 1
@@ -295,6 +310,8 @@ class Trainer:
                     comm.append(counter.summary())
                 if self.skipped_samples:
                     extra["skipped_samples"] = self.skipped_samples
+                if guard.skipped:
+                    extra["skipped_steps"] = guard.skipped
                 last = self.step == cfg.train.steps
                 if evaluator is not None and (self.step % cfg.eval.every == 0 or last):
                     extra.update(evaluator.evaluate(model))
