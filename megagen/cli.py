@@ -83,16 +83,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
-    from megagen.data.format import DataError
     from megagen.train import train
-    from megagen.train.nonfinite import NonFiniteStepError
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = train(cfg)
-    except (NonFiniteStepError, DataError) as exc:  # a diverged step or bad data: one line, non-zero exit
-        print(f"megagen train: {exc}", file=sys.stderr)
-        return 1
+    result = train(cfg)
     result.runtime.close()
     return 0
 

@@ -1,6 +1,9 @@
 """How a megagen command ends when something goes wrong: one line, once per job, a meaningful exit code.
 
 Exit codes (docs/launching.md): launchers restart a job only when a restart can help.
+  1   a step's loss or gradient norm was not finite (train.nonfinite=stop): a restart from the latest
+      checkpoint would diverge the same way, so it is not restarted either; any other failure (a bug, a
+      full disk) also exits 1 and is restartable
   2   bad input (config key, path, file, data): the same command fails again, so it is never restarted
   86  the step watchdog fired (a hung or dead peer): restartable, resumes from the latest checkpoint
   130 interrupted (Ctrl-C / SIGINT): the same command resumes from the latest checkpoint
@@ -14,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+EXIT_DIVERGED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 FAILURE_FILE_ENV = "MEGAGEN_FAILURE_FILE"
@@ -75,6 +79,7 @@ def run_reporting_errors(handler, args) -> int:
     code; anything else is a bug and keeps its traceback."""
     from megagen.config import ConfigError
     from megagen.data.format import DataError
+    from megagen.train.nonfinite import NonFiniteStepError
 
     try:
         return handler(args)
@@ -86,6 +91,10 @@ def run_reporting_errors(handler, args) -> int:
         report_error(f"data error: {exc}", rank_local=True)
         record_failure(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
+    except NonFiniteStepError as exc:  # every rank stops alike; a restart would diverge the same way
+        report_error(str(exc))
+        record_failure(EXIT_DIVERGED)
+        return EXIT_DIVERGED
     except KeyboardInterrupt as exc:
         report_error(str(exc) or "interrupted")
         return EXIT_INTERRUPTED

@@ -48,7 +48,7 @@ def test_diverging_run_exits_non_zero_and_keeps_only_good_checkpoints(tmp_path, 
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1, err
-    assert err[-1].startswith("megagen train: train.nonfinite=stop: step 2: loss "), err
+    assert err[-1].startswith("megagen: train.nonfinite=stop: step 2: loss "), err
     ckpts = complete_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in ckpts] == ["step-000001"], ckpts
     assert read_latest(tmp_path / "checkpoints") == ckpts[0]
