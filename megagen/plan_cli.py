@@ -39,7 +39,10 @@ def add_plan_command(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--config", default="", help="plan for this training config")
     p.add_argument(
-        "--write", default="", help="with --config: write the config with the best plan's parallel.* keys"
+        "--write",
+        default="",
+        help="with --config: write the config (its overrides applied) with every key of the best plan's "
+        "layout; train.global_batch_size stays the config's unless --global-batch is given",
     )
     p.add_argument(
         "--validate", default="", help="run a few steps of this config and compare with the prediction"
@@ -71,10 +74,12 @@ def _config_for(args) -> object:
 
 LEGEND = """columns: plan = tp<N>[+sp] (tensor parallel, +sp sequence parallel) cp<N>[-ag|-uly] (context
 parallel, all-gather K/V or Ulysses all-to-all) fsdp<N> (FSDP shard group) [rep<N> (HSDP replicas)]
-mb<N> (micro-batch) rc:<none|selective|full|fullK> (activation recompute; fullK = the first K blocks);
-step s = predicted step time; MFU = model FLOPs / (step time x peak); exp.comm = communication not
-hidden behind compute, % of the step; mem GB = predicted peak memory per GPU; tok/s/GPU = video tokens
-per second per GPU; fits = peak memory within the device's usable memory."""
+mb<N> (micro-batch) rc:<none|selective|full|fullK> (activation recompute; fullK = the first K blocks)
+[sync:every|last] (with gradient accumulation under FSDP: reduce every micro-batch, or only the last one,
+holding unsharded gradients until then; parallel.grad_sync); step s = predicted step time; MFU = model
+FLOPs / (step time x peak); exp.comm = communication not hidden behind compute, % of the step; mem GB =
+predicted peak memory per GPU; tok/s/GPU = video tokens per second per GPU; fits = peak memory within the
+device's usable memory."""
 
 
 def format_count(n: float) -> str:
@@ -86,13 +91,54 @@ def format_count(n: float) -> str:
 
 
 def _print_table(rows: list[dict], stream) -> None:
-    head = f"{'plan':44s} {'step s':>8s} {'MFU':>6s} {'exp.comm':>8s} {'mem GB':>7s} {'tok/s/GPU':>10s} fits"
+    w = max([44, *(len(r["plan"]) for r in rows)])
+    head = f"{'plan':{w}s} {'step s':>8s} {'MFU':>6s} {'exp.comm':>8s} {'mem GB':>7s} {'tok/s/GPU':>10s} fits"
     stream.write(head + "\n")
     for r in rows:
         stream.write(
-            f"{r['plan']:44s} {r['step_s']:8.3f} {r['mfu']:6.1%} {r['exposed_comm_pct']:7.1f}% "
+            f"{r['plan']:{w}s} {r['step_s']:8.3f} {r['mfu']:6.1%} {r['exposed_comm_pct']:7.1f}% "
             f"{r['peak_memory_gb']:7.1f} {r['tokens_per_s_per_gpu']:10.1f} {'yes' if r['fits'] else 'NO'}\n"
         )
+
+
+def plan_fields(plan, global_batch: int) -> dict:
+    """A plan's layout as structured JSON fields, and the override line that makes a config run it."""
+    from megagen.planning import override_line, plan_overrides
+
+    return {
+        "tp": plan.tp,
+        "cp": plan.cp,
+        "cp_kind": plan.cp_kind,
+        "dp_shard": plan.dp_shard,
+        "dp_replicate": plan.dp_replicate,
+        "micro_batch_size": plan.micro_batch,
+        "accumulation": plan.accumulation,
+        "recompute": plan.recompute,
+        "recompute_layers": plan.recompute_layers,
+        "grad_sync": plan.grad_sync,
+        "overrides": override_line(plan_overrides(plan, global_batch)),
+    }
+
+
+def write_planned_config(src: str, overrides: list[str], plan, global_batch: int, out: str) -> None:
+    """`src` with its command-line overrides and every key of `plan` set, as YAML at `out`."""
+    from pathlib import Path
+
+    import yaml
+
+    from megagen.config.load import _read_yaml, parse_override
+    from megagen.planning import plan_overrides
+
+    tree = _read_yaml(Path(src))
+    keys: dict[str, object] = dict(parse_override(o) for o in overrides)  # strings, read as on the CLI
+    keys.update(plan_overrides(plan, global_batch))
+    for key, value in keys.items():
+        group, _, name = key.partition(".")
+        if not isinstance(tree.setdefault(group, {}), dict):
+            raise ConfigError(group, f"{src}: expected a mapping of keys, got {tree[group]!r}")
+        tree[group][name] = value
+    with open(out, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(tree, fh, sort_keys=False)
 
 
 def run_plan_command(args) -> int:
@@ -112,6 +158,8 @@ def run_plan_command(args) -> int:
         from megagen.parallel.planner.validate import validate_config
 
         return validate_config(args.validate, args.overrides, args.cluster, as_json=args.json)
+    if args.write and not args.config:
+        raise ConfigError("--write", "needs --config: it writes that config with the best plan's keys")
     try:
         cluster = load_cluster(args.cluster)
     except ValueError as exc:
@@ -123,7 +171,7 @@ def run_plan_command(args) -> int:
     ranked = search(work, args.gpus, global_batch, cluster, top=args.top)
     if not ranked:
         raise ConfigError("--gpus", f"no layout of {args.gpus} GPUs divides global batch {global_batch}")
-    rows = [r.row() for r in ranked]
+    rows = [{**r.row(), **plan_fields(r.plan, global_batch)} for r in ranked]
     if args.json:
         sys.stdout.write(
             json.dumps(
@@ -142,30 +190,8 @@ def run_plan_command(args) -> int:
         )
         _print_table(rows, sys.stdout)
         sys.stdout.write(LEGEND + "\n")
-    if args.write and args.config:
-        import yaml
-
+    if args.write:
         best = ranked[0].plan
-        with open(args.config, encoding="utf-8") as fh:
-            tree = yaml.safe_load(fh) or {}
-        tree.setdefault("parallel", {}).update(
-            {
-                "dp_replicate": best.dp_replicate,
-                "dp_shard": best.dp_shard,
-                "cp": best.cp,
-                "tp": best.tp,
-                "cp_kind": best.cp_kind,
-            }
-        )
-        tree.setdefault("train", {}).update(
-            {
-                "micro_batch_size": best.micro_batch,
-                "recompute": best.recompute,
-                "recompute_layers": best.recompute_layers,
-                "global_batch_size": global_batch,
-            }
-        )
-        with open(args.write, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(tree, fh, sort_keys=False)
+        write_planned_config(args.config, args.overrides, best, global_batch, args.write)
         print(f"wrote {args.write} with the best plan: {best.label()}")
     return 0

@@ -49,7 +49,35 @@ def plan_point_for_config(
         param_dtype=p.param_dtype,
         reduce_dtype=p.reduce_dtype,
         reshard_after_forward=p.reshard_after_forward,
+        grad_sync=p.grad_sync,
     )
+
+
+def plan_overrides(plan: PlanPoint, global_batch: int) -> dict[str, object]:
+    """The config keys that make a config run as `plan` (the inverse of `plan_point_for_config`): the mesh,
+    CP kind, schedule, recompute, FSDP dtypes and resharding, gradient sync and the global batch."""
+    return {
+        "parallel.dp_replicate": plan.dp_replicate,
+        "parallel.dp_shard": plan.dp_shard,
+        "parallel.cp": plan.cp,
+        "parallel.tp": plan.tp,
+        "parallel.cp_kind": plan.cp_kind,
+        "parallel.sequence_parallel": plan.sequence_parallel,
+        "parallel.param_dtype": plan.param_dtype,
+        "parallel.reduce_dtype": plan.reduce_dtype,
+        "parallel.reshard_after_forward": plan.reshard_after_forward,
+        "parallel.grad_sync": plan.grad_sync,
+        "train.global_batch_size": global_batch,
+        "train.micro_batch_size": plan.micro_batch,
+        "train.recompute": plan.recompute,
+        "train.recompute_layers": plan.recompute_layers,
+    }
+
+
+def override_line(keys: dict[str, object]) -> str:
+    """`key=value …` as `megagen train CONFIG` takes them on its command line."""
+    text = {True: "true", False: "false"}
+    return " ".join(f"{k}={text[v] if isinstance(v, bool) else v}" for k, v in keys.items())
 
 
 def memory_for_rank(device: torch.device) -> float:

@@ -48,6 +48,43 @@ def apply_fsdp(
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Skip reduce-scatter on non-final micro-batches of gradient accumulation."""
+    """Reduce-scatter this micro-batch's gradients (True) or keep them unsharded for the next (False)."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+
+
+def held_gradient_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients this rank holds now (numel × element size, each tensor once): the parameters'
+    gradients, plus the unsharded ones FSDP2 keeps between micro-batches that skip gradient sync (in the
+    reduce dtype) and the partial reductions it keeps for HSDP. Read from FSDP2's parameter groups, so the
+    planner's gradient memory can be checked against what the engine really holds."""
+    from torch.distributed.tensor import DTensor
+
+    seen: set[int] = set()
+    total = 0
+
+    def add(t) -> None:
+        nonlocal total
+        if t is None:
+            return
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        add(p.grad)
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch before grouped fully_shard: one group per state
+            groups = [g] if (g := getattr(state, "_fsdp_param_group", None)) is not None else []
+        for group in groups:
+            add(getattr(group, "_partial_reduce_output", None))
+            for fp in group.fsdp_params:
+                add(fp.unsharded_accumulated_grad)
+                unsharded = getattr(fp, "_unsharded_param", None)
+                add(None if unsharded is None else unsharded.grad)
+    return total

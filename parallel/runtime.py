@@ -43,8 +43,9 @@ class LocalRuntime:
     def finish_grads(self, model: nn.Module) -> None:
         """Complete gradients after the last backward of a step (nothing to do in one process)."""
 
-    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
-        """Allow skipping gradient reduction on non-final micro-batches."""
+    def set_grad_sync(self, model: nn.Module, last_micro: bool) -> None:
+        """Called before each micro-batch: whether it is the step's last (gradients must be complete after
+        it). Under FSDP, `parallel.grad_sync` decides whether earlier micro-batches reduce too."""
 
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         grads = [p.grad for p in params if p.grad is not None]
@@ -128,6 +129,7 @@ class DistributedRuntime(LocalRuntime):
         self.dp_rank, self.dp_size = self.mesh.local_rank("dp"), self.dims.dp
         self.is_logging_rank = self.rank == 0
         self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
+        self.grad_sync = p.grad_sync
         self.state = None
         from megagen.config.load import config_fingerprint
         from megagen.parallel.preflight import preflight
@@ -152,10 +154,10 @@ class DistributedRuntime(LocalRuntime):
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.state.sharder.shard_targets(target)
 
-    def set_grad_sync(self, model: nn.Module, enabled: bool) -> None:
+    def set_grad_sync(self, model: nn.Module, last_micro: bool) -> None:
         from megagen.parallel.fsdp import set_gradient_sync
 
-        set_gradient_sync(model, enabled)
+        set_gradient_sync(model, last_micro or self.grad_sync == "every_micro")
 
     def finish_grads(self, model: nn.Module) -> None:
         """Sum the partial gradients FSDP does not sum, one all-reduce per axis (`grad_reduction.py`)."""

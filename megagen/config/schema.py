@@ -85,6 +85,13 @@ class ParallelConfig:
     param_dtype: str = opt("fp32", "FSDP compute dtype of parameters", choices=("fp32", "bf16"))
     reduce_dtype: str = opt("fp32", "FSDP gradient reduction dtype", choices=("fp32", "bf16"))
     reshard_after_forward: bool = opt(True, "FSDP frees gathered parameters after each block's forward")
+    grad_sync: str = opt(
+        "last_micro",
+        "gradient accumulation under FSDP: reduce-scatter on every micro-batch (every_micro: sharded "
+        "gradients only), or only on the last one (last_micro: FSDP2 no-sync, less traffic, but each rank "
+        "holds its unsharded gradients in the reduce dtype between micro-batches)",
+        choices=("every_micro", "last_micro"),
+    )
     compile: bool = opt(False, "torch.compile each transformer block")
     compile_backend: str = opt(
         "inductor", "torch.compile backend for parallel.compile", choices=("inductor", "aot_eager", "eager")

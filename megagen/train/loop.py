@@ -274,7 +274,7 @@ class Trainer:
                         raise RuntimeError(f"data stream out of order: got step {req.step} micro {req.micro}")
                     accum = req.accumulation
                     global_batch = accum * len(req.sample_ids) * runtime.dp_size
-                    runtime.set_grad_sync(model, micro == accum - 1)
+                    runtime.set_grad_sync(model, last_micro=micro == accum - 1)
                     loss, tokens_per_sample = self._micro_step(req, batch, global_batch)
                     step_loss += loss
                     micro += 1

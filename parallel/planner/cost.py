@@ -37,6 +37,9 @@ class PlanPoint:
     param_dtype: str = "fp32"
     reduce_dtype: str = "fp32"
     reshard_after_forward: bool = True
+    grad_sync: str = "last_micro"
+    """FSDP with accumulation: reduce every micro-batch (every_micro) or keep unsharded gradients until the
+    last (last_micro, FSDP2 no-sync)."""
 
     @property
     def world(self) -> int:
@@ -49,6 +52,16 @@ class PlanPoint:
     @property
     def sp(self) -> bool:
         return self.sequence_parallel and self.tp > 1
+
+    @property
+    def grad_syncs(self) -> int:
+        """Gradient reductions (FSDP reduce-scatter / HSDP all-reduce per unit) per optimizer step."""
+        return self.accumulation if self.grad_sync == "every_micro" else 1
+
+    @property
+    def holds_unsharded_grads(self) -> bool:
+        """FSDP no-sync: micro-batches before the last keep each unit's full (tp-local) gradient."""
+        return self.grad_sync == "last_micro" and self.accumulation > 1 and _uses_fsdp(self)
 
     def recomputed_blocks(self, layers: int) -> int:
         if self.recompute != "full":
@@ -67,6 +80,8 @@ class PlanPoint:
         if rc == "full" and self.recompute_layers >= 0:
             rc = f"full{self.recompute_layers}"
         parts.append(f"rc:{rc}")
+        if self.accumulation > 1 and _uses_fsdp(self):
+            parts.append("sync:every" if self.grad_sync == "every_micro" else "sync:last")
         return " ".join(parts)
 
 
@@ -243,7 +258,7 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
                     comm.add("cp", "all_to_all", nbytes, 4 * m * repeats + 4 * m)
 
     # FSDP: all-gather each unit before its forward (and again in backward if resharded), reduce-scatter
-    # (and all-reduce across replicas) once per step, on the last micro-batch
+    # (and all-reduce across replicas) on every micro-batch or only the last one (`grad_sync`)
     if _uses_fsdp(plan):
         n = plan.fsdp
         pb, rb = DTYPE_BYTES[plan.param_dtype], DTYPE_BYTES[plan.reduce_dtype]
@@ -253,9 +268,9 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
             gathers = 1 if (is_root or not plan.reshard_after_forward) else 2
             if n > 1:
                 comm.add("dp_shard_cp", "all_gather", padded * pb, m * gathers)
-                comm.add("dp_shard_cp", "reduce_scatter", padded * rb, 1)
+                comm.add("dp_shard_cp", "reduce_scatter", padded * rb, plan.grad_syncs)
             if plan.dp_replicate > 1:
-                comm.add("dp_replicate", "all_reduce", padded // n * rb, 1)
+                comm.add("dp_replicate", "all_reduce", padded // n * rb, plan.grad_syncs)
 
     comm.add("world", "all_reduce", 8, 2)  # grad-norm² and loss, float64
     return comm.as_dict()
@@ -266,11 +281,39 @@ def _uses_fsdp(plan: PlanPoint) -> bool:
 
 
 def state_memory(work: Workload, plan: PlanPoint) -> tuple[int, int, int]:
-    """(param, grad, optimizer) bytes on rank 0: fp32 master params, fp32 grads, AdamW's two moments."""
+    """(param, grad, optimizer) bytes on rank 0: fp32 master params, the most gradient bytes held during a
+    step (`gradient_bytes`), AdamW's two moments."""
     params = [p for blk in work.block_params for p in blk] + work.root_params
     n = plan.fsdp if _uses_fsdp(plan) else 1
     numel = _cached(work, ("state", plan.tp, n), lambda: rank0_numel(params, plan.tp, n))
-    return numel * 4, numel * 4, 2 * numel * 4
+    return numel * 4, gradient_bytes(work, plan), 2 * numel * 4
+
+
+def gradient_bytes(work: Workload, plan: PlanPoint) -> int:
+    """The most gradient bytes rank 0 holds at once in a step (numel × element size of its tensors).
+
+    Sharded fp32 gradients (rank 0's FSDP shard) when every micro-batch reduces. Under no-sync
+    (`holds_unsharded_grads`) each unit keeps its whole tp-local gradient in the reduce dtype until the last
+    micro-batch's backward reduces it; units are reduced in backward order (last block first, the root last)
+    and each leaves its fp32 shard behind, so the peak is the largest total along that order.
+    """
+    n = plan.fsdp if _uses_fsdp(plan) else 1
+    units = [*work.block_params, work.root_params]
+    sharded = _cached(work, ("shard_units", plan.tp, n), lambda: [rank0_numel(u, plan.tp, n) for u in units])
+    if not plan.holds_unsharded_grads:
+        return 4 * sum(sharded)
+    full = _cached(
+        work,
+        ("full_units", plan.tp),
+        lambda: [sum(math.prod(local_shape(p, plan.tp)) for p in u) for u in units],
+    )
+    rb = DTYPE_BYTES[plan.reduce_dtype]
+    held = rb * sum(full)
+    peak = held
+    for i in reversed(range(len(units) - 1)):  # blocks, last first
+        held += 4 * sharded[i] - rb * full[i]
+        peak = max(peak, held)
+    return max(peak, held + 4 * sharded[-1] - rb * full[-1])
 
 
 # ----------------------------------------------------------------------------------------------- compute
@@ -449,9 +492,11 @@ def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
             overlappable += t_axis  # FSDP prefetches the next unit while this one computes
         else:
             exposed += t_axis  # TP/SP and CP collectives sit on the critical path in this engine
-    # FSDP: the first all-gather and the last reduce-scatter cannot hide; the rest hides behind compute
+    # FSDP: each micro-batch's first all-gathers (the root, then block 0) and each gradient sync's last
+    # reduce-scatters (block 0, then the root) cannot hide: two units' share of every micro-batch's gathers
+    # and of every sync's reductions, i.e. 2/units of the step's FSDP traffic; the rest hides behind compute
     units = max(1, work.layers + 1)
-    fsdp_edge = overlappable * 2 / units / max(1, plan.accumulation)
+    fsdp_edge = overlappable * 2 / units
     hidden_budget = cost.compute_s
     exposed += fsdp_edge + max(0.0, overlappable - fsdp_edge - hidden_budget)
     cost.exposed_comm_s = exposed

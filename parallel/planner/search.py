@@ -41,14 +41,27 @@ def _recompute_choices(layers: int) -> list[tuple[str, int]]:
     return [("none", -1), ("selective", -1), ("full", -1)] + [("full", k) for k in partial]
 
 
+MAX_CP = 32
+"""Largest context-parallel size searched: any divisor of the world over tp up to it, not only powers of 2."""
+
+MAX_MICRO_BATCH = 8
+
+
+def _grad_sync_choices(per_rank: int, micro_batch: int, uses_fsdp: bool) -> list[str]:
+    """Both gradient-sync schedules where they differ (FSDP with accumulation), else the default."""
+    return ["last_micro", "every_micro"] if uses_fsdp and per_rank > micro_batch else ["last_micro"]
+
+
 def candidate_plans(
     work: Workload, gpus: int, global_batch: int, cluster: Cluster, dtype: str
 ) -> list[PlanPoint]:
-    """Every (tp, cp, cp kind, dp_shard, dp_replicate, micro-batch, recompute) the engine can run."""
+    """Every (tp, cp, cp kind, dp_shard, dp_replicate, micro-batch, recompute, grad sync) the engine can
+    run: tp divides the node and the heads, cp and the data-parallel size are any factors that divide
+    (3 and 6 as well as powers of two), and the data-parallel size divides the global batch."""
     heads = work.heads or 1
     plans = []
     for tp in [d for d in _divisors(cluster.gpus_per_node) if heads % d == 0 and gpus % d == 0]:
-        for cp in [c for c in (1, 2, 4, 8, 16, 32) if gpus % (tp * c) == 0]:
+        for cp in [c for c in _divisors(gpus // tp) if c <= min(MAX_CP, work.tokens)]:
             dp = gpus // (tp * cp)
             if global_batch % dp:
                 continue
@@ -61,23 +74,26 @@ def candidate_plans(
             replicas = [r for r in _divisors(dp) if r == 1 or (dp // r) * tp * cp >= cluster.gpus_per_node]
             for kind in kinds:
                 for rep in replicas[:4]:
-                    for mb in [m for m in (1, 2, 4, 8) if per_rank % m == 0]:
-                        for recompute, k in _recompute_choices(work.layers):
-                            plans.append(
-                                PlanPoint(
-                                    dp_replicate=rep,
-                                    dp_shard=dp // rep,
-                                    cp=cp,
-                                    tp=tp,
-                                    cp_kind=kind,
-                                    micro_batch=mb,
-                                    accumulation=per_rank // mb,
-                                    recompute=recompute,
-                                    recompute_layers=k,
-                                    param_dtype=dtype,
-                                    reduce_dtype="fp32",
+                    uses_fsdp = dp * cp > 1
+                    for mb in [m for m in _divisors(per_rank) if m <= MAX_MICRO_BATCH]:
+                        for sync in _grad_sync_choices(per_rank, mb, uses_fsdp):
+                            for recompute, k in _recompute_choices(work.layers):
+                                plans.append(
+                                    PlanPoint(
+                                        dp_replicate=rep,
+                                        dp_shard=dp // rep,
+                                        cp=cp,
+                                        tp=tp,
+                                        cp_kind=kind,
+                                        micro_batch=mb,
+                                        accumulation=per_rank // mb,
+                                        recompute=recompute,
+                                        recompute_layers=k,
+                                        param_dtype=dtype,
+                                        reduce_dtype="fp32",
+                                        grad_sync=sync,
+                                    )
                                 )
-                            )
     return plans
 
 
