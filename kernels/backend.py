@@ -50,6 +50,7 @@ _registry: dict[str, dict[str, Callable]] = {}
 _installed: dict[str, bool] = {}
 _reported = False
 _fp8_warned = False
+_fp8_compile_warned = False
 _usage: dict[tuple[str, str], int] = {}
 """(op, backend) → calls, so tests can prove which implementation ran."""
 
@@ -112,7 +113,13 @@ def configure(backend: str = "auto", attention: str = "auto", fp8: bool = False)
 
 def configure_from_config(cfg) -> KernelSettings:
     """`cfg.kernels.backend`, `cfg.kernels.attention`, `cfg.train.fp8` → the registry."""
-    return configure(cfg.kernels.backend, cfg.kernels.attention, cfg.train.fp8)
+    settings_now = configure(cfg.kernels.backend, cfg.kernels.attention, cfg.train.fp8)
+    global _fp8_compile_warned
+    if cfg.train.fp8 and cfg.parallel.compile and not _fp8_compile_warned:
+        _fp8_compile_warned = True
+        log.warning("train.fp8=true with parallel.compile=true: compiled blocks run their GEMMs in the torch "
+                    "path (no FP8)")
+    return settings_now
 
 
 def register(op: str, backend: str, fn: Callable | None = None):

@@ -42,29 +42,30 @@ def fp8_recipe():
     return DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
 
 
-def _te_linear(module: nn.Linear) -> nn.Module:
-    """A TE Linear of the same shape that borrows `module`'s parameters (kept out of module registration)."""
-    lin = module.__dict__.get("_te_linear")
-    if lin is None:
-        w = module.weight
+def _te_linear(owner, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The TE Linear of `owner` (a `linear.Gemm`), shaped like `weight`, computing with `weight` / `bias`.
+
+    The tensors are borrowed on every call, not registered: FSDP swaps the Parameter objects between
+    steps, and a TP shard is a fresh `to_local()` view each forward; autograd carries the gradient back.
+    """
+    out_features, in_features = weight.shape
+    lin = owner.__dict__.get("_te_linear")
+    if lin is None or (lin.in_features, lin.out_features) != (in_features, out_features):
         lin = te.Linear(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            params_dtype=w.dtype,
-            device=w.device,
+            in_features, out_features, bias=bias is not None, params_dtype=weight.dtype, device=weight.device
         )
-        module.__dict__["_te_linear"] = lin
-    lin._parameters["weight"] = module.weight  # FSDP may swap the Parameter object between steps
-    if module.bias is not None:
-        lin._parameters["bias"] = module.bias
+        owner.__dict__["_te_linear"] = lin
+    lin._parameters["weight"] = weight
+    if bias is not None:
+        lin._parameters["bias"] = bias
     return lin
 
 
-def fp8_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ (+ b) with the GEMM in FP8 (HYBRID: E4M3 forward, E5M2 gradients), delayed scaling."""
-    with te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe()):
-        return _te_linear(module)(x)
+def fp8_gemm(owner, x: torch.Tensor, weight: torch.Tensor, bias=None, amax_group=None) -> torch.Tensor:
+    """y = x Wᵀ (+ b) with the GEMM in FP8 (HYBRID: E4M3 forward, E5M2 gradients), delayed scaling; the
+    amaxes are all-reduced (max) over `amax_group` when one is given."""
+    with te.fp8_autocast(enabled=True, fp8_recipe=fp8_recipe(), fp8_group=amax_group):
+        return _te_linear(owner, weight, bias)(x)
 
 
 def parallel_linear(

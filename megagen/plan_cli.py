@@ -193,5 +193,6 @@ def run_plan_command(args) -> int:
     if args.write:
         best = ranked[0].plan
         write_planned_config(args.config, args.overrides, best, global_batch, args.write)
-        print(f"wrote {args.write} with the best plan: {best.label()}")
+        note = f"wrote {args.write} with the best plan: {best.label()}"
+        print(note, file=sys.stderr if args.json else sys.stdout)  # --json keeps stdout one JSON document
     return 0

@@ -60,17 +60,11 @@ def held_gradient_bytes(model: nn.Module) -> int:
     planner's gradient memory can be checked against what the engine really holds."""
     from torch.distributed.tensor import DTensor
 
-    seen: set[int] = set()
-    total = 0
+    held: dict[int, torch.Tensor] = {}  # by identity; the dict keeps each tensor (and so its id) alive
 
     def add(t) -> None:
-        nonlocal total
-        if t is None:
-            return
-        t = t.to_local() if isinstance(t, DTensor) else t
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+        if t is not None:
+            held.setdefault(id(t), t)
 
     for p in model.parameters():
         add(p.grad)
@@ -87,4 +81,5 @@ def held_gradient_bytes(model: nn.Module) -> int:
                 add(fp.unsharded_accumulated_grad)
                 unsharded = getattr(fp, "_unsharded_param", None)
                 add(None if unsharded is None else unsharded.grad)
-    return total
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in held.values()]
+    return sum(t.numel() * t.element_size() for t in local)

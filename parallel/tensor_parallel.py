@@ -6,6 +6,11 @@ while compute runs on local shards. Where activations enter a region (`TPRegion`
 over tp (SP) or marks them for a backward all-reduce (no SP); row-parallel outputs are reduce-scattered
 (SP) or all-reduced. Which parameters are left with tp-partial gradients (and summed by the runtime after
 backward) is the gradient rule of `grad_reduction.py`.
+
+The local GEMM is the replaced layer's own: a linear that carries a `gemm(x, weight, bias, amax_group=)`
+(e.g. `megagen.kernels.Linear`, FP8 through Transformer Engine under `train.fp8`) keeps it, called on the
+shard with `amax_group` = the tp group; a plain `nn.Linear` gets `F.linear`. The engine imports no kernel
+or model code for this: the backend travels with the layer it replaces.
 """
 
 from __future__ import annotations
@@ -39,6 +44,17 @@ def _shard_param(p: torch.Tensor, mesh: DeviceMesh, dim: int) -> nn.Parameter:
     return nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(dim)], src_data_rank=None))
 
 
+def plain_gemm(x: torch.Tensor, weight: torch.Tensor, bias=None, amax_group=None) -> torch.Tensor:
+    """The GEMM of a linear that brings none of its own: F.linear (no FP8 scales to agree on)."""
+    return F.linear(x, weight, bias)
+
+
+def gemm_of(linear: nn.Linear):
+    """The GEMM `linear` computes with (its `gemm`, else `plain_gemm`), for the wrapper that replaces it."""
+    gemm = getattr(linear, "gemm", None)
+    return gemm if callable(gemm) else plain_gemm
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_localᵀ: weight (and bias) split on output features over tp."""
 
@@ -50,9 +66,11 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = _shard_param(linear.weight, mesh, 0)
         self.bias = None if linear.bias is None else _shard_param(linear.bias, mesh, 0)
+        self.group = mesh.get_group()
+        self.gemm = gemm_of(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _local(self.weight), _local(self.bias))
+        return self.gemm(x, _local(self.weight), _local(self.bias), amax_group=self.group)
 
 
 class RowParallelLinear(nn.Module):
@@ -72,9 +90,10 @@ class RowParallelLinear(nn.Module):
         self.bias = linear.bias
         self.group = mesh.get_group()
         self.sequence_parallel = sequence_parallel
+        self.gemm = gemm_of(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, _local(self.weight))
+        y = self.gemm(x, _local(self.weight), None, amax_group=self.group)
         if self.sequence_parallel:
             y = reduce_scatter_along_dim(y, SEQ_DIM, self.group)
         else:

@@ -152,13 +152,17 @@ def comm_of_one_step(overrides: list[str]) -> dict:
 
 
 def comm_and_state(overrides: list[str]) -> dict:
-    """Communication of step 1 and the state bytes after it, under the parity configs (rank-local)."""
+    """Communication of step 1, the state bytes after it and the most gradient bytes held during it (at
+    every micro-batch boundary: before each micro-batch and after the last backward), rank-local."""
     from torch.distributed.tensor import DTensor
 
+    from megagen.parallel.planner.validate import watch_gradient_peak
     from megagen.parallel.runtime import DistributedRuntime
 
     cfg = config([*overrides, "train.steps=1", "metrics.comm=true"], "/tmp/megagen-plan")
-    result = train(cfg, DistributedRuntime(cfg))
+    runtime = DistributedRuntime(cfg)
+    grad_peak = watch_gradient_peak(runtime)
+    result = train(cfg, runtime)
 
     def nbytes(t):
         t = t.to_local() if isinstance(t, DTensor) else t
@@ -166,7 +170,7 @@ def comm_and_state(overrides: list[str]) -> dict:
 
     params = sum(nbytes(p) for p in result.model.parameters())
     optim = sum(nbytes(v) for st in result.optimizer.state.values() for v in st.values() if v.dim() > 0)
-    return {"comm": result.comm[0], "params": params, "optimizer": optim}
+    return {"comm": result.comm[0], "params": params, "optimizer": optim, "grad_peak": grad_peak["bytes"]}
 
 
 def preflight_case(overrides_by_rank: dict) -> str:

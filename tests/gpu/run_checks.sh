@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU checks that CI cannot run (one GPU, < 5 min). Sections run alone or together:
 #
-#   tests/gpu/run_checks.sh                       # all: kernels te train bench dali
+#   tests/gpu/run_checks.sh                       # all: kernels te fp8tp train bench dali
 #   tests/gpu/run_checks.sh kernels graphs bench  # any subset, in this order
 #
 #   kernels  Triton kernels and pinned SDPA backends vs their references (forward + grads)
 #   te       Transformer Engine FP8 linear / attention vs torch ("unverified (not installed)" without TE)
+#   fp8tp    video 1b, parallel.tp=2 on 2 GPUs: train.fp8=true vs bf16 loss, every TP linear on TE's FP8
+#            GEMM, FP8 scales equal over tp ("unverified (...)" with fewer than 2 GPUs or without TE)
 #   compile  video 1b: eager vs torch.compile (inductor): loss within bf16 tolerance, step-time speedup
 #   graphs   video 1b: eager vs CUDA graphs (train.cuda_graphs=true): same checks
 #   train    video 1b: all modes (eager, triton kernels, compile, CUDA graphs)
@@ -23,9 +25,9 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(kernels te train bench dali)
+[ ${#sections[@]} -eq 0 ] && sections=(kernels te fp8tp train bench dali)
 for s in "${sections[@]}"; do
-  case "$s" in kernels|te|compile|graphs|train|bench|dali) ;; *) echo "unknown section: $s" >&2; exit 2 ;; esac
+  case "$s" in kernels|te|fp8tp|compile|graphs|train|bench|dali) ;; *) echo "unknown section: $s" >&2; exit 2 ;; esac
 done
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -60,6 +62,17 @@ if has te; then
     run te 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_te_gpu.py --junitxml="$OUT/te.xml"
   else
     echo "unverified (not installed)" | tee "$OUT/te.txt"
+  fi
+fi
+if has fp8tp; then
+  rm -f "$OUT/fp8tp.txt" "$OUT/fp8tp.json"
+  gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if ! "$PY" -c "import transformer_engine.pytorch" 2>/dev/null; then
+    echo "unverified (transformer_engine not installed)" | tee "$OUT/fp8tp.txt"
+  elif [ "$gpus" -lt 2 ]; then
+    echo "unverified (tp=2 needs 2 GPUs, this machine has $gpus)" | tee "$OUT/fp8tp.txt"
+  else
+    run fp8tp 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.gpu.fp8_tp --out "$OUT"
   fi
 fi
 modes=()

@@ -24,6 +24,7 @@ def rows(out: Path) -> list[tuple[str, str]]:
     te = out / "te.txt"
     te_text = te.read_text().strip() if te.is_file() else ""
     table.append(("TE vs torch", te_text if te_text.startswith("unverified") else _junit(out / "te.xml")))
+    table.append(("FP8 tp2 vs bf16 tp2", _fp8tp(out)))
     modes = out / "modes.json"
     if modes.is_file():
         for name, r in json.loads(modes.read_text()).items():
@@ -56,6 +57,22 @@ def rows(out: Path) -> list[tuple[str, str]]:
         table.append(("bench 1b", "not run"))
     table.append(("loaders to GPU", _dali(out / "dali.json")))
     return table
+
+
+def _fp8tp(out: Path) -> str:
+    note = out / "fp8tp.txt"
+    if note.is_file():
+        return note.read_text().strip()
+    path = out / "fp8tp.json"
+    if not path.is_file():
+        return "not run"
+    r = json.loads(path.read_text())
+    f = r["fp8"]
+    return (
+        f"{'ok' if r['ok'] else 'FAIL'}: loss max rel {r['max_loss_rel']:.1e} (tol {r['loss_rtol']:.0e}), "
+        f"{f['tp_linears_on_te']}/{f['tp_linears']} TP linears on TE FP8, scales equal over tp: "
+        f"{f.get('scales_agree_over_tp')}"
+    )
 
 
 def _dali(path: Path) -> str:
