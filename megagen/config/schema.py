@@ -207,7 +207,11 @@ class TrainConfig:
     ema_decay: float = opt(
         0.0, "decay of an exponential moving average of the weights, in [0, 1); 0 = off", min=0.0, below=1.0
     )
-    fp8: bool = opt(False, "FP8 GEMMs in block linears via Transformer Engine (torch path without it)")
+    fp8: bool = opt(
+        False,
+        "FP8 GEMMs in block linears (tensor-parallel shards included) via Transformer Engine (torch path "
+        "without it, logged once)",
+    )
     cuda_graphs: bool = opt(
         False, "capture each bucket's block forward+backward as CUDA graphs (one GPU, no FSDP/TP/CP)"
     )

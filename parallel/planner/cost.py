@@ -129,6 +129,13 @@ class _Comm:
         cell[0] += int(nbytes) * calls
         cell[1] += calls
 
+    def add_total(self, axis: str, kind: str, nbytes: int, calls: int) -> None:
+        """`calls` collectives moving `nbytes` in all."""
+        if calls > 0:
+            cell = self.table[axis][kind]
+            cell[0] += nbytes
+            cell[1] += calls
+
     def as_dict(self) -> dict:
         return {
             a: {k: {"bytes": v[0], "calls": v[1]} for k, v in kinds.items()}
@@ -202,20 +209,28 @@ def tp_partial_rank0_numel(work: Workload, tp: int, n: int, sp: bool) -> int:
     return _cached(work, ("tp_partial", tp, n, sp), compute)
 
 
-def communication(work: Workload, plan: PlanPoint) -> dict:
-    """Bytes and calls per mesh axis and kind for one optimizer step (rank 0)."""
+def _activation_collectives(work: Workload, plan: PlanPoint) -> dict[tuple[str, str], tuple[int, int]]:
+    """TP/SP and CP collectives of ONE micro-batch, {(axis, kind): (bytes, calls)}; a step repeats them for
+    each micro-batch. Cached per (tp, cp, SP, CP kind, micro-batch, dtype, recomputed blocks)."""
+    recomputed = plan.recomputed_blocks(work.layers)
+    key = (
+        "activations", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, recomputed
+    )
+    return _cached(work, key, lambda: _activation_collectives_uncached(work, plan, recomputed))
+
+
+def _activation_collectives_uncached(work: Workload, plan: PlanPoint, recomputed: int) -> dict:
     comm = _Comm()
     fa = DTYPE_BYTES[plan.param_dtype]  # activations travel in the compute dtype
-    b, m = plan.micro_batch, plan.accumulation
+    b = plan.micro_batch
     s_pad = padded_tokens(work.tokens, plan)
     s_cp = s_pad // plan.cp
-    recomputed = plan.recomputed_blocks(work.layers)
 
     def seq_tokens(tokens: int) -> int:
         """Per-rank tokens of a region input: the cp-local sequence, or unsharded (e.g. text) tokens."""
         return s_cp if tokens == work.tokens else tokens
 
-    # tensor parallel, per micro-batch; forward collectives repeat for recomputed blocks
+    # tensor parallel; forward collectives repeat for recomputed blocks
     if plan.tp > 1:
         for layer in range(work.layers):
             repeats = 2 if layer < recomputed else 1
@@ -224,24 +239,20 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
                 for tokens, width in r.seq:
                     nbytes = b * seq_tokens(tokens) * width * fa
                     if plan.sp:
-                        comm.add("tp", "all_gather", nbytes, m * repeats)
-                        comm.add("tp", "reduce_scatter", nbytes, m)
+                        comm.add("tp", "all_gather", nbytes, repeats)
+                        comm.add("tp", "reduce_scatter", nbytes, 1)
                     else:
-                        comm.add("tp", "all_reduce", nbytes, m)
+                        comm.add("tp", "all_reduce", nbytes, 1)
                 if not plan.sp:
                     for tokens, width in r.replicated:
-                        comm.add("tp", "all_reduce", b * tokens * width * fa, m)
+                        comm.add("tp", "all_reduce", b * tokens * width * fa, 1)
             for lin in rows:
                 nbytes = b * seq_tokens(lin.tokens) * lin.d_out * fa
                 if plan.sp:
-                    comm.add("tp", "reduce_scatter", nbytes, m * repeats)
-                    comm.add("tp", "all_gather", nbytes, m)
+                    comm.add("tp", "reduce_scatter", nbytes, repeats)
+                    comm.add("tp", "all_gather", nbytes, 1)
                 else:
-                    comm.add("tp", "all_reduce", nbytes, m * repeats)
-        # tp-partial gradients (every replicated parameter under SP, in-region ones always), once per step
-        numel = tp_partial_rank0_numel(work, plan.tp, plan.fsdp if _uses_fsdp(plan) else 1, plan.sp)
-        if numel:
-            comm.add("tp", "all_reduce", numel * 4, 1)
+                    comm.add("tp", "all_reduce", nbytes, repeats)
 
     # context parallel, per self-attention call
     if plan.cp > 1:
@@ -251,11 +262,25 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
                 width = att.width // plan.tp
                 if plan.cp_kind == "allgather_kv":
                     nbytes = b * s_pad * width * fa
-                    comm.add("cp", "all_gather", nbytes, 2 * m * repeats)
-                    comm.add("cp", "reduce_scatter", nbytes, 2 * m)
+                    comm.add("cp", "all_gather", nbytes, 2 * repeats)
+                    comm.add("cp", "reduce_scatter", nbytes, 2)
                 else:
                     nbytes = b * s_cp * width * fa
-                    comm.add("cp", "all_to_all", nbytes, 4 * m * repeats + 4 * m)
+                    comm.add("cp", "all_to_all", nbytes, 4 * repeats + 4)
+    return {(a, k): (v[0], v[1]) for a, kinds in comm.table.items() for k, v in kinds.items()}
+
+
+def communication(work: Workload, plan: PlanPoint) -> dict:
+    """Bytes and calls per mesh axis and kind for one optimizer step (rank 0)."""
+    comm = _Comm()
+    m = plan.accumulation
+    for (axis, kind), (nbytes, calls) in _activation_collectives(work, plan).items():
+        comm.add_total(axis, kind, nbytes * m, calls * m)
+    if plan.tp > 1:
+        # tp-partial gradients (every replicated parameter under SP, in-region ones always), once per step
+        numel = tp_partial_rank0_numel(work, plan.tp, plan.fsdp if _uses_fsdp(plan) else 1, plan.sp)
+        if numel:
+            comm.add("tp", "all_reduce", numel * 4, 1)
 
     # FSDP: all-gather each unit before its forward (and again in backward if resharded), reduce-scatter
     # (and all-reduce across replicas) on every micro-batch or only the last one (`grad_sync`)
@@ -439,7 +464,11 @@ def activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, float]:
     d = work.hidden or 1
     per_block_none = 0.0
     per_block_sel = 0.0
-    in_block = [lin for lin in work.linears if lin.in_block and lin.name.startswith("blocks.0.")]
+    in_block = _cached(
+        work,
+        ("first_block_linears",),
+        lambda: [lin for lin in work.linears if lin.in_block and lin.name.startswith("blocks.0.")],
+    )
     for lin in in_block:
         tokens = tok_region if lin.tokens == work.tokens else lin.tokens
         d_in = lin.d_in / plan.tp if lin.style == "row" else lin.d_in
