@@ -165,6 +165,10 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(key, f"got {value!r}; must be >= {low}")
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard", "got 0; use a positive size or -1 for the rest of the world")
+    if -1.0 < cfg.train.step_timeout_s < 0.0:
+        raise ConfigError(
+            "train.step_timeout_s", f"got {cfg.train.step_timeout_s}; use seconds > 0, -1 = auto or 0 = off"
+        )
     if cfg.train.cond_dropout > 1.0:
         raise ConfigError("train.cond_dropout", f"got {cfg.train.cond_dropout}; must be in [0, 1]")
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
