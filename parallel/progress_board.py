@@ -21,10 +21,11 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["PeerView", "ProgressBoard", "exchange"]
+__all__ = ["PeerView", "ProgressBoard", "exchange", "wait_for_reports"]
 
 _ARRIVED = "timed_out"
 _ARRIVED_COUNT = "timed_out_count"
+_REPORTED_COUNT = "reported_count"
 
 
 def _base_store(store: dist.Store) -> dist.Store:
@@ -88,6 +89,13 @@ class ProgressBoard:
     def arrived_count(self) -> int:
         return self.store.add(_ARRIVED_COUNT, 0)
 
+    def reported(self) -> None:
+        """Say that this rank has written its report."""
+        self.store.add(_REPORTED_COUNT, 1)
+
+    def reported_count(self) -> int:
+        return self.store.add(_REPORTED_COUNT, 0)
+
     def arrivals(self) -> set[int]:
         if not self.store.check([_ARRIVED]):
             return set()
@@ -122,6 +130,12 @@ class PeerView:
     """Ranks whose watchdog fired too (this one included); None until read."""
     records: dict[int, dict] = field(default_factory=dict)
     waited_s: float = 0.0
+    lost: str | None = None
+    """Why the connection to the store broke (its host process is gone), if it did."""
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, getattr(dist, "DistNetworkError", ())):
+            self.lost = str(exc).splitlines()[0][:160]
 
 
 def exchange(
@@ -153,3 +167,20 @@ def exchange(
     view.arrived = conn.arrivals()
     first = [r for r in ranks if r not in view.arrived] + [r for r in ranks if r in view.arrived]
     conn.read(first[:max_records], into=view.records)
+
+
+def wait_for_reports(board: ProgressBoard, min_s: float, max_s: float, poll_s: float = 0.5) -> None:
+    """After this rank's report: wait until every rank that timed out has written its report too — at
+    least `min_s` (for ranks that time out a little later) unless every rank has, at most `max_s`.
+
+    The first rank to exit makes torchrun stop the others, and takes the store with it when it hosts
+    it: without this a rank that timed out a second later would be cut off before its report.
+    """
+    conn = board.connect()
+    conn.reported()
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        arrived, reported = conn.arrived_count(), conn.reported_count()
+        if reported >= arrived and (arrived >= board.world_size or time.monotonic() - start >= min_s):
+            return
+        time.sleep(poll_s)

@@ -12,11 +12,13 @@ Two daemon threads, neither on the training thread's path (a step costs it two c
   rendezvous store, at most every few seconds and only when it changed.
 
 When the timer fires it asks c10d which collective this rank waits for (`parallel/progress.py`),
-publishes that, waits briefly for the other ranks to time out too, and reads the records of the ranks
-in that collective's group: those that did not time out, or have not issued that collective, are named
-(`watchdog_report.py`). That exchange runs in its own thread under a deadline — a stopped rank may host
-the store — so the rank exits within the limit plus `grace_s(limit) + 2 * STORE_TIMEOUT_S + 1` seconds
-(`STORE_TIMEOUT_S + 1` when the store does not answer at all).
+publishes that, waits up to `grace_s(limit)` for the other ranks to time out too, and reads the records
+of the ranks in that collective's group: those that did not time out, or have not issued that
+collective, are named (`watchdog_report.py`). It then stays until the ranks that timed out have written
+their reports too (at least a grace, at most two): the first rank to exit makes torchrun stop the rest.
+Store calls run in their own thread under deadlines — a stopped rank may host the store — so a rank
+exits within `3 * grace_s(limit) + 2 * STORE_TIMEOUT_S + 2` seconds of its limit, typically two graces
+(`STORE_TIMEOUT_S + 1` and a grace when the store does not answer at all).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import threading
 import time
 from dataclasses import asdict
 
-from megagen.parallel.progress_board import PeerView, ProgressBoard, exchange
+from megagen.parallel.progress_board import PeerView, ProgressBoard, exchange, wait_for_reports
 from megagen.train.step_limit import StepTimeLimit
 from megagen.train.watchdog_report import Groups, Store, build_report, ranks_concerned
 
@@ -49,6 +51,14 @@ def grace_s(limit_s: float) -> float:
     """How long a timed-out rank waits for the others' reports: live ranks stuck in the same step time
     out within a poll of each other, so this only delays the report when some rank is stuck."""
     return min(30.0, max(2.0, limit_s / 20))
+
+
+def _in_library(path: str) -> bool:
+    return "site-packages" in path or "dist-packages" in path or path.startswith("<")
+
+
+def _frame_text(frame) -> str:
+    return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} ({frame.f_code.co_name})"
 
 
 def _short(path: str) -> str:
@@ -116,58 +126,56 @@ class StepWatchdog:
         }
 
     def _where(self, thread_id: int) -> str | None:
+        """The training thread's innermost Python frame and, when that is in a library, the innermost
+        frame of the caller's own code."""
         frame = sys._current_frames().get(thread_id)
         if frame is None:
             return None
-        return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} ({frame.f_code.co_name})"
+        where = _frame_text(frame)
+        caller = frame
+        while caller is not None and _in_library(caller.f_code.co_filename):
+            caller = caller.f_back
+        if caller is not None and caller is not frame:
+            where += f" from {_frame_text(caller)}"
+        return where
 
-    def report(self, step: int, started: float, thread_id: int | None = None) -> str:
-        """Gather this rank's state and its peers' (bounded in time) and say where the step is stuck."""
-        elapsed = time.monotonic() - started
+    def fire(self, step: int, started: float, thread_id: int | None = None) -> None:
+        """Report where this rank and its peers are, then exit; every store call is bounded in time."""
+        fired_at = time.monotonic()
         me = self.record("timed out", step)
         pending = self.progress.pending() if self.progress is not None else None
         me["pending"] = None if pending is None else [asdict(p) for p in pending]
-        groups = view = store = None
-        if self.progress is not None:
-            groups = Groups(self.progress.members, self.progress.axis_of)
+        groups = Groups(self.progress.members, self.progress.axis_of) if self.progress is not None else None
+        view = store = None
+        grace = grace_s(self.limit.seconds())
         if groups is not None and self.board is not None:
-            grace = grace_s(self.limit.seconds())
-            store = Store(self.board.address, self.board.host_rank, self.board.timeout_s, grace)
+            timeout = self.board.timeout_s
+            store = Store(self.board.address, self.board.host_rank, timeout, grace)
             view = PeerView()
-            worker = threading.Thread(
-                target=self._exchange,
-                args=(me, ranks_concerned(me, groups), grace, view),
-                name="megagen-watchdog-exchange",
-                daemon=True,
+            ranks = ranks_concerned(me, groups)
+            _bounded(
+                lambda: exchange(self.board, me, ranks, grace, view),
+                view,
+                fired_at + grace + 2 * timeout + 1,
+                give_up=lambda: not view.answered and time.monotonic() - fired_at > timeout + 1,
             )
-            worker.start()
-            # A stopped store host makes reads hang: give up once the store has not answered in time.
-            started = time.monotonic()
-            while worker.is_alive():
-                waited = time.monotonic() - started
-                if waited > grace + 2 * self.board.timeout_s + 1 or (
-                    not view.answered and waited > self.board.timeout_s + 1
-                ):
-                    break
-                worker.join(0.1)
-        return build_report(
-            me,
-            elapsed,
-            self.limit.describe(),
-            EXIT_CODE,
-            groups,
-            view,
-            store,
-            self.world_size,
-            self._where(thread_id) if thread_id is not None else None,
-            time.time(),
+        where = self._where(thread_id) if thread_id is not None else None
+        limit = self.limit.describe()
+        text = build_report(
+            me, fired_at - started, limit, EXIT_CODE, groups, view, store, self.world_size, where, time.time()
         )
-
-    def _exchange(self, me: dict, ranks: list[int], grace: float, view: PeerView) -> None:
-        try:
-            exchange(self.board, me, ranks, grace, view)
-        except (RuntimeError, OSError, ValueError) as exc:  # the store failed: the report says how far it got
-            log.debug("watchdog: progress exchange failed: %s", exc)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(all_threads=True)
+        if view is not None and view.answered:  # stay until the slower ranks have reported too
+            _bounded(
+                lambda: wait_for_reports(self.board, grace, 2 * grace),
+                view,
+                fired_at + 3 * grace + 2 * self.board.timeout_s + 1,
+            )
+        elif view is not None:  # no store to tell when they have: give them a grace all the same
+            time.sleep(grace)
+        self.exit_fn(EXIT_CODE)
 
     # ------------------------------------------------------------------ threads
     def _watch(self) -> None:
@@ -179,10 +187,7 @@ class StepWatchdog:
             self._fired = True
             if locked:
                 self._publishing.release()
-            sys.stderr.write(self.report(*current) + "\n")
-            sys.stderr.flush()
-            faulthandler.dump_traceback(all_threads=True)
-            self.exit_fn(EXIT_CODE)
+            self.fire(*current)
             return
 
     def _publish(self) -> None:
@@ -208,6 +213,22 @@ class StepWatchdog:
                     log.debug("watchdog: publishing progress failed: %s", exc)
                     continue
             last, last_at = key, now
+
+
+def _bounded(fn, view: PeerView, deadline: float, give_up=None) -> None:
+    """Run `fn` (store calls) in a daemon thread until it returns, `deadline` (monotonic) passes or
+    `give_up()` says so: a stopped store host makes calls hang past their own timeout."""
+
+    def run():
+        try:
+            fn()
+        except (RuntimeError, OSError, ValueError) as exc:  # the report says how far it got
+            view.failed(exc)
+
+    worker = threading.Thread(target=run, name="megagen-watchdog-store", daemon=True)
+    worker.start()
+    while worker.is_alive() and time.monotonic() < deadline and not (give_up and give_up()):
+        worker.join(0.1)
 
 
 def start_watchdog(cfg, runtime) -> StepWatchdog | None:

@@ -112,11 +112,15 @@ def _peers_text(me: dict, groups: Groups, view: PeerView | None, store: Store, w
         return "; peers' progress unavailable (no store to read it from)"
     if not view.answered or view.arrived is None:
         at = f" {store.address}" if store.address else ""
+        host = store.host_rank if store.host_rank != me["rank"] else None
+        if view.lost:  # its process is gone: exited (maybe after its own report), not necessarily stuck
+            by = f" (hosted by rank {host}, which has exited)" if host is not None else ""
+            return f"; peers' progress unavailable: the rendezvous store{at}{by} is gone: {view.lost}"
         silent = f"did not answer within {store.timeout_s:g}s"
-        if store.host_rank is not None and store.host_rank != me["rank"]:
+        if host is not None:
             return (
-                f"; ranks not at this point: {store.host_rank} (it hosts the rendezvous store{at}, which "
-                f"{silent}: stopped, hung or dead)"
+                f"; ranks not at this point: {host} (it hosts the rendezvous store{at}, which {silent}: "
+                "stopped, hung or dead)"
             )
         return f"; peers' progress unavailable: the rendezvous store{at} {silent}"
     late = []

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from megagen.train.watchdog import STORE_TIMEOUT_S, grace_s
 from tests.distributed.torchrun import start_torchrun
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 5
-# poll (0.2 s) + the wait for the peers' reports (2 s at this timeout) + one store timeout (5 s), with
-# room for a loaded 2-core machine
-MARGIN_S = 20
+# The bound megagen/train/watchdog.py documents (3 graces of 2 s at this timeout, 2 store timeouts, 2 s),
+# plus 5 s for a loaded 2-core machine; typically a rank exits 2 graces after its limit.
+MARGIN_S = 3 * grace_s(TIMEOUT_S) + 2 * STORE_TIMEOUT_S + 2 + 5
 
 
 def _children(pid: int) -> list[int]:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megagen.config import Config, ConfigError, load_config
 from megagen.parallel.progress import Pending, pending_in_dump
-from megagen.parallel.progress_board import PeerView, ProgressBoard, exchange
+from megagen.parallel.progress_board import PeerView, ProgressBoard, exchange, wait_for_reports
 from megagen.parallel.runtime import LocalRuntime
 from megagen.train.step_limit import FLOOR_S, WARMUP_S, WARMUP_STEPS, StepTimeLimit
 from megagen.train.watchdog import EXIT_CODE, StepWatchdog, grace_s, start_watchdog
@@ -304,3 +304,32 @@ def test_a_store_that_never_answers_cannot_hold_the_exit_up(capfd):
     assert took < 0.3 + grace_s(0.3) + 2 * 0.2 + 1.0 + 2.0  # the bound in watchdog.py, plus scheduling slack
     err = capfd.readouterr().err
     assert "ranks not at this point: 0 (it hosts the rendezvous store node0:29500" in err
+
+
+def test_report_when_the_store_host_has_exited():
+    view = PeerView(answered=False, lost="recvValue failed: Connection reset by peer")
+    text = _report(_me(), view)
+    assert (
+        "; peers' progress unavailable: the rendezvous store node0:29500 (hosted by rank 0, which has "
+        "exited) is gone: recvValue failed: Connection reset by peer; exiting" in text
+    )
+    assert "not at this point" not in text
+
+
+def test_a_rank_stays_until_the_ranks_that_timed_out_have_reported():
+    store = dist.HashStore()
+    for rank in (0, 1):
+        _board(store, rank).arrive()
+    started = time.monotonic()
+    waiter = threading.Thread(target=wait_for_reports, args=(_board(store, 0), 0.0, 30.0, 0.05))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # rank 1 timed out but has not reported yet
+    _board(store, 1).reported()
+    waiter.join(10)
+    assert not waiter.is_alive() and time.monotonic() - started < 10
+    alone = dist.HashStore()  # world of 2, only this rank timed out: waits min_s for a late one
+    _board(alone, 0).arrive()
+    started = time.monotonic()
+    wait_for_reports(_board(alone, 0), 1.0, 30.0, 0.05)
+    assert 1.0 <= time.monotonic() - started < 5
