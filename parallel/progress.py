@@ -28,7 +28,10 @@ __all__ = ["CollectiveProgress", "Pending", "enable_flight_recorder", "flight_re
 FLIGHT_RECORDER_ENTRIES = 2000
 # Read by c10d in this order; the first one set decides (0 = off).
 _FR_SIZE_VARS = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
-# c10d's names for a collective (gloo and NCCL differ) -> the names megagen reports
+# The recorders' JSON dumps: gloo's (and, in newer torch, every backend's); NCCL's in CUDA builds.
+_DUMPS = ("_dump_fr_trace_json", "_dump_nccl_trace_json")
+# c10d's names for a collective (gloo and NCCL differ) -> the names megagen reports. The name is what the
+# backend runs: gloo runs a reduce-scatter as an all_reduce (the report's "waiting at" names the call).
 _KINDS = {
     "allgather": "all_gather",
     "_allgather_base": "all_gather",
@@ -121,10 +124,19 @@ class CollectiveProgress:
 
     def pending(self) -> list[Pending] | None:
         """Issued, not completed, oldest first; None when the flight recorder is off or unavailable."""
-        dump = getattr(torch._C._distributed_c10d, "_dump_fr_trace_json", None)
-        if dump is None or not flight_recorder_on():
+        if not flight_recorder_on():
             return None
-        try:
-            return pending_in_dump(dump(True, True), self.axis_of)  # collectives, only active ones
-        except (RuntimeError, ValueError, TypeError):  # a dump format this code does not know
-            return None
+        found: dict[tuple[str, int, bool], Pending] = {}
+        dumped = False
+        for name in _DUMPS:
+            dump = getattr(torch._C._distributed_c10d, name, None)
+            if dump is None:
+                continue
+            try:
+                entries = pending_in_dump(dump(True, True), self.axis_of)  # collectives, only active ones
+            except (RuntimeError, ValueError, TypeError):  # a dump format this code does not know
+                continue
+            dumped = True
+            for p in entries:
+                found.setdefault((p.group, p.seq, p.p2p), p)
+        return list(found.values()) if dumped else None

@@ -143,7 +143,7 @@ class TrainConfig:
         -1.0,
         "a step running longer makes every rank report where it is stuck (and which ranks have not got "
         "there) and exit with code 86; seconds, -1 = auto (1800 s for the first 3 steps, then "
-        "max(600 s, 20 x the median step time)), 0 = off",
+        "max(600 s, 20 x the median of the last 100 steps)), 0 = off",
         min=-1.0,
     )
     ema_decay: float = opt(0.0, "decay of an exponential moving average of the weights; 0 = off", min=0.0)

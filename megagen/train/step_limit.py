@@ -11,6 +11,8 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
+from megagen.config import ConfigError
+
 AUTO = -1.0
 WARMUP_STEPS = 3
 WARMUP_S = 1800.0
@@ -24,7 +26,7 @@ class StepTimeLimit:
 
     def __init__(self, setting: float):
         if setting <= 0 and setting != AUTO:
-            raise ValueError(f"train.step_timeout_s={setting}: a limit is > 0 seconds or {AUTO} (auto)")
+            raise ConfigError("train.step_timeout_s", f"got {setting}; a limit is seconds > 0 or -1 = auto")
         self.setting = setting
         self.auto = setting == AUTO
         self._done = 0

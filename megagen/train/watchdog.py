@@ -53,8 +53,8 @@ def grace_s(limit_s: float) -> float:
     return min(30.0, max(2.0, limit_s / 20))
 
 
-def _in_library(path: str) -> bool:
-    return "site-packages" in path or "dist-packages" in path or path.startswith("<")
+def _in_torch(path: str) -> bool:
+    return f"{os.sep}torch{os.sep}" in path or path.startswith("<")
 
 
 def _frame_text(frame) -> str:
@@ -126,14 +126,14 @@ class StepWatchdog:
         }
 
     def _where(self, thread_id: int) -> str | None:
-        """The training thread's innermost Python frame and, when that is in a library, the innermost
-        frame of the caller's own code."""
+        """The training thread's innermost Python frame and, when that is inside torch, the innermost
+        frame outside it (megagen's or the caller's code)."""
         frame = sys._current_frames().get(thread_id)
         if frame is None:
             return None
         where = _frame_text(frame)
         caller = frame
-        while caller is not None and _in_library(caller.f_code.co_filename):
+        while caller is not None and _in_torch(caller.f_code.co_filename):
             caller = caller.f_back
         if caller is not None and caller is not frame:
             where += f" from {_frame_text(caller)}"
@@ -148,6 +148,7 @@ class StepWatchdog:
         groups = Groups(self.progress.members, self.progress.axis_of) if self.progress is not None else None
         view = store = None
         grace = grace_s(self.limit.seconds())
+        where = self._where(thread_id) if thread_id is not None else None
         if groups is not None and self.board is not None:
             timeout = self.board.timeout_s
             store = Store(self.board.address, self.board.host_rank, timeout, grace)
@@ -159,7 +160,6 @@ class StepWatchdog:
                 fired_at + grace + 2 * timeout + 1,
                 give_up=lambda: not view.answered and time.monotonic() - fired_at > timeout + 1,
             )
-        where = self._where(thread_id) if thread_id is not None else None
         limit = self.limit.describe()
         text = build_report(
             me, fired_at - started, limit, EXIT_CODE, groups, view, store, self.world_size, where, time.time()

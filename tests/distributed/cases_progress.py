@@ -33,6 +33,7 @@ def counts_match_the_comm_counter() -> dict:
     after = progress.sequence_numbers()
     calls = {axis: sum(k["calls"] for k in kinds.values()) for axis, kinds in comm.summary().items()}
     return {
+        "after": {progress.axis_of[g]: n for g, n in after.items()},
         "delta": {progress.axis_of[g]: after[g] - before[g] for g in after},
         "calls": calls,
         "members": {progress.axis_of[g]: ranks for g, ranks in progress.members.items()},

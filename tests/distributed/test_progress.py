@@ -19,8 +19,9 @@ def test_sequence_numbers_count_every_collective(dist_pool):
         assert res["members"]["world"] == [0, 1, 2, 3]
         assert len(res["members"]["tp"]) == 2 and rank in res["members"]["tp"]
         assert res["pending"] is None or res["pending"] == []  # nothing left in flight either way
-    for axis in ("dp_shard", "tp", "world"):
-        assert len({res["delta"][axis] for res in results}) == 1, axis
+    for axis in ("dp_shard", "tp", "world"):  # the same count on every rank of a group
+        for members in {tuple(res["members"][axis]) for res in results}:
+            assert len({results[r]["after"][axis] for r in members}) == 1, (axis, members)
 
 
 def test_a_late_rank_is_behind(dist_pool):
