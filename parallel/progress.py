@@ -97,6 +97,15 @@ def pending_in_dump(dump: bytes | str, axis_of: Mapping[str, str]) -> list[Pendi
     return found
 
 
+def _counts(group: dist.ProcessGroup) -> bool:
+    """Whether the group's backend keeps a collective sequence number (gloo and NCCL do)."""
+    try:
+        group._get_sequence_number_for_group()
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 class CollectiveProgress:
     """This rank's collective counts on the groups it trains with, and what it is waiting for.
 
@@ -110,9 +119,10 @@ class CollectiveProgress:
         """{group name: axis name}."""
         for axis, group in axes.items():
             name = group.group_name
-            if name not in self._groups:
-                self._groups[name] = group
-                self.axis_of[name] = axis
+            if name in self._groups or not _counts(group):
+                continue
+            self._groups[name] = group
+            self.axis_of[name] = axis
         self.members: dict[str, list[int]] = {
             name: dist.get_process_group_ranks(group) for name, group in self._groups.items()
         }
