@@ -2,6 +2,7 @@
 
     /work/venv/bin/python benchmarks/checkpoint_async.py            # ~250 MB of weights, ~0.75 GB saved
     /work/venv/bin/python benchmarks/checkpoint_async.py --dim 1024 --layers 8
+    /work/venv/bin/python benchmarks/checkpoint_async.py --verify-only    # checksum cost only
 
 Trains the same model three times for `--steps` steps: without checkpoints, with synchronous saves and
 with `checkpoint.async_save=true`, a save every `--every` steps (model + AdamW state). The measured window
@@ -10,6 +11,12 @@ save issued so far is on disk (so async writes are fully counted); the final sav
 Prints the mean step time of each mode (best of `--rounds` interleaved repetitions: other load on the
 machine only ever slows a round down), the overhead over no checkpointing, how long each save blocked the
 loop, and the ratio sync overhead / async overhead.
+
+Then the cost of verifying a checkpoint before it is read (`checkpoint.verify`): the CRC-32 throughput of
+hashing the saved files with 1 thread and with the default thread count, and the time of
+`open_checkpoint` with `verify=checksum` and `verify=size`, on one saved checkpoint. The files are in the
+page cache (just written or read), so this is the cost of hashing, not of the disk. Saves include the
+writers' own hashing of what they wrote. `--verify-only` skips the step-time comparison.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+
+GB = 1e9
 
 
 def run_mode(mode: str, args, root: Path) -> dict:
@@ -84,6 +93,8 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch intra-op threads for training (0 = torch's default)"
     )
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory)")
+    p.add_argument("--verify-only", action="store_true", help="only measure checkpoint verification")
+    p.add_argument("--verify-rounds", type=int, default=3, help="repetitions of each verification timing")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -97,6 +108,13 @@ def main() -> None:
         VIDEO_PRESETS["tiny"], layers=args.layers, dim=args.dim, ffn=args.ffn, heads=args.dim // 64
     )
     results: dict[str, dict] = {}
+    if args.verify_only:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            one = replace_steps(args, 3)
+            one.every = 1
+            run_mode("sync", one, Path(tmp) / "verify")
+            measure_verification(Path(tmp) / "verify" / "sync" / "checkpoints", args.verify_rounds)
+        return
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         run_mode("none", replace_steps(args, 3), root / "warmup")  # allocator / import warm-up
@@ -105,6 +123,13 @@ def main() -> None:
                 got = run_mode(mode, args, root / f"{mode}{r}")
                 if mode not in results or got["step"] < results[mode]["step"]:
                     results[mode] = got
+        report_step_times(results, args)
+        measure_verification(root / "sync0" / "sync" / "checkpoints", args.verify_rounds)
+
+
+def report_step_times(results: dict, args) -> None:
+    import torch
+
     base = results["none"]["step"]
     mb = results["none"]["params"] * 4 / 2**20
     print(
@@ -124,6 +149,32 @@ def main() -> None:
     else:
         print("async overhead is within noise (<= 0)")
     print(f"step time ratio sync / async = {results['sync']['step'] / results['async']['step']:.2f}")
+
+
+def measure_verification(directory: Path, rounds: int) -> None:
+    """Print what verifying the latest checkpoint in `directory` costs (best of `rounds`)."""
+    from megagen.checkpoint import open_checkpoint, read_latest
+    from megagen.checkpoint.checksum import default_threads, digest_files
+
+    ckpt = read_latest(directory)
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+
+    def best(fn, *fn_args, **fn_kwargs) -> float:
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn(*fn_args, **fn_kwargs)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    print(f"verification of {ckpt.name}: {len(files)} files, {size / GB:.3f} GB (in the page cache)")
+    for threads in sorted({1, default_threads()}):
+        t = best(digest_files, files, threads)
+        print(f"  crc32, {threads} thread(s): {size / GB / t:6.2f} GB/s = {t / (size / GB):.3f} s per GB")
+    for mode in ("checksum", "size"):
+        t = best(open_checkpoint, ckpt, "CKPT", verify=mode)
+        print(f"  open_checkpoint(verify={mode}): {t:.3f} s = {t / (size / GB):.3f} s per GB")
 
 
 def replace_steps(args, steps: int):

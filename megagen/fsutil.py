@@ -17,3 +17,31 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written in directory `path` (created with its parents if missing), or None.
+
+    It really creates the directory and a probe file: permission bits say nothing of read-only mounts,
+    /proc, or a quota, and a run should learn this before it spends time building a model.
+    """
+    import tempfile
+
+    if not str(path):
+        return "the path is empty"
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".megagen-write-probe-"):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def ensure_writable_dir(path: str | os.PathLike, key: str) -> None:
+    """`unwritable_reason` as a ConfigError naming config `key`."""
+    from megagen.config.errors import ConfigError
+
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise ConfigError(key, f"cannot write {path or repr('')}: {reason}")

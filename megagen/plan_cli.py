@@ -69,6 +69,22 @@ def _config_for(args) -> object:
     return cfg
 
 
+LEGEND = """columns: plan = tp<N>[+sp] (tensor parallel, +sp sequence parallel) cp<N>[-ag|-uly] (context
+parallel, all-gather K/V or Ulysses all-to-all) fsdp<N> (FSDP shard group) [rep<N> (HSDP replicas)]
+mb<N> (micro-batch) rc:<none|selective|full|fullK> (activation recompute; fullK = the first K blocks);
+step s = predicted step time; MFU = model FLOPs / (step time x peak); exp.comm = communication not
+hidden behind compute, % of the step; mem GB = predicted peak memory per GPU; tok/s/GPU = video tokens
+per second per GPU; fits = peak memory within the device's usable memory."""
+
+
+def format_count(n: float) -> str:
+    """1234 → '1.23 K', 29.3e9 → '29.30 B': parameter counts of any size stay readable."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
 def _print_table(rows: list[dict], stream) -> None:
     head = f"{'plan':44s} {'step s':>8s} {'MFU':>6s} {'exp.comm':>8s} {'mem GB':>7s} {'tok/s/GPU':>10s} fits"
     stream.write(head + "\n")
@@ -102,7 +118,8 @@ def run_plan_command(args) -> int:
         raise ConfigError("--cluster", str(exc)) from exc
     cfg = _config_for(args)
     work = workload_for_config(cfg)
-    global_batch = args.global_batch or max(1, args.gpus // 8)
+    default_batch = cfg.train.global_batch_size if args.config else max(1, args.gpus // 8)
+    global_batch = args.global_batch or default_batch
     ranked = search(work, args.gpus, global_batch, cluster, top=args.top)
     if not ranked:
         raise ConfigError("--gpus", f"no layout of {args.gpus} GPUs divides global batch {global_batch}")
@@ -119,11 +136,12 @@ def run_plan_command(args) -> int:
         )
     else:
         sys.stdout.write(
-            f"{cfg.model.spec}/{cfg.model.preset}: {work.num_params / 1e9:.2f} B params, "
+            f"{cfg.model.spec}/{cfg.model.preset}: {format_count(work.num_params)} params, "
             f"{work.tokens} tokens/sample, "
             f"global batch {global_batch}, {args.gpus} × {cluster.device} ({cluster.name})\n"
         )
         _print_table(rows, sys.stdout)
+        sys.stdout.write(LEGEND + "\n")
     if args.write and args.config:
         import yaml
 

@@ -24,12 +24,17 @@ def workload_for_config(cfg: Config, latent_shape: tuple[int, ...] | None = None
     return trace_workload(model, spec.parallel_plan(cfg), inputs, batch)
 
 
-def plan_point_for_config(cfg: Config, world_size: int, global_batch: int | None = None) -> PlanPoint:
-    """The PlanPoint a config would run as on `world_size` ranks."""
+def plan_point_for_config(
+    cfg: Config, world_size: int, global_batch: int | None = None, micro_batch: int | None = None
+) -> PlanPoint:
+    """The PlanPoint a config would run as on `world_size` ranks (micro-batch `auto`: the largest that
+    divides the batch, as memory permitting it would be)."""
     p = cfg.parallel
     dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size)
     g = global_batch or cfg.train.global_batch_size
-    mb = cfg.train.micro_batch_size
+    mb = micro_batch or cfg.train.micro_batch_size
+    if mb == "auto":
+        mb = max(1, g // dims.dp)
     return PlanPoint(
         dp_replicate=dims.dp_replicate,
         dp_shard=dims.dp_shard,
@@ -45,3 +50,40 @@ def plan_point_for_config(cfg: Config, world_size: int, global_batch: int | None
         reduce_dtype=p.reduce_dtype,
         reshard_after_forward=p.reshard_after_forward,
     )
+
+
+def memory_for_rank(device: torch.device) -> float:
+    """Bytes this rank may use: the GPU's memory, or its share of the host's available memory on CPU."""
+    import os
+
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return available / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def activation_fit(cfg: Config, latent_shape: tuple[int, ...], world_size: int, device: torch.device):
+    """`fits(n, share)`: do n samples of `latent_shape` fit in `share` of this rank's memory left after
+    parameters, gradients and optimizer state, by the planner's model? None when the spec cannot be traced."""
+    from megagen.parallel.planner.cost import activation_bytes, state_memory
+
+    try:
+        work = workload_for_config(cfg, latent_shape)
+    except Exception as exc:  # noqa: BLE001 - a spec the tracer cannot follow just gets no memory bound
+        import logging
+
+        logging.getLogger("megagen").info("micro-batch: no memory model for this spec (%s)", exc)
+        return None
+    plan = plan_point_for_config(cfg, world_size, micro_batch=1)
+    per_sample, _ = activation_bytes(work, plan)
+    left = memory_for_rank(device) - sum(state_memory(work, plan))
+    return lambda n, share: n * per_sample <= share * left

@@ -74,6 +74,10 @@ class ParallelDims:
 def device_and_backend(choice: str = "auto") -> tuple[torch.device, str]:
     """nccl + the local CUDA device when GPUs exist, else gloo + cpu (or what the config forces)."""
     use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "nccl"
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(
+            "parallel.backend", "nccl needs a CUDA GPU and this machine has none usable; use gloo or auto"
+        )
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)

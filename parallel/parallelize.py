@@ -15,12 +15,13 @@ from torch import nn
 
 from megagen.parallel.context_parallel import ContextParallelAttention, SequenceLayout
 from megagen.parallel.fsdp import apply_fsdp
+from megagen.parallel.grad_reduction import DATA_AXES, engine_reductions
 from megagen.parallel.mesh import Mesh
 from megagen.parallel.plan import ParallelPlan
 from megagen.parallel.precision import autocast_forward
 from megagen.parallel.recompute import apply_recompute
 from megagen.parallel.sequence import SequenceSharder
-from megagen.parallel.tensor_parallel import apply_tensor_parallel, replicated_params
+from megagen.parallel.tensor_parallel import apply_tensor_parallel
 
 
 @dataclass
@@ -28,8 +29,8 @@ class ParallelState:
     """What the runtime needs to know after parallelisation."""
 
     sharder: SequenceSharder
-    tp_partial_grads: list[str] = field(default_factory=list)
-    """Names of parameters whose gradients are partial over tp (replicated params under SP)."""
+    engine_sums: dict[str, list[str]] = field(default_factory=dict)
+    """Mesh axis → parameters whose partial gradients the runtime sums over it (`grad_reduction.py`)."""
     fsdp: bool = False
     grads_summed: bool = True
     """False when FSDP averages over data-parallel ranks (older torch): the loss is scaled to compensate."""
@@ -52,12 +53,12 @@ def parallelize(
     layout = SequenceLayout()
     sharder = SequenceSharder(shards, cp_rank * (dims.tp if sp else 1) + (tp_rank if sp else 0), layout)
     state = ParallelState(sharder=sharder)
+    fsdp = dims.fsdp * dims.dp_replicate > 1
+    # FSDP's mesh (Mesh.fsdp_mesh) spans dp_replicate × dp_shard×cp and sums the gradients over all three
+    state.engine_sums = engine_reductions(model, plan, dims.sizes(), sp, DATA_AXES if fsdp else ())
 
     if dims.tp > 1:
         apply_tensor_parallel(model, plan, mesh["tp"], sp)
-        if sp:
-            ids = {id(p) for p in replicated_params(model)}
-            state.tp_partial_grads = [n for n, p in model.named_parameters() if id(p) in ids]
 
     if shards > 1:
         cores = [
@@ -82,7 +83,7 @@ def parallelize(
         for block in blocks:
             block.compile(backend=parallel_cfg.compile_backend)
 
-    if dims.fsdp * dims.dp_replicate > 1:
+    if fsdp:
         state.fsdp = True
         state.grads_summed = apply_fsdp(
             model,

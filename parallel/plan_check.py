@@ -20,6 +20,9 @@ Rules (ConfigError key `model.spec`; each message names the offending pattern):
                   tensor-parallel linears each core lies inside a region (it sees head shards)
   sequence        every `sequence_inputs` name is a parameter of the root module's forward (passed by
                   keyword); sequence inputs and self-attention cores are declared together
+  gradients       (only with `tp > 1`) the gradient rule (`grad_reduction.py`) classifies every parameter:
+                  none belongs to a region module itself or to a module inside a region that holds one of
+                  its rowwise linears, and no parameter is shared by modules of different classes
 Mesh sizes (key `parallel.tp`, only with `tp > 1`): tp divides every colwise out_features, every rowwise
 in_features and every `head_counts` entry.
 """
@@ -33,6 +36,7 @@ import re
 from torch import nn
 
 from megagen.config.errors import ConfigError
+from megagen.parallel.grad_reduction import classify
 from megagen.parallel.plan import ParallelPlan
 
 
@@ -58,6 +62,11 @@ def _params(fn) -> tuple[list[str], bool, bool]:
 def _generic(name: str) -> str:
     """`blocks.3.attn.o` → `blocks.*.attn.o`: one message per layer kind, not one per layer."""
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name)
+
+
+def _generic_names(text: str) -> str:
+    """Every quoted module name in `text` made generic (see `_generic`)."""
+    return re.sub(r"'([^']*)'", lambda m: repr(_generic(m.group(1))), text)
 
 
 def _inside(name: str, parent: str) -> bool:
@@ -86,6 +95,7 @@ class _Checker:
         self.check_containment_and_partners(linears, regions)
         self.check_attention(linears, regions)
         self.check_sequence()
+        self.check_gradients()
         self.check_sizes(linears)
 
     # ------------------------------------------------------------------ rules
@@ -227,6 +237,16 @@ class _Checker:
             self.fail(
                 "sequence_inputs are declared but no self_attention core: sharded tokens could not attend "
                 "to each other"
+            )
+
+    def check_gradients(self) -> None:
+        if self.tp <= 1:
+            return  # nothing is partial over tp, so every parameter's reduction is known
+        _, unclassified = classify(self.model, self.plan)
+        for name, why in unclassified.items():
+            self.fail(
+                f"parameter {_generic(name)!r}: cannot tell whether its gradient is partial over tp, because "
+                + _generic_names(why)
             )
 
     def check_sizes(self, linears: dict[str, tuple[str, str]]) -> None:

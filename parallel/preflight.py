@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megagen.config.errors import ConfigError
+from megagen.fsutil import unwritable_reason
 
 
 @dataclass
@@ -47,15 +48,7 @@ def code_version() -> str:
 
 def rank_facts(config_text: str, read_paths: list[str], write_dirs: list[str]) -> RankFacts:
     missing = [p for p in read_paths if p and not os.path.exists(p)]
-    unwritable = []
-    for d in write_dirs:
-        if not d:
-            continue
-        probe = d
-        while probe and not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not probe or not os.access(probe, os.W_OK):
-            unwritable.append(d)
+    unwritable = [d for d in write_dirs if d and unwritable_reason(d) is not None]
     return RankFacts(
         rank=dist.get_rank() if dist.is_initialized() else 0,
         host=os.uname().nodename,

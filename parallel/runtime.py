@@ -148,7 +148,6 @@ class DistributedRuntime(LocalRuntime):
         self.state = parallelize(
             model, plan, self.mesh, cfg.parallel, cfg.train.recompute, cfg.train.recompute_layers
         )
-        self._partial = set(self.state.tp_partial_grads)
         return model
 
     @property
@@ -167,23 +166,25 @@ class DistributedRuntime(LocalRuntime):
         set_gradient_sync(model, enabled)
 
     def finish_grads(self, model: nn.Module) -> None:
-        """Sum the partial gradients of tp-replicated parameters over tp (sequence parallelism)."""
-        if not self._partial:
+        """Sum the partial gradients FSDP does not sum, one all-reduce per axis (`grad_reduction.py`)."""
+        if not self.state.engine_sums:
             return
         import torch.distributed as dist
 
-        grads = [
-            _local(p.grad) for n, p in model.named_parameters() if n in self._partial and p.grad is not None
-        ]
         from megagen.parallel.comm import comm_axis
 
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        with comm_axis("tp"):
-            dist.all_reduce(flat, group=self.mesh.group("tp"))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        params = dict(model.named_parameters())
+        for axis, names in self.state.engine_sums.items():
+            grads = [_local(params[n].grad) for n in names if params[n].grad is not None]
+            if not grads:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            with comm_axis(axis):
+                dist.all_reduce(flat, group=self.mesh.group(axis))
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         import torch.distributed as dist

@@ -4,8 +4,8 @@ Column-parallel linears keep their output features' shard, row-parallel ones the
 weights become DTensors with their true placement on the tp mesh (FSDP2 and DCP see the global layout)
 while compute runs on local shards. Where activations enter a region (`TPRegion`) a pre-hook gathers them
 over tp (SP) or marks them for a backward all-reduce (no SP); row-parallel outputs are reduce-scattered
-(SP) or all-reduced. Parameters left replicated over tp receive partial gradients under SP; the runtime
-all-reduces them after backward (`replicated_params`).
+(SP) or all-reduced. Which parameters are left with tp-partial gradients (and summed by the runtime after
+backward) is the gradient rule of `grad_reduction.py`.
 """
 
 from __future__ import annotations
@@ -142,14 +142,3 @@ def apply_tensor_parallel(
             module.register_forward_pre_hook(
                 _region_hook(region, names, group, sequence_parallel), with_kwargs=True
             )
-
-
-def replicated_params(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters not sharded over tp (their gradients are partial over tp under sequence parallelism)."""
-    sharded = set()
-    for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)):
-            sharded.add(id(m.weight))
-            if isinstance(m, ColumnParallelLinear) and m.bias is not None:
-                sharded.add(id(m.bias))
-    return [p for p in model.parameters() if id(p) not in sharded]

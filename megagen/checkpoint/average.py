@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megagen.checkpoint.layout import FORMAT, VERSION, CheckpointError, open_checkpoint, publish
+from megagen.config.errors import UsageError
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -36,14 +37,16 @@ def parse_weights(text: str | None, n: int) -> list[float]:
     return weights
 
 
-def average_tensors(paths: list[str | Path], weights: list[float] | None = None, ema: bool = False):
-    """(averaged tensors by name, meta of the first input, resolved input dirs)."""
+def average_tensors(
+    paths: list[str | Path], weights: list[float] | None = None, ema: bool = False, verify: str = "checksum"
+):
+    """(averaged tensors by name, metas of the inputs, resolved input dirs)."""
     from megagen.checkpoint.export import _prefix, read_tensors
 
     if len(paths) < 1:
         raise CheckpointError("CKPT", "nothing to average")
     weights = weights or [1.0] * len(paths)
-    opened = [open_checkpoint(p, "CKPT") for p in paths]
+    opened = [open_checkpoint(p, "CKPT", verify) for p in paths]
     first_dir, first = opened[0]
     for ckpt, meta in opened[1:]:
         if (meta.get("spec"), meta.get("preset")) != (first.get("spec"), first.get("preset")):
@@ -71,22 +74,27 @@ def average_tensors(paths: list[str | Path], weights: list[float] | None = None,
         del tensors
     total = float(sum(weights))
     out = {k: (v / total).to(dtypes[k]) for k, v in acc.items()}
-    return out, first, [str(c) for c, _ in opened]
+    return out, [m for _, m in opened], [str(c) for c, _ in opened]
 
 
 def average_checkpoints(
-    paths: list[str | Path], out: str | Path, weights: list[float] | None = None, ema: bool = False
+    paths: list[str | Path],
+    out: str | Path,
+    weights: list[float] | None = None,
+    ema: bool = False,
+    verify: str = "checksum",
 ) -> Path:
     """`megagen ckpt average`: write the weighted mean of `paths` to `out` (a directory or .safetensors)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
     weights = weights or [1.0] * len(paths)
-    tensors, first, sources = average_tensors(paths, weights, ema)
     out = Path(out)
     if out.exists():
-        raise CheckpointError("--out", f"{out} exists; refusing to overwrite it")
-    steps = [open_checkpoint(p, "CKPT")[1].get("step") for p in paths]
+        raise UsageError("--out", f"{out} exists; refusing to overwrite it (remove it or choose another)")
+    tensors, metas, sources = average_tensors(paths, weights, ema, verify)
+    first = metas[0]
+    steps = [m.get("step") for m in metas]
     if out.suffix == ".safetensors":
         from megagen.checkpoint.export import WEIGHTS_FORMAT, write_safetensors
 

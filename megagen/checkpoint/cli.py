@@ -12,6 +12,15 @@ from pathlib import Path
 CKPT_HELP = "a checkpoint directory (step-NNNNNN), or a checkpoint root holding `latest`"
 
 
+def _add_verify(parser) -> None:
+    parser.add_argument(
+        "--verify",
+        choices=("checksum", "size"),
+        default="checksum",
+        help="checksum (default): every file's checksum and size before reading; size: sizes only",
+    )
+
+
 def add_ckpt_commands(subparsers) -> argparse.ArgumentParser:
     """Add the `ckpt` command with its actions to the `megagen` subparsers."""
     p = subparsers.add_parser(
@@ -29,6 +38,7 @@ def add_ckpt_commands(subparsers) -> argparse.ArgumentParser:
     e.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     e.add_argument("out", metavar="OUT", help="output file, e.g. model.safetensors (never overwritten)")
     e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+    _add_verify(e)
     a = sub.add_parser(
         "average",
         help="element-wise (weighted) mean of several checkpoints",
@@ -42,6 +52,7 @@ def add_ckpt_commands(subparsers) -> argparse.ArgumentParser:
         "--weights", default=None, metavar="W1,W2,...", help="per-checkpoint weights (default: uniform)"
     )
     a.add_argument("--ema", action="store_true", help="average the EMA weights instead of the trained ones")
+    _add_verify(a)
     i = sub.add_parser(
         "info",
         help="step, spec, preset, mesh and sizes of a checkpoint",
@@ -49,17 +60,18 @@ def add_ckpt_commands(subparsers) -> argparse.ArgumentParser:
     )
     i.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_verify(i)
     return p
 
 
-def checkpoint_info(path: str | Path) -> dict:
-    """What `megagen ckpt info` shows, as a dict."""
+def checkpoint_info(path: str | Path, verify: str = "checksum") -> dict:
+    """What `megagen ckpt info` shows, as a dict (after verifying the checkpoint as `verify` says)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from megagen.checkpoint.layout import open_checkpoint
     from megagen.checkpoint.safe_reader import read_index
 
-    ckpt, meta = open_checkpoint(path, "CKPT")
+    ckpt, meta = open_checkpoint(path, "CKPT", verify)
     index = read_index(ckpt, "CKPT")
     groups: dict[str, dict[str, int]] = {}
     for fqn, md in index.state_dict_metadata.items():
@@ -83,6 +95,7 @@ def checkpoint_info(path: str | Path) -> dict:
         "contents": groups,
         "files": len(files),
         "bytes_on_disk": sum(files.values()),
+        "verified": verify if verify == "size" or "checksums" in meta else "size (no checksums recorded)",
         "torch": meta.get("torch"),
         "saved_at": meta.get("saved_at"),
         "sampler": meta.get("sampler"),
@@ -103,7 +116,7 @@ def format_info(info: dict) -> str:
         f"  step      {info['step']}",
         f"  spec      {info['spec']}   preset {info['preset']}",
         f"  mesh      world_size={mesh.get('world_size')} {axes}",
-        f"  on disk   {info['files']} files, {_mb(info['bytes_on_disk'])}",
+        f"  on disk   {info['files']} files, {_mb(info['bytes_on_disk'])}, verified: {info['verified']}",
     ]
     for name, g in info["contents"].items():
         lines.append(f"  {name:9s} {g['tensors']} tensors, {g['elements']:,} elements, {_mb(g['bytes'])}")
@@ -117,16 +130,16 @@ def run_ckpt_command(args) -> int:
     if args.ckpt_command == "export":
         from megagen.checkpoint.export import export_safetensors
 
-        out = export_safetensors(args.checkpoint, args.out, ema=args.ema)
+        out = export_safetensors(args.checkpoint, args.out, ema=args.ema, verify=args.verify)
         print(f"wrote {out}")
     elif args.ckpt_command == "average":
         from megagen.checkpoint.average import average_checkpoints, parse_weights
 
         weights = parse_weights(args.weights, len(args.checkpoints))
-        out = average_checkpoints(args.checkpoints, args.out, weights, ema=args.ema)
+        out = average_checkpoints(args.checkpoints, args.out, weights, ema=args.ema, verify=args.verify)
         print(f"wrote {out}")
     elif args.ckpt_command == "info":
-        info = checkpoint_info(args.checkpoint)
+        info = checkpoint_info(args.checkpoint, args.verify)
         print(json.dumps(info, indent=1) if args.json else format_info(info))
     else:  # pragma: no cover - argparse enforces the choices
         raise ValueError(args.ckpt_command)

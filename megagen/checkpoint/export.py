@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from megagen.checkpoint.layout import CheckpointError, open_checkpoint
+from megagen.config.errors import UsageError
 
 WEIGHTS_FORMAT = "megagen-weights"
 
@@ -46,9 +47,9 @@ def _prefix(meta: dict, ema: bool, ckpt: Path, key: str) -> str:
     return "ema" if ema else "model"
 
 
-def load_checkpoint_weights(path: str | Path, ema: bool = False, key: str = "CKPT"):
-    """(full weights by name, meta) of a checkpoint."""
-    ckpt, meta = open_checkpoint(path, key)
+def load_checkpoint_weights(path: str | Path, ema: bool = False, key: str = "CKPT", verify: str = "checksum"):
+    """(full weights by name, meta) of a checkpoint, verified first (`verify`: checksum | size)."""
+    ckpt, meta = open_checkpoint(path, key, verify)
     return read_tensors(ckpt, _prefix(meta, ema, ckpt, key), key), meta
 
 
@@ -58,7 +59,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: str | Path, metadat
 
     out = Path(out)
     if out.exists():
-        raise CheckpointError("OUT", f"{out} exists; refusing to overwrite it")
+        raise UsageError("OUT", f"{out} exists; refusing to overwrite it (remove it or choose another)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
@@ -69,9 +70,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: str | Path, metadat
     return out
 
 
-def export_safetensors(path: str | Path, out: str | Path, ema: bool = False) -> Path:
+def export_safetensors(
+    path: str | Path, out: str | Path, ema: bool = False, verify: str = "checksum"
+) -> Path:
     """`megagen ckpt export`: consolidated full weights of checkpoint `path` into `out`."""
-    ckpt, meta = open_checkpoint(path, "CKPT")
+    ckpt, meta = open_checkpoint(path, "CKPT", verify)
     tensors = read_tensors(ckpt, _prefix(meta, ema, ckpt, "CKPT"))
     metadata = {
         "format": WEIGHTS_FORMAT,

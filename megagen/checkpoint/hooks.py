@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from megagen.checkpoint.layout import CheckpointError, open_checkpoint, read_latest
+import torch.distributed as dist
+
+from megagen.checkpoint.layout import COMPLETE, CheckpointError, open_checkpoint, read_latest, step_of
 from megagen.checkpoint.manager import CheckpointManager, agree
 from megagen.checkpoint.state import (
     check_same_model,
@@ -34,18 +36,45 @@ def checkpoint_dir(cfg) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.run.dir) / "checkpoints"
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This rank's place among the ranks that share the verification of a checkpoint's files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _collective_check(fn, device):
-    """Run `fn` on every rank; if it raised a CheckpointError anywhere, raise on every rank."""
+    """Run `fn` on every rank; if it raised a CheckpointError anywhere, every rank raises the error of
+    the lowest failing rank (each rank verifies its own share of the files: any may find the fault)."""
     result, error = None, None
     try:
         result = fn()
     except CheckpointError as exc:
         error = exc
-    if not agree(error is None, device):
-        if error is not None:
-            raise error
-        raise CheckpointError("checkpoint", "another rank could not use the checkpoint (see its error)")
-    return result
+    if agree(error is None, device):
+        return result
+    if not dist.is_initialized():
+        raise error
+    mine = (error.key, error.detail) if error is not None else None
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)  # the messages of trusted peers: plain (str, str) pairs
+    key, message = next(e for e in every if e is not None)
+    raise CheckpointError(key, message)
+
+
+def refuse_unfinished(directory: Path) -> None:
+    """`resume=auto` found no complete checkpoint: step directories there (none with COMPLETE) mean a
+    run whose checkpoints are unusable, not an empty directory; starting over would overwrite them."""
+    if not directory.is_dir():
+        return
+    steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and step_of(p) is not None)
+    if steps:
+        more = f" and {len(steps) - 3} more" if len(steps) > 3 else ""
+        raise CheckpointError(
+            "checkpoint.dir",
+            f"{directory} holds {', '.join(steps[:3])}{more} but no complete checkpoint (no {COMPLETE} "
+            "marker in any): set a new checkpoint.dir, or checkpoint.resume=never to start over deliberately",
+        )
 
 
 class CheckpointHook:
@@ -88,12 +117,15 @@ class CheckpointHook:
             self.manager.close()
 
 
-def _resume_target(cfg, directory: Path) -> Path | None:
+def resume_target(cfg, directory: Path) -> Path | None:
     choice = cfg.checkpoint.resume
     if choice == "never":
         return None
     if choice == "auto":
-        return read_latest(directory)
+        found = read_latest(directory)
+        if found is None:
+            refuse_unfinished(directory)
+        return found
     return Path(choice)
 
 
@@ -101,18 +133,19 @@ def preflight(cfg) -> Path | None:
     """Check the checkpoint a run will start from before its model is built (collective-free).
 
     Resolves `checkpoint.resume` (or else `checkpoint.init_from`) and validates it as `attach_checkpointing`
-    will — wrong spec or preset, missing or truncated files — so that a bad path fails in seconds rather
-    than after a large model was built. Returns the checkpoint (or init_from source), or None.
+    will — wrong spec or preset, missing or truncated files, an edited manifest — so that a bad path fails
+    in seconds rather than after a large model was built. Returns the checkpoint (or init_from source), or
+    None. Checksums of the data are left to `attach_checkpointing`, where the ranks share them.
     """
-    target = _resume_target(cfg, checkpoint_dir(cfg))
+    target = resume_target(cfg, checkpoint_dir(cfg))
     if target is not None:
-        ckpt, meta = open_checkpoint(target, "checkpoint.resume")
+        ckpt, meta = open_checkpoint(target, "checkpoint.resume", verify="size")
         check_same_model(meta, cfg, ckpt, "checkpoint.resume")
         return ckpt
     if cfg.checkpoint.init_from:
         from megagen.checkpoint.init_from import open_source
 
-        source = open_source(cfg.checkpoint.init_from)
+        source = open_source(cfg.checkpoint.init_from, verify="size")
         return Path(getattr(source, "ckpt", None) or source.path)
     return None
 
@@ -123,10 +156,10 @@ def resume(trainer, ema, directory: Path) -> Path | None:
     key = "checkpoint.resume"
 
     def select():
-        target = _resume_target(cfg, directory)
+        target = resume_target(cfg, directory)
         if target is None:
             return None
-        ckpt, meta = open_checkpoint(target, key)
+        ckpt, meta = open_checkpoint(target, key, cfg.checkpoint.verify, *_rank_and_world())
         check_same_model(meta, cfg, ckpt, key)
         return ckpt, meta
 
@@ -163,17 +196,21 @@ def attach_checkpointing(trainer) -> CheckpointHook:
     manager = None
     if c.every > 0:
         manager = CheckpointManager(directory, trainer.runtime, c.keep, c.async_save)
-        manager.prepare()
     hook = CheckpointHook(trainer, manager, ema, c.every)
     hook.resumed_from = resume(trainer, ema, directory)
     if hook.resumed_from is None and c.init_from:
-        from megagen.checkpoint.init_from import apply_init, plan_init, rules_for
+        from megagen.checkpoint.init_from import KEY, apply_init, plan_init, rules_for
 
         rt = trainer.runtime
         plan = _collective_check(
-            lambda: plan_init(trainer.model, c.init_from, rules_for(trainer.spec)), rt.device
+            lambda: plan_init(
+                trainer.model, c.init_from, rules_for(trainer.spec), KEY, c.verify, *_rank_and_world()
+            ),
+            rt.device,
         )
         hook.init_report = apply_init(trainer.model, plan, logging_rank=rt.is_logging_rank)
         if ema is not None:
             ema.reset_to_weights()
+    if manager is not None:
+        manager.prepare()  # only after a successful start: a refused checkpoint leaves the directory alone
     return hook

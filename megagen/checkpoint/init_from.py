@@ -182,11 +182,12 @@ class _SafetensorsSource:
                 copy_full_into(target, f.get_tensor(name))
 
 
-def open_source(path: str | Path, key: str = KEY):
+def open_source(path: str | Path, key: str = KEY, verify: str = "checksum", rank: int = 0, world: int = 1):
+    """The source, verified (`checkpoint.verify`; rank `rank` of `world` hashes its share of the files)."""
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         return _SafetensorsSource(p, key)
-    ckpt, meta = open_checkpoint(p, key)
+    ckpt, meta = open_checkpoint(p, key, verify, rank, world)
     return _CheckpointSource(ckpt, meta, key)
 
 
@@ -199,9 +200,17 @@ class InitPlan:
     rules: dict[str, str]
 
 
-def plan_init(model: nn.Module, path: str | Path, rules: GrowthRules, key: str = KEY) -> InitPlan:
+def plan_init(
+    model: nn.Module,
+    path: str | Path,
+    rules: GrowthRules,
+    key: str = KEY,
+    verify: str = "checksum",
+    rank: int = 0,
+    world: int = 1,
+) -> InitPlan:
     """Match the source's tensors to `model`'s parameters (collective-free; raises on bad shapes)."""
-    source = open_source(path, key)
+    source = open_source(path, key, verify, rank, world)
     meta = getattr(source, "meta", {}) or {}
     current = get_model_state_dict(model)
     report = InitReport(str(path), str(meta.get("spec", "?")), str(meta.get("preset", "?")))

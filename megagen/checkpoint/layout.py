@@ -4,15 +4,18 @@
       latest                         "step-000008": the newest complete checkpoint (replaced atomically)
       step-000004/                   one complete checkpoint
         .metadata  __<rank>_0.distcp DCP: tensors (model, optimizer state, EMA), sharded by the saving ranks
-        megagen.json                 rank 0: step, spec, preset, mesh, sampler, schedule, config, file sizes
+        megagen.json                 rank 0: step, spec, preset, mesh, sampler, schedule, config, and the
+                                     manifest: every file's size and checksum
         rng/rank-00000.json          each rank's RNG state
-        COMPLETE                     written last; a directory without it is never loaded
+        COMPLETE                     written last, with the checksum of megagen.json; a directory without
+                                     it is never loaded
       step-000008.tmp-<nonce>/       a save in progress (or one interrupted by a crash): ignored, and
                                      deleted when the next run starts
 
-Every rank writes its shards into the `.tmp-<nonce>` directory; once all have finished, rank 0 writes
-`megagen.json` (with every file's size), then `COMPLETE`, renames the directory into place and only then
-replaces `latest`. A crash at any moment leaves the previous checkpoint and `latest` intact.
+Every rank writes its shards into the `.tmp-<nonce>` directory and the checksums of its files into
+`checksums/`; once all have finished, rank 0 writes `megagen.json` (every file's size and checksum), then
+`COMPLETE`, renames the directory into place and only then replaces `latest`. A crash at any moment leaves
+the previous checkpoint and `latest` intact. Reading checks all of it first: verify.py.
 """
 
 from __future__ import annotations
@@ -34,12 +37,17 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 DCP_METADATA = ".metadata"
 RNG_DIR = "rng"
+SUMS_DIR = "checksums"  # per-rank checksums of the files each rank wrote; merged into the manifest
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_MARK = ".tmp-"
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: names the config key (or CLI argument) and the file at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)
+        self.detail = message
 
 
 def step_name(step: int) -> str:
@@ -77,8 +85,12 @@ def write_file_atomic(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
+    write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -105,11 +117,34 @@ def list_files(root: Path) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def collect_sums(tmp: Path) -> dict[str, str]:
+    """Merge and remove the per-rank checksum files (`checksums/*.json`) of a checkpoint being published."""
+    sums: dict[str, str] = {}
+    d = tmp / SUMS_DIR
+    if d.is_dir():
+        for f in sorted(d.glob("*.json")):
+            sums.update(json.loads(f.read_text(encoding="utf-8")))
+        shutil.rmtree(d)
+    return sums
+
+
 def publish(tmp: Path, final: Path, meta: dict) -> None:
-    """Make a fully written checkpoint visible: manifest + meta, COMPLETE last, then rename into place."""
-    meta = dict(meta, files=list_files(tmp))
-    write_json(tmp / META, meta)
-    write_json(tmp / COMPLETE, {"step": meta.get("step"), "completed": time.time()})
+    """Make a fully written checkpoint visible: manifest + meta, COMPLETE last, then rename into place.
+
+    The manifest has every file's size and checksum (the writing ranks' own, else computed here); COMPLETE
+    has the checksum of `megagen.json`.
+    """
+    from megagen.checkpoint.checksum import ALGORITHM, digest_bytes, digest_files
+
+    sums = collect_sums(tmp)
+    files = list_files(tmp)
+    missing = [tmp / rel for rel in files if rel not in sums]
+    sums.update({p.relative_to(tmp).as_posix(): d for p, d in digest_files(missing).items()})
+    meta = dict(meta, files=files, checksum_algorithm=ALGORITHM, checksums={rel: sums[rel] for rel in files})
+    raw = json.dumps(meta, indent=1, sort_keys=True).encode("utf-8")
+    write_bytes(tmp / META, raw)
+    manifest = f"{ALGORITHM}:{digest_bytes(raw)}"
+    write_json(tmp / COMPLETE, {"step": meta.get("step"), "completed": time.time(), "manifest": manifest})
     fsync_dir(tmp)
     old = None
     if final.exists():  # a checkpoint of the same step from an abandoned timeline: replace it
@@ -126,15 +161,24 @@ def set_latest(directory: Path, final: Path) -> None:
 
 
 def rotate(directory: Path, keep: int, newest: Path) -> list[Path]:
-    """Delete complete checkpoints beyond the `keep` most recent (never `newest`); returns those deleted."""
-    if keep <= 0:
+    """Delete sound checkpoints older than `newest` beyond the `keep` most recent; returns those deleted.
+
+    Only checkpoints whose marker, manifest checksum and file sizes check out count (verify.is_sound), so
+    a broken one never pushes a good one out; nothing is deleted unless `newest` itself is sound; and
+    checkpoints of a later step (another timeline, e.g. before `checkpoint.resume=PATH`) are left alone,
+    so the newest complete checkpoint is never deleted.
+    """
+    from megagen.checkpoint.verify import is_sound
+
+    if keep <= 0 or not is_sound(newest):
         return []
-    others = [p for p in complete_checkpoints(directory) if p.resolve() != newest.resolve()]
-    doomed = others[: max(0, len(others) - (keep - 1))]
+    older = [p for p in complete_checkpoints(directory) if step_of(p) < step_of(newest) and is_sound(p)]
+    doomed = older[: max(0, len(older) - (keep - 1))]
     for p in doomed:
-        # Remove the marker first: a crash half-way through rmtree leaves an incomplete (ignored) dir.
-        (p / COMPLETE).unlink(missing_ok=True)
-        shutil.rmtree(p, ignore_errors=True)
+        # Renamed first: a crash half-way through rmtree leaves a `.tmp-*` dir, cleaned at the next start.
+        gone = p.with_name(f"{p.name}{_TMP_MARK}rotated-{os.getpid()}")
+        os.replace(p, gone)
+        shutil.rmtree(gone, ignore_errors=True)
     return doomed
 
 
@@ -166,40 +210,17 @@ def resolve_checkpoint(path: str | os.PathLike, key: str) -> Path:
     return found
 
 
-def read_meta(ckpt: Path, key: str) -> dict:
-    try:
-        meta = json.loads((ckpt / META).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(key, f"{ckpt}: {META} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(key, f"{ckpt}: {META} is unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(key, f"{ckpt}: {META} is not a {FORMAT} file")
-    if meta.get("version", 0) > VERSION:
-        raise CheckpointError(key, f"{ckpt}: format version {meta['version']} is newer than this megagen's")
-    return meta
+def open_checkpoint(
+    path: str | os.PathLike, key: str, verify: str = "checksum", rank: int = 0, world: int = 1
+) -> tuple[Path, dict]:
+    """Resolve, read and verify a checkpoint for loading: (directory, meta).
 
+    `verify` is `checkpoint.verify` (checksum | size); with `world` > 1 this rank hashes its share of the
+    files only, and the callers agree on the outcome (see verify.py).
+    """
+    from megagen.checkpoint.verify import read_meta, verify_files
 
-def validate_files(ckpt: Path, meta: dict, key: str) -> None:
-    """Every file of the manifest is present with its recorded size (missing shard / truncated file)."""
-    files = meta.get("files") or {}
-    if DCP_METADATA not in files:
-        raise CheckpointError(key, f"{ckpt}: the manifest in {META} lists no {DCP_METADATA}")
-    for rel, size in files.items():
-        f = ckpt / rel
-        if not f.is_file():
-            kind = "shard file" if rel.endswith(".distcp") else "file"
-            raise CheckpointError(key, f"{ckpt}: {kind} {rel} is missing")
-        actual = f.stat().st_size
-        if actual != size:
-            raise CheckpointError(
-                key, f"{ckpt}: file {rel} is truncated or altered: {actual} bytes, expected {size}"
-            )
-
-
-def open_checkpoint(path: str | os.PathLike, key: str) -> tuple[Path, dict]:
-    """Resolve, read and validate a checkpoint for loading: (directory, meta)."""
     ckpt = resolve_checkpoint(path, key)
     meta = read_meta(ckpt, key)
-    validate_files(ckpt, meta, key)
+    verify_files(ckpt, meta, key, verify, rank, world)
     return ckpt, meta

@@ -6,8 +6,10 @@ Save protocol (every rank calls `save` at the same step):
      agreed once per run, so every rank names the same directory);
   3. DCP gathers every rank's write result on rank 0, which writes the DCP index: when rank 0's save
      returns (sync) or its future completes (async), every rank's files are on disk;
-  4. rank 0 then publishes: `megagen.json` with the manifest of file sizes, `COMPLETE`, rename to
-     `<dir>/step-NNNNNN/`, replace `latest`, delete checkpoints beyond `checkpoint.keep`.
+     (each rank first hashes the files it wrote: writer.py);
+  4. rank 0 then publishes: `megagen.json` with the manifest of file sizes and checksums, `COMPLETE`
+     (with the checksum of `megagen.json`), rename to `<dir>/step-NNNNNN/`, replace `latest`, delete sound
+     checkpoints beyond `checkpoint.keep` (layout.rotate).
 Publication needs no collective, so with `checkpoint.async_save` it runs on rank 0 in the background
 writer's completion callback while training goes on. Async saves use a dedicated gloo process group
 (created once per process) so the writer thread's collectives never interleave with training's.
@@ -25,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 
 from megagen.checkpoint.layout import (
     CheckpointError,
@@ -37,6 +38,7 @@ from megagen.checkpoint.layout import (
     tmp_name,
 )
 from megagen.checkpoint.state import write_rng
+from megagen.checkpoint.writer import ChecksummingWriter
 
 log = logging.getLogger("megagen")
 
@@ -129,8 +131,8 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self._finish_pending()
         tmp, final = self.dir / tmp_name(step, self.nonce), self.dir / step_name(step)
-        write_rng(tmp, self.rank, self.device)
-        writer = FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+        rng = write_rng(tmp, self.rank, self.device)
+        writer = ChecksummingWriter(tmp, self.rank, (rng,), single_file_per_rank=True, sync_files=True)
         publisher = self._publish if self.rank == 0 else None
         pending = _Pending(step, tmp, final, meta, publisher)
         no_dist = not _distributed()

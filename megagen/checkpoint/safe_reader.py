@@ -3,8 +3,10 @@
 DCP stores its index (`.metadata`) as a pickle and reads it with `pickle.load`, which runs whatever a
 crafted file asks for. `SafeFileSystemReader` unpickles it with an allow-list of the few plain data
 classes DCP's index is made of; anything else is refused with an error naming the file. Tensor data is
-read by DCP itself with `torch.load(weights_only=True)`; megagen never puts non-tensor objects into the
-DCP part of a checkpoint (those go to JSON), so DCP's pickled "bytes" items are never read either.
+read by DCP itself with `torch.load(weights_only=True)`. DCP's "bytes" entries, though, are unpickled with
+`torch.load(weights_only=False)`: megagen never writes one (non-tensor state goes to JSON), so an index
+that has one is refused here, naming the key — every reader (resume, init_from, `ckpt info|export|average`,
+`megagen sample`) gets its index through `load_dcp_metadata` — and `read_data` refuses to read one anyway.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
 
 from megagen.checkpoint.layout import CheckpointError
 
@@ -59,6 +62,16 @@ def load_dcp_metadata(data: bytes, key: str, path: str) -> Metadata:
         raise CheckpointError(key, f"{path} is not a valid DCP index: {exc}") from None
     if not isinstance(meta, Metadata):
         raise CheckpointError(key, f"{path} holds {type(meta).__name__}, not a DCP index")
+    entries = meta.state_dict_metadata
+    if not isinstance(entries, dict):
+        raise CheckpointError(key, f"{path} is not a valid DCP index: no table of entries")
+    for fqn, md in entries.items():
+        if not isinstance(md, TensorStorageMetadata):
+            raise CheckpointError(
+                key,
+                f"{path}: entry {fqn!r} is a pickled object ({type(md).__name__}), not a tensor; "
+                "megagen never saves one and refuses to unpickle it",
+            )
     for info in (meta.storage_data or {}).values():
         rel = getattr(info, "relative_path", "")
         if not isinstance(rel, str) or not rel or "/" in rel or "\\" in rel or rel.startswith("."):
@@ -81,6 +94,13 @@ class SafeFileSystemReader(FileSystemReader):
             meta.storage_meta = StorageMeta()
         meta.storage_meta.load_id = self.load_id
         return meta
+
+    def read_data(self, plan, planner):
+        for item in plan.items:  # the index was checked; a second lock on the one unsafe door
+            if item.type == LoadItemType.BYTE_IO:
+                fqn = item.dest_index.fqn
+                raise CheckpointError(self._key, f"{self.path}: refusing to unpickle entry {fqn!r}")
+        return super().read_data(plan, planner)
 
 
 def read_index(ckpt: Path, key: str) -> Metadata:

@@ -90,11 +90,13 @@ def rng_state(device: torch.device) -> dict:
     return out
 
 
-def write_rng(ckpt: Path, rank: int, device: torch.device) -> None:
+def write_rng(ckpt: Path, rank: int, device: torch.device) -> Path:
     d = ckpt / RNG_DIR
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"rank-{rank:05d}.json", "w", encoding="utf-8") as fh:
+    path = d / f"rank-{rank:05d}.json"
+    with open(path, "w", encoding="utf-8") as fh:
         json.dump(rng_state(device), fh)
+    return path
 
 
 def restore_rng(ckpt: Path, meta: dict, rank: int, world_size: int, device: torch.device) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from pathlib import Path
@@ -27,9 +28,17 @@ def _field_type(owner: Any, name: str) -> type:
     return hints[name]
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
-    """Convert `value` (YAML scalar or override string) to `typ`, or raise naming `key`."""
+def _coerce(key: str, value: Any, typ: type, words: tuple = ()) -> Any:
+    """Convert `value` (YAML scalar or override string) to `typ`, or raise naming `key`. A field typed
+    `int | str` holds an integer or one of its `words` (e.g. `auto`)."""
     from_string = isinstance(value, str)
+    if words:
+        if from_string and value.strip().lower() in words:
+            return value.strip().lower()
+        try:
+            return _coerce(key, value, int)
+        except ConfigError:
+            raise ConfigError(key, f"expected an integer or {' / '.join(words)}, got {value!r}") from None
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -89,7 +98,8 @@ def _set(cfg: Config, key: str, value: Any) -> None:
     names = [f.name for f in dataclasses.fields(group)]
     if name not in names:
         raise ConfigError(key, f"unknown key; {group_name} has: {', '.join(names)}")
-    setattr(group, name, _coerce(key, value, _field_type(group, name)))
+    meta = next(f.metadata for f in dataclasses.fields(group) if f.name == name)
+    setattr(group, name, _coerce(key, value, _field_type(group, name), meta.get("words", ())))
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
@@ -113,15 +123,29 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def _read_yaml(p: Path) -> Any:
+    """The YAML tree of config file `p`, or a ConfigError naming the file (and the line of a syntax error)."""
+    if p.is_dir():
+        raise ConfigError("<config>", f"{p} is a directory; expected a YAML file")
+    if not p.is_file():
+        raise ConfigError("<config>", f"file not found: {p}")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            return yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError("<config>", f"{p}:{where}: not valid YAML: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("<config>", f"cannot read {p}: {exc}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = ()) -> Config:
     """Defaults ← YAML file ← overrides, then validated. Raises ConfigError naming the bad key."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("<config>", f"file not found: {p}")
-        with open(p, encoding="utf-8") as fh:
-            tree = yaml.safe_load(fh) or {}
+        tree = _read_yaml(Path(path))
         for key, value in _flatten(tree).items():
             _set(cfg, key, value)
     for text in overrides:
@@ -137,11 +161,14 @@ def _check_bucket_tables(cfg: Config) -> None:
         if not isinstance(sizes, dict) or set(sizes) - {"global", "micro"}:
             raise ConfigError(key, f"expected {{global: G, micro: M}}, got {sizes!r}")
         for name, value in sizes.items():
+            if name == "micro" and value == "auto":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key}.{name}", f"expected a positive integer, got {value!r}")
     for bucket, weight in cfg.data.bucket_weights.items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
-            raise ConfigError(f"data.bucket_weights.{bucket}", f"expected a weight >= 0, got {weight!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
+            key = f"data.bucket_weights.{bucket}"
+            raise ConfigError(key, f"expected a finite weight >= 0, got {weight!r}")
     try:
         values = [float(v) for v in cfg.eval.t_values.split(",")]
     except ValueError as exc:
@@ -152,26 +179,69 @@ def _check_bucket_tables(cfg: Config) -> None:
         raise ConfigError("eval.t_values", f"values must lie in [0, 1], got {cfg.eval.t_values!r}")
 
 
+_BOUNDS = (
+    ("min", ">=", lambda v, b: v >= b),
+    ("above", ">", lambda v, b: v > b),
+    ("max", "<=", lambda v, b: v <= b),
+    ("below", "<", lambda v, b: v < b),
+)
+"""Bound kinds of `opt(...)` metadata: (key, how the message says it, the test a valid value passes)."""
+
+
+def check_field(key: str, value: Any, meta: dict) -> None:
+    """One field against its `opt` metadata: choices, finiteness (floats), bounds. ConfigError naming `key`.
+
+    Bounds are written as tests a valid value passes, so NaN (which fails every comparison) cannot slip by.
+    """
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, choices))}")
+    if isinstance(value, str) and value in meta.get("words", ()):
+        return  # e.g. `auto`: a word the field allows besides numbers
+    if isinstance(value, float) and meta.get("finite", True) and not math.isfinite(value):
+        raise ConfigError(key, f"got {value!r}; must be a finite number")
+    for name, says, ok in _BOUNDS:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(key, f"got {value!r}; must be {says} {bound}")
+
+
+def profile_step_range(text: str) -> tuple[int, int] | None:
+    """`metrics.profile_steps` "a,b" (or "a") → (a, b) with 1 <= a <= b; None when empty."""
+    text = text.strip()
+    if not text:
+        return None
+    first, _, last = text.partition(",")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise ConfigError("metrics.profile_steps", f"expected `a,b` (step numbers), got {text!r}") from None
+    if not 1 <= a <= b:
+        raise ConfigError("metrics.profile_steps", f"expected 1 <= a <= b, got {text!r}")
+    return a, b
+
+
+def _check_run_fields(cfg: Config) -> None:
+    """Values that are strings to the schema but have a grammar of their own."""
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir", "is empty; give the run's directory (e.g. runs/my-run)")
+    profile_step_range(cfg.metrics.profile_steps)
+
+
 def validate(cfg: Config) -> None:
-    """Field-level checks (choices, bounds) and cross-field checks that need no model."""
+    """Field-level checks (choices, finiteness, bounds) and cross-field checks that need no model."""
     for group in dataclasses.fields(cfg):
         sub = getattr(cfg, group.name)
         for f in dataclasses.fields(sub):
-            key, value = f"{group.name}.{f.name}", getattr(sub, f.name)
-            choices, low = f.metadata.get("choices"), f.metadata.get("min")
-            if choices is not None and value not in choices:
-                raise ConfigError(key, f"got {value!r}; allowed: {', '.join(map(str, choices))}")
-            if low is not None and value < low:
-                raise ConfigError(key, f"got {value!r}; must be >= {low}")
+            check_field(f"{group.name}.{f.name}", getattr(sub, f.name), f.metadata)
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard", "got 0; use a positive size or -1 for the rest of the world")
     if -1.0 < cfg.train.step_timeout_s < 0.0:
         raise ConfigError(
             "train.step_timeout_s", f"got {cfg.train.step_timeout_s}; use seconds > 0, -1 = auto or 0 = off"
         )
-    if cfg.train.cond_dropout > 1.0:
-        raise ConfigError("train.cond_dropout", f"got {cfg.train.cond_dropout}; must be in [0, 1]")
-    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+    micro = cfg.train.micro_batch_size
+    if isinstance(micro, int) and cfg.train.global_batch_size % micro:
         raise ConfigError(
             "train.micro_batch_size",
             f"{cfg.train.micro_batch_size} does not divide "
@@ -180,6 +250,7 @@ def validate(cfg: Config) -> None:
     if not cfg.data.synthetic and not cfg.data.path:
         raise ConfigError("data.path", "required when data.synthetic=false")
     _check_bucket_tables(cfg)
+    _check_run_fields(cfg)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

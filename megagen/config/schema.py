@@ -8,10 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_STEPS = 10**7
+"""Upper bound of `train.steps`: `RequestPlan` precomputes every step's requests and sampler state at start
+(measured ~0.6 KB per step synthetic, ~4 KB with three buckets), so 10^7 steps already hold 6-40 GB of host
+memory per rank; real runs take 10^5-10^6 steps. A larger value is a typo, refused before memory runs out."""
 
-def opt(default, help: str, choices: tuple | None = None, min: float | None = None, **extra):
-    """A config field: default, help line, optional allowed values and lower bound."""
-    meta = {"help": help, "choices": choices, "min": min, **extra}
+
+def opt(
+    default,
+    help: str,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    finite: bool = True,
+    **extra,
+):
+    """A config field: default, help line, optional allowed values and bounds (`min`/`max` inclusive,
+    `above`/`below` exclusive). A float field must be finite unless declared `finite=False`: YAML and the
+    command line both read `inf`, `nan` and `1e400` as floats, and none of them is a usable setting."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "above": above,
+        "below": below,
+        "finite": finite,
+        **extra,
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -24,6 +50,9 @@ class RunConfig:
     dir: str = opt("runs/default", "run directory: resolved config, metrics.jsonl, TensorBoard, checkpoints")
     seed: int = opt(0, "global seed; sample i of step s depends only on (seed, s, i)", min=0)
     name: str = opt("", "free-form run name shown in logs")
+    overwrite: bool = opt(
+        False, "start afresh in a run.dir that already holds another run's metrics (they are replaced)"
+    )
 
 
 @dataclass
@@ -33,6 +62,14 @@ class ModelConfig:
     spec: str = opt("video", "registered spec name (`megagen specs`) or a dotted path `pkg.module:SPEC`")
     preset: str = opt("tiny", "size preset defined by the spec (video: tiny, 1b, 5b, 30b)")
     init_std: float = opt(0.02, "std of the normal init of linear weights", min=0.0)
+    qk_norm: bool = opt(False, "learned RMSNorm of queries and keys over head_dim (video, upsampler, audio)")
+    init: str = opt(
+        "default",
+        "initialisation: the spec's own (default), or live: a test option that adds N(0, init_std) noise to "
+        "every parameter so that every path (zero output layer, gates, nulls, norm weights) carries "
+        "gradient from step 1",
+        choices=("default", "live"),
+    )
 
 
 @dataclass
@@ -112,14 +149,14 @@ class EvalConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = opt(3e-4, "peak learning rate", min=0.0)
-    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak (cosine)", min=0.0)
+    lr: float = opt(3e-4, "peak learning rate (0 trains nothing: a dry run of data and steps)", min=0.0)
+    min_lr_ratio: float = opt(0.1, "final lr as a fraction of the peak (cosine)", min=0.0, max=1.0)
     warmup_steps: int = opt(10, "linear warmup steps", min=0)
     schedule: str = opt("cosine", "lr schedule after warmup", choices=("cosine", "constant", "linear"))
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay", min=0.0)
-    beta1: float = opt(0.9, "AdamW beta1", min=0.0)
-    beta2: float = opt(0.95, "AdamW beta2", min=0.0)
-    eps: float = opt(1e-8, "AdamW epsilon", min=0.0)
+    beta1: float = opt(0.9, "AdamW beta1, in [0, 1)", min=0.0, below=1.0)
+    beta2: float = opt(0.95, "AdamW beta2, in [0, 1)", min=0.0, below=1.0)
+    eps: float = opt(1e-8, "AdamW epsilon (> 0: keeps the update's denominator off zero)", above=0.0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this; 0 disables", min=0.0)
     fused: str = opt("auto", "fused AdamW kernel", choices=("auto", "true", "false"))
 
@@ -128,11 +165,22 @@ class OptimConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    steps: int = opt(100, "optimizer steps to run", min=1)
+    steps: int = opt(
+        100,
+        "optimizer steps to run (at most 10^7: the request plan, made at start, holds ~1-4 KB per step)",
+        min=1,
+        max=MAX_STEPS,
+    )
     global_batch_size: int = opt(8, "samples per optimizer step over all data-parallel ranks", min=1)
-    micro_batch_size: int = opt(8, "samples per forward/backward on one rank", min=1)
+    micro_batch_size: int | str = opt(
+        "auto",
+        "samples per forward/backward on one rank; auto = per bucket, the largest that divides the global "
+        "batch over the data-parallel ranks and fits memory",
+        min=1,
+        words=("auto",),
+    )
     cond_dropout: float = opt(
-        0.1, "probability of replacing each text condition by its null embedding", min=0.0
+        0.1, "probability of replacing each text condition by its null embedding", min=0.0, max=1.0
     )
     recompute: str = opt("none", "activation recompute per block", choices=("none", "full", "selective"))
     recompute_layers: int = opt(-1, "apply train.recompute to the first k blocks; -1 = every block", min=-1)
@@ -146,7 +194,18 @@ class TrainConfig:
         "max(600 s, 20 x the median of the last 100 steps)), 0 = off",
         min=-1.0,
     )
-    ema_decay: float = opt(0.0, "decay of an exponential moving average of the weights; 0 = off", min=0.0)
+    nonfinite: str = opt(
+        "stop",
+        "a step whose loss or gradient norm is NaN/inf: stop before its optimizer step, naming it (no "
+        "checkpoint of it is written), or skip its update (skip_step: logged, counted as skipped_steps)",
+        choices=("stop", "skip_step"),
+    )
+    max_skipped_steps: int = opt(
+        5, "train.nonfinite=skip_step: stop after this many consecutive skipped steps", min=1
+    )
+    ema_decay: float = opt(
+        0.0, "decay of an exponential moving average of the weights, in [0, 1); 0 = off", min=0.0, below=1.0
+    )
     fp8: bool = opt(False, "FP8 GEMMs in block linears via Transformer Engine (torch path without it)")
     cuda_graphs: bool = opt(
         False, "capture each bucket's block forward+backward as CUDA graphs (one GPU, no FSDP/TP/CP)"
@@ -166,6 +225,12 @@ class CheckpointConfig:
     async_save: bool = opt(False, "write checkpoints in the background while training continues")
     resume: str = opt("auto", "auto = latest complete checkpoint in dir if any; never; or a checkpoint PATH")
     init_from: str = opt("", "start from another run's weights (new optimizer); position tables are extended")
+    verify: str = opt(
+        "checksum",
+        "before reading a checkpoint (resume, init_from): checksum = every file's checksum, each rank "
+        "hashing its share in parallel; size = file sizes only",
+        choices=("checksum", "size"),
+    )
 
 
 @dataclass

@@ -15,12 +15,12 @@ import numpy as np
 
 from megagen.data.format import (
     LATENTS,
-    TEXT_LEN_PREFIX,
     TEXT_PREFIX,
     BucketInfo,
     DataError,
     Manifest,
     ShardInfo,
+    field_ranges,
     load_manifest,
     manifest_path,
     tokens_per_sample,
@@ -98,11 +98,15 @@ def _scan_samples(path: str, header, manifest: Manifest, bucket: BucketInfo, fir
     for a in range(0, n, chunk):
         flat = np.asarray(latents[a : a + chunk]).reshape(min(chunk, n - a), -1)
         report(~np.isfinite(flat).all(axis=1), "latents hold NaN or inf", a)
-    for enc, info in manifest.text_encoders.items():
+    for enc in manifest.text_encoders:
         text = np.asarray(view(TEXT_PREFIX + enc)).reshape(n, -1)
         report(~np.isfinite(text).all(axis=1), f"text.{enc} holds NaN or inf")
-        lengths = np.asarray(view(TEXT_LEN_PREFIX + enc))
-        report((lengths < 0) | (lengths > info.max_len), f"text_len.{enc} is outside [0, {info.max_len}]")
+    for r in field_ranges(manifest):  # the rule every read applies too
+        values = np.asarray(view(r.field))
+        for j in np.flatnonzero(r.outside(values)):
+            out.append(
+                Problem(path, f"{r.message(values[j])} (row {j} of this shard)", first + int(j), bucket.name)
+            )
     return out
 
 

@@ -242,6 +242,33 @@ def standard_fields(latent_dtype: str, text_encoders: dict[str, TextEncoderInfo]
     return fields
 
 
+@dataclass(frozen=True)
+class FieldRange:
+    """A per-sample field whose values the layout bounds, inclusive (`text_len.E` in [0, max_len]).
+
+    The one statement of the rule: `megagen data check` reports with it and every read applies it, so a sample
+    the check flags is never trained on."""
+
+    field: str
+    low: int
+    high: int
+
+    def outside(self, values):
+        """Bool (array) of `values` (a numpy array or scalar) outside [low, high]: two comparisons each."""
+        return (values < self.low) | (values > self.high)
+
+    def message(self, value) -> str:
+        return f"{self.field} is {value}, outside [{self.low}, {self.high}]"
+
+
+def field_ranges(manifest: Manifest) -> tuple[FieldRange, ...]:
+    """The bounded per-sample fields of `manifest`'s layout: each encoder's text length within its max_len
+    (a longer one would unmask padding, or index past the stored embedding)."""
+    return tuple(
+        FieldRange(TEXT_LEN_PREFIX + enc, 0, info.max_len) for enc, info in manifest.text_encoders.items()
+    )
+
+
 def _fail(source: str, msg: str):
     raise DataError(msg, file=source)
 

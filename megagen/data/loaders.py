@@ -52,6 +52,7 @@ def make_loader(
     device = torch.device(device) if device is not None else torch.device("cpu")
     if kind == "auto":
         if dali_available():
+            log.info("data.loader=auto: using the DALI loader (nvidia.dali is installed)")
             kind = "dali"
         else:
             log.info("data.loader=auto: nvidia.dali is not installed, using the torch loader")

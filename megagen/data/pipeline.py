@@ -43,13 +43,13 @@ class DataPipeline:
     def state_after(self, steps_done: int) -> dict:
         return self.plan.state_after(steps_done)
 
-    def on_nonfinite_loss(self, step: int, requests: list[MicroBatchRequest]) -> None:
+    def on_nonfinite_loss(self, step: int, requests: list[MicroBatchRequest]) -> str:
         """The loss of `step` (1-based) is NaN/inf: with lazy finite checking, scan the step's samples on this
         rank and raise DataError naming the first non-finite one (file, bucket, sample: the eager check's
-        message), else a DataError saying the data was finite. Does nothing otherwise (the run goes on, as
-        with eager checking or synthetic data)."""
+        message); else return a note that they are finite (for the trainer's `train.nonfinite` message).
+        Returns "" without lazy checking (eager reads already dropped or refused such samples; synthetic)."""
         if not self.lazy_finite:
-            return
+            return ""
         from megagen.data.format import DataError
 
         for req in requests:
@@ -63,16 +63,20 @@ class DataPipeline:
                     bucket=err.bucket,
                 )
         buckets = sorted({r.bucket for r in requests})
-        raise DataError(
+        return (
             f"the loss went non-finite at step {step} with finite data: every latent of this rank's samples "
-            f"of the step (buckets {', '.join(buckets)}) is finite",
-            file=getattr(self.reader, "path", None),
+            f"of the step (buckets {', '.join(buckets)}) is finite"
         )
 
 
-def bucket_plans(cfg: Config, bucket_sizes: dict[str, int]) -> list[BucketPlan]:
-    """Each bucket's global/micro batch: `data.bucket_batch` overrides, else the train.* sizes."""
+def bucket_plans(
+    cfg: Config, bucket_sizes: dict[str, int], dp_size: int = 1, fit_for=None
+) -> list[BucketPlan]:
+    """Each bucket's global/micro batch: `data.bucket_batch` overrides, else the train.* sizes; a micro
+    size of `auto` resolved per bucket (megagen/data/micro_batch.py). `fit_for(bucket)` gives the memory
+    check of that bucket's samples (None: no memory bound)."""
     from megagen.config import ConfigError
+    from megagen.data.micro_batch import resolve_micro_batch
 
     unknown = set(cfg.data.bucket_batch) - set(bucket_sizes)
     if unknown:
@@ -83,8 +87,31 @@ def bucket_plans(cfg: Config, bucket_sizes: dict[str, int]) -> list[BucketPlan]:
         sizes = cfg.data.bucket_batch.get(name, {})
         g = sizes.get("global", cfg.train.global_batch_size)
         m = sizes.get("micro", cfg.train.micro_batch_size)
+        fits = fit_for(name) if fit_for is not None else None
+        m = resolve_micro_batch(m, g, dp_size, fits, name, per_bucket="micro" in sizes or "global" in sizes)
         plans.append(BucketPlan(name, size, g, m))
     return plans
+
+
+def make_sampler(cfg: Config, spec, world_size: int, dp_size: int, device, reader=None):
+    """The job's sampler: the synthetic one, or the bucket sampler over `reader`'s dataset (checked against
+    the spec), with every bucket's micro-batch size resolved for `dp_size` data-parallel ranks."""
+    from megagen.planning import activation_fit
+
+    if reader is None:
+        fits = activation_fit(cfg, spec.latent_shape(cfg), world_size, device)
+        (plan,) = bucket_plans(cfg, {SyntheticSampler.BUCKET: 2**62}, dp_size, lambda _: fits)
+        return SyntheticSampler(plan.global_batch, plan.micro_batch)
+    from megagen.data.spec_fields import check_dataset_fields
+
+    check_dataset_fields(reader.manifest, spec, cfg, cfg.data.path)
+    sizes = {name: info.samples for name, info in reader.buckets.items()}
+
+    def fit_for(name: str):
+        return activation_fit(cfg, tuple(reader.buckets[name].latent_shape), world_size, device)
+
+    plans = bucket_plans(cfg, sizes, dp_size, fit_for)
+    return BucketSampler(plans, cfg.run.seed, cfg.data.bucket_weights or None)
 
 
 def build_data(
@@ -92,7 +119,7 @@ def build_data(
 ) -> DataPipeline:
     """Sampler (restored from `sampler_state` when resuming), this rank's request plan, and its loader."""
     if not cfg.data.path:
-        sampler = SyntheticSampler(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+        sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device)
         if sampler_state:
             sampler.load_state_dict(sampler_state)
         plan = RequestPlan(sampler, steps, runtime.dp_rank, runtime.dp_size)
@@ -108,8 +135,7 @@ def build_data(
         reader = ShardReader(
             cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify, check_finite=eager
         )
-    sizes = {name: info.samples for name, info in reader.buckets.items()}
-    sampler = BucketSampler(bucket_plans(cfg, sizes), cfg.run.seed, cfg.data.bucket_weights or None)
+    sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device, reader)
     if sampler_state:
         sampler.load_state_dict(sampler_state)
     plan = RequestPlan(sampler, steps, runtime.dp_rank, runtime.dp_size)

@@ -38,6 +38,7 @@ from megagen.data.format import (
     Manifest,
     SampleSkipped,
     ShardInfo,
+    field_ranges,
     fsync_dir,
     load_manifest,
     write_json_atomic,
@@ -388,6 +389,8 @@ class ShardReader:
         self.path = os.fspath(path)
         self.on_error, self.verify, self.check_finite = on_error, verify, check_finite
         self.manifest = load_manifest(self.path)
+        self.ranges = field_ranges(self.manifest)
+        """Bounded per-sample fields (`text_len.E`): every read checks them, whatever `check_finite` says."""
         self.buckets: dict[str, BucketInfo] = {b.name: b for b in self.manifest.buckets}
         self._shards: dict[str, list[_Shard]] = {}
         self._starts: dict[str, list[int]] = {}
@@ -399,13 +402,15 @@ class ShardReader:
             self._shards[b.name] = shards
             self._starts[b.name] = [s.first for s in shards]
         self._views: dict[str, dict[str, np.ndarray]] = {}
+        self._out_of_range: dict[str, dict[int, str]] = {}
+        """Per mapped shard: local row → why its bounded fields are out of range (usually empty)."""
         if verify != "none":
             self._verify_all()
 
     # -- pickling: paths + offsets only --------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_views"] = {}
+        state["_views"], state["_out_of_range"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -413,7 +418,7 @@ class ShardReader:
 
     def close(self) -> None:
         """Drop this process's memory maps (they reopen on the next read)."""
-        self._views = {}
+        self._views, self._out_of_range = {}, {}
 
     # -- open-time checks ------------------------------------------------------------------------------------
     def _shard_problems(self, bucket: BucketInfo, shard: _Shard) -> list[DataError]:
@@ -510,8 +515,20 @@ class ShardReader:
             t = shard.header.tensors[name]
             view = mm[t.start : t.end].view(np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape)
             views[name] = np.asarray(view)  # a plain ndarray over the map: cheaper to index than np.memmap
+        self._out_of_range[shard.path] = self._range_problems(views)
         self._views[shard.path] = views
         return views
+
+    def _range_problems(self, views: dict[str, np.ndarray]) -> dict[int, str]:
+        """Local row → reason for the rows of a shard whose bounded fields (`ranges`) are out of range: one
+        vectorised pass over each bounded column when the shard is mapped, so that a read of a sample costs
+        one lookup in a (usually empty) dict instead of per-batch array operations."""
+        problems: dict[int, str] = {}
+        for r in self.ranges:
+            values = views[r.field]
+            for j in np.flatnonzero(r.outside(values)):
+                problems.setdefault(int(j), r.message(values[j]))
+        return problems
 
     def _error(self, exc: DataError, bucket: str, sample: int) -> DataError:
         cls = SampleSkipped if self.on_error == "skip" else DataError
@@ -545,6 +562,9 @@ class ShardReader:
         try:
             views = self._shard_views(bucket, shard)
             sample = {name: v[local, ...] for name, v in views.items()}  # 0-d arrays for scalars
+            out_of_range = self._out_of_range[shard.path].get(local)
+            if out_of_range is not None:
+                raise DataError(out_of_range, file=shard.path)
             if self.check_finite and self._nonfinite(sample[LATENTS][None])[0]:
                 raise DataError("latents hold NaN or inf", file=shard.path)
         except DataError as exc:
@@ -559,7 +579,8 @@ class ShardReader:
         """Copy samples `ids` of `bucket` into rows 0.. of the preallocated arrays `out` (field → array of
         shape (len(ids), *per-sample shape), the stored dtype; fields missing from `out` are not read): the
         one copy out of the memory map. With `check_finite` the latents are checked while they are copied
-        (per chunk, cache-hot: a bit test on float16/float32).
+        (per chunk, cache-hot: a bit test on float16/float32). The bounded fields (`ranges`) are checked on
+        every read (found when the shard is mapped), whether or not `out` asks for them.
 
         Returns (row, SampleSkipped) for every unusable sample with on_error="skip" (its row is left as it
         was: the caller decides what goes there); with on_error="fail" the first problem raises DataError.
@@ -574,14 +595,20 @@ class ShardReader:
         for shard, rows, locals_ in groups.values():
             try:
                 views = self._shard_views(bucket, shard)
-                bad = self._copy_rows(views, rows, locals_, out)
+                known = self._out_of_range[shard.path]  # found when mapped; usually empty: one test
+                bad = [(r, known[i]) for r, i in zip(rows, locals_) if i in known] if known else []
+                nonfinite = self._copy_rows(views, rows, locals_, out)
+                bad += [(row, "latents hold NaN or inf") for row in nonfinite]
+                problems = [(row, DataError(reason, file=shard.path)) for row, reason in bad]
             except DataError as exc:
-                bad, reason = rows, exc
+                problems = [(row, exc) for row in rows]
             except OSError as exc:
-                bad, reason = rows, DataError(f"read failed: {exc}", file=shard.path)
-            else:
-                reason = DataError("latents hold NaN or inf", file=shard.path)
-            for row in bad:
+                problems = [(row, DataError(f"read failed: {exc}", file=shard.path)) for row in rows]
+            seen: set[int] = set()
+            for row, reason in sorted(problems, key=lambda x: x[0]):  # a sample's first problem, in row order
+                if row in seen:
+                    continue
+                seen.add(row)
                 err = self._error(reason, bucket, int(ids[row]))
                 if not isinstance(err, SampleSkipped):
                     raise err from None

@@ -13,6 +13,13 @@ import sys
 from megagen.config import Config
 
 
+def resolved_mesh(cfg: Config, runtime) -> dict:
+    """The mesh that ran: axis sizes with `dp_shard=-1` resolved (1 everywhere in one process)."""
+    dims = getattr(runtime, "dims", None)
+    sizes = dims.sizes() if dims is not None else {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
+    return {**sizes, "cp_kind": cfg.parallel.cp_kind}
+
+
 def run_bench(cfg: Config, steps: int, warmup: int, runtime=None) -> dict:
     """Train `warmup + steps` steps and summarise the timed ones (medians)."""
     from megagen.train.loop import Trainer
@@ -38,7 +45,7 @@ def run_bench(cfg: Config, steps: int, warmup: int, runtime=None) -> dict:
         "config": cfg.run.name or cfg.model.spec + "/" + cfg.model.preset,
         "device": peak,
         "world_size": world,
-        "mesh": {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "cp_kind")},
+        "mesh": resolved_mesh(cfg, trainer.runtime),
         "steps_timed": len(timed),
         "step_time_s": step,
         "step_time_spread": (max(r["step_time_s"] for r in timed) - min(r["step_time_s"] for r in timed))

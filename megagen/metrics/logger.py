@@ -21,7 +21,7 @@ def _fmt(v: Any) -> str:
 class MetricsLogger:
     """Writes one record per step to every enabled sink. Only rank 0 should construct an enabled one."""
 
-    SHOWN = ("loss", "grad_norm", "lr", "tokens_per_s", "step_time_s")
+    SHOWN = ("loss", "eval_loss", "grad_norm", "lr", "tokens_per_s", "step_time_s")
 
     def __init__(
         self,
@@ -37,6 +37,8 @@ class MetricsLogger:
     ):
         self.total, self.log_every = total_steps, log_every
         self.stream = stream or sys.stdout
+        self._first_step = resume_step
+        self._last_eval = None
         self.enabled = run_dir is not None
         self._jsonl = None
         self._tb = None
@@ -74,16 +76,29 @@ class MetricsLogger:
         self._print(step, metrics)
 
     def _print(self, step: int, metrics: dict[str, Any]) -> None:
+        if "eval_loss" in metrics:
+            self._last_eval = metrics["eval_loss"]
+        elif self._last_eval is not None:  # keep the latest held-out loss in view between evaluations
+            metrics = {**metrics, "eval_loss": self._last_eval}
         shown = " ".join(f"{k}={_fmt(metrics[k])}" for k in self.SHOWN if k in metrics)
         if self.progress == "bar":
             done = int(30 * step / max(1, self.total))
-            self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} {shown}")
+            eta = self._eta(step)
+            self.stream.write(f"\r[{'#' * done}{'.' * (30 - done)}] {step}/{self.total} {eta}{shown}")
             if step >= self.total:
                 self.stream.write("\n")
             self.stream.flush()
         elif self.progress == "lines" and (step % self.log_every == 0 or step >= self.total):
             self.stream.write(f"step {step}/{self.total} {shown}\n")
             self.stream.flush()
+
+    def _eta(self, step: int) -> str:
+        """`ETA 1:02:03 ` from the mean time of the steps this process ran ('' before the first)."""
+        if step <= self._first_step or step >= self.total:
+            return ""
+        per_step = (time.perf_counter() - self._t0) / (step - self._first_step)
+        seconds = int(per_step * (self.total - step))
+        return f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} "
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -6,6 +6,7 @@ the per-token target; the trainer and the engine know nothing else about the mod
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -23,13 +24,22 @@ class ModelSpec(ABC):
     presets: dict[str, Any] = {}
 
     def arch(self, cfg: Config) -> Any:
-        """The preset's architecture, or a ConfigError naming `model.preset` and the allowed values."""
+        """The preset's architecture, or a ConfigError naming `model.preset` and the allowed values.
+
+        `model.qk_norm` is folded into architectures that have a `qk_norm` field; a spec without one
+        refuses it rather than ignoring it.
+        """
         if cfg.model.preset not in self.presets:
             allowed = ", ".join(self.presets)
             raise ConfigError(
                 "model.preset", f"{cfg.model.preset!r} is not a {self.name} preset; allowed: {allowed}"
             )
-        return self.presets[cfg.model.preset]
+        arch = self.presets[cfg.model.preset]
+        if dataclasses.is_dataclass(arch) and "qk_norm" in {f.name for f in dataclasses.fields(arch)}:
+            return dataclasses.replace(arch, qk_norm=cfg.model.qk_norm)
+        if cfg.model.qk_norm:
+            raise ConfigError("model.qk_norm", f"spec {self.name!r} has no learned QK-norm")
+        return arch
 
     @abstractmethod
     def build(self, cfg: Config) -> nn.Module:
@@ -118,3 +128,15 @@ class ModelSpec(ABC):
     ):
         """A `megagen.metrics.flops.FlopCount` for one sample of this latent shape (default: the config's)."""
         raise NotImplementedError(f"spec {self.name!r}: FLOP counting is not implemented")
+
+
+def init_model(spec: ModelSpec, model: nn.Module, cfg: Config) -> None:
+    """The spec's initialisation, then, with `model.init=live` (a test option), N(0, init_std) noise on every
+    parameter: zero output layers, gates, null embeddings and unit norm weights then carry gradient from
+    step 1, so parity tests see every path. Drawn from the seeded global generator on the full model, so
+    the initial weights do not depend on the mesh."""
+    spec.init_weights(model, cfg)
+    if cfg.model.init == "live":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=cfg.model.init_std)

@@ -14,13 +14,22 @@ import math
 import torch
 from torch import nn
 
-from megagen.kernels import AttentionCore, Linear, swiglu
+from megagen.kernels import AttentionCore, Linear, RMSNorm, swiglu
+
+
+def qk_norm_layer(head_dim: int, enabled: bool, eps: float) -> nn.Module:
+    """A learned RMSNorm over head_dim, one weight shared by every head (identity when disabled).
+
+    Applied to queries and keys it keeps attention logits bounded. Under tensor parallelism it runs on
+    head shards inside the region, so its gradient is partial over tp (the engine's gradient rule sums it).
+    """
+    return RMSNorm(head_dim, eps) if enabled else nn.Identity()
 
 
 class SelfAttention(nn.Module):
-    """Full bidirectional multi-head self-attention over the token sequence."""
+    """Full bidirectional multi-head self-attention over the token sequence (optionally QK-normed)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -29,6 +38,8 @@ class SelfAttention(nn.Module):
         self.k = Linear(dim, dim, bias=False)
         self.v = Linear(dim, dim, bias=False)
         self.o = Linear(dim, dim, bias=False)
+        self.q_norm = qk_norm_layer(self.head_dim, qk_norm, eps)
+        self.k_norm = qk_norm_layer(self.head_dim, qk_norm, eps)
         self.core = AttentionCore()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,19 +47,21 @@ class SelfAttention(nn.Module):
         q = self.q(x).view(b, s, -1, self.head_dim)
         k = self.k(x).view(b, s, -1, self.head_dim)
         v = self.v(x).view(b, s, -1, self.head_dim)
-        return self.o(self.core(q, k, v).reshape(b, s, -1))
+        return self.o(self.core(self.q_norm(q), self.k_norm(k), v).reshape(b, s, -1))
 
 
 class CrossAttention(nn.Module):
-    """Video tokens (queries) attend to the concatenated text context (keys/values)."""
+    """Video tokens (queries) attend to the concatenated text context (keys/values; optionally QK-normed)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.q = Linear(dim, dim, bias=False)
         self.k = Linear(dim, dim, bias=False)
         self.v = Linear(dim, dim, bias=False)
         self.o = Linear(dim, dim, bias=False)
+        self.q_norm = qk_norm_layer(self.head_dim, qk_norm, eps)
+        self.k_norm = qk_norm_layer(self.head_dim, qk_norm, eps)
         self.core = AttentionCore()
 
     def forward(
@@ -59,7 +72,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(b, s, -1, self.head_dim)
         k = self.k(context).view(b, lc, -1, self.head_dim)
         v = self.v(context).view(b, lc, -1, self.head_dim)
-        return self.o(self.core(q, k, v, context_valid).reshape(b, s, -1))
+        return self.o(self.core(self.q_norm(q), self.k_norm(k), v, context_valid).reshape(b, s, -1))
 
 
 class SwiGLUMLP(nn.Module):

@@ -10,6 +10,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from megagen.config import Config, ConfigError, save_config
 from megagen.metrics import MetricsLogger
 from megagen.parallel.plan_check import check_plan
 from megagen.specs import get_spec
+from megagen.specs.base import init_model
+from megagen.train.nonfinite import NonFiniteGuard
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
 from megagen.train.step_gc import StepGC
@@ -66,15 +69,19 @@ def max_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def make_runtime(cfg: Config):
-    """The single-process runtime, or the distributed one when launched by torchrun."""
+def _launched_distributed() -> bool:
     import os
 
     import torch.distributed as dist
 
+    return dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_runtime(cfg: Config):
+    """The single-process runtime, or the distributed one when launched by torchrun."""
     from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
 
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _launched_distributed():
         return DistributedRuntime(cfg)
     p = cfg.parallel
     if max(p.dp_replicate, p.cp, p.tp, p.dp_shard) > 1:
@@ -91,23 +98,32 @@ def build_model(cfg: Config, spec, runtime):
     configure_from_config(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
     torch.manual_seed(cfg.run.seed)
     model = spec.build(cfg)
-    spec.init_weights(model, cfg)
+    init_model(spec, model, cfg)
     plan = spec.parallel_plan(cfg)
     check_plan(model, plan, cfg.parallel.tp, spec.name)
     return runtime.parallelize(model.to(runtime.device), plan, cfg)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training: the steps done and the checkpoint the same command resumes from."""
+
+    def __init__(self, steps_done: int, checkpoint: Path | None):
+        self.steps_done, self.checkpoint = steps_done, checkpoint
+        resume = (
+            f"the same command resumes from {checkpoint}"
+            if checkpoint is not None
+            else "no checkpoint: progress is lost"
+        )
+        super().__init__(f"interrupted at step {steps_done}; {resume}")
 
 
 class _Profiler:
     """torch.profiler over steps a..b (`metrics.profile_steps=a,b`): Chrome trace + top-ops table."""
 
     def __init__(self, cfg: Config, runtime):
-        first, _, last = cfg.metrics.profile_steps.partition(",")
-        try:
-            self.first, self.last = int(first), int(last or first)
-        except ValueError as exc:
-            raise ConfigError(
-                "metrics.profile_steps", f"expected `a,b`, got {cfg.metrics.profile_steps!r}"
-            ) from exc
+        from megagen.config.load import profile_step_range
+
+        self.first, self.last = profile_step_range(cfg.metrics.profile_steps)
         self.out = Path(cfg.run.dir) / "profile"
         self.rank = runtime.rank
         self.prof = None
@@ -183,6 +199,15 @@ class Trainer:
             self.skipped_samples += int((~sample_valid).sum())
         return loss.detach(), tokens_per_sample
 
+    def _skip_nonfinite(self, guard: NonFiniteGuard, step: int, loss: float, grad_norm: float, requests):
+        """`train.nonfinite` for `step` (1-based): True to skip its update; raises to stop. A non-finite loss
+        first lets the data layer name a NaN/inf sample (data.check_finite=on_nan_loss), so bad data is
+        reported as such rather than as a diverged step."""
+        note = ""
+        if not math.isfinite(loss):
+            note = self.data.on_nonfinite_loss(step, requests)
+        return guard.should_skip(step, loss, grad_norm, note)
+
     def run(self, capture_grads: bool = False, on_step_end=None) -> TrainResult:
         """Train from `self.step` to `train.steps`; `on_step_end(trainer, steps_done)` follows each step."""
         cfg, runtime, model = self.cfg, self.runtime, self.model
@@ -221,6 +246,7 @@ class Trainer:
 
         watchdog = start_watchdog(cfg, runtime)  # None when train.step_timeout_s=0
         comm = [] if counter is not None else None
+        guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps)
         stream = iter(self.data.loader)
         step_gc = StepGC(cfg.train.gc_every).__enter__()
         try:
@@ -252,15 +278,18 @@ class Trainer:
                     micro += 1
                 runtime.finish_grads(model)
                 grad_norm = runtime.clip_grads(self.params, cfg.optim.grad_clip)
+                global_loss = runtime.global_loss(step_loss)  # before the update: a NaN step must not land
+                skip = self._skip_nonfinite(guard, step + 1, global_loss, grad_norm, step_reqs)
                 if capture_grads and step == cfg.train.steps - 1:
                     last_grads = full_tensors([(n, p.grad) for n, p in model.named_parameters()])
                 lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
+                if not skip:
+                    self.optimizer.step()
+                with warnings.catch_warnings():
+                    if skip:  # torch warns when the schedule moves before the first optimizer step
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()` before")
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                global_loss = runtime.global_loss(step_loss)
-                if not math.isfinite(global_loss):  # data.check_finite=on_nan_loss: scan the step's samples
-                    self.data.on_nonfinite_loss(step + 1, step_reqs)
                 runtime.synchronize()
                 dt = time.perf_counter() - t_start
                 self.step = step + 1
@@ -279,6 +308,8 @@ class Trainer:
                     comm.append(counter.summary())
                 if self.skipped_samples:
                     extra["skipped_samples"] = self.skipped_samples
+                if guard.skipped:
+                    extra["skipped_steps"] = guard.skipped
                 last = self.step == cfg.train.steps
                 if evaluator is not None and (self.step % cfg.eval.every == 0 or last):
                     extra.update(evaluator.evaluate(model))
@@ -322,10 +353,10 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
     `checkpoint.dir` (`checkpoint.resume=auto`), or start from `checkpoint.init_from`; EMA when
     `train.ema_decay > 0`; a save every `checkpoint.every` steps and at the end.
     """
-    from megagen.checkpoint import attach_checkpointing
-    from megagen.checkpoint import preflight as checkpoint_preflight
+    from megagen.checkpoint import attach_checkpointing, checkpoint_dir, read_latest
+    from megagen.train.run_dir import check_before_build
 
-    checkpoint_preflight(cfg)  # a bad resume / init_from path fails before the model is built
+    check_before_build(cfg, single_process=runtime is None and not _launched_distributed())
     trainer = Trainer(cfg, runtime)
     hook = attach_checkpointing(trainer)
     if trainer.step >= cfg.train.steps and trainer.runtime.is_logging_rank:
@@ -333,6 +364,11 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
             "checkpoint: %s already reached train.steps=%d; nothing to do", hook.resumed_from, trainer.step
         )
     try:
-        return trainer.run(capture_grads=capture_grads, on_step_end=hook)
+        result = trainer.run(capture_grads=capture_grads, on_step_end=hook)
+        if trainer.runtime.is_logging_rank:
+            log.info("run written to %s", Path(cfg.run.dir).resolve())
+        return result
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(trainer.step, read_latest(checkpoint_dir(cfg))) from None
     finally:
         hook.close()

@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from megagen.parallel.grad_reduction import BETWEEN, SHARDED, partial_over_tp
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.workload import ParamShape, Workload
 
@@ -171,13 +172,19 @@ def unit_padded_numels(work: Workload, tp: int, n: int) -> list[int]:
     return _cached(work, ("padded", tp, n), lambda: [fsdp_padded_numel(u, tp, n) for u in units])
 
 
-def replicated_rank0_numel(work: Workload, tp: int, n: int) -> int:
-    def compute():
-        replicated = [p for blk in work.block_params for p in blk if p.tp_dim is None]
-        replicated += [p for p in work.root_params if p.tp_dim is None]
-        return rank0_numel(replicated, tp, n)
+def tp_partial_rank0_numel(work: Workload, tp: int, n: int, sp: bool) -> int:
+    """Elements of rank 0's gradients that are partial over tp (the gradient rule of grad_reduction.py)."""
 
-    return _cached(work, ("replicated", tp, n), compute)
+    def partial(p: ParamShape) -> bool:
+        cls = p.grad_class or (SHARDED if p.tp_dim is not None else BETWEEN)
+        return partial_over_tp(cls, sp)
+
+    def compute():
+        params = [p for blk in work.block_params for p in blk if partial(p)]
+        params += [p for p in work.root_params if partial(p)]
+        return rank0_numel(params, tp, n)
+
+    return _cached(work, ("tp_partial", tp, n, sp), compute)
 
 
 def communication(work: Workload, plan: PlanPoint) -> dict:
@@ -216,8 +223,9 @@ def communication(work: Workload, plan: PlanPoint) -> dict:
                     comm.add("tp", "all_gather", nbytes, m)
                 else:
                     comm.add("tp", "all_reduce", nbytes, m * repeats)
-        if plan.sp:  # partial gradients of tp-replicated parameters, summed once per step
-            numel = replicated_rank0_numel(work, plan.tp, plan.fsdp if _uses_fsdp(plan) else 1)
+        # tp-partial gradients (every replicated parameter under SP, in-region ones always), once per step
+        numel = tp_partial_rank0_numel(work, plan.tp, plan.fsdp if _uses_fsdp(plan) else 1, plan.sp)
+        if numel:
             comm.add("tp", "all_reduce", numel * 4, 1)
 
     # context parallel, per self-attention call

@@ -34,6 +34,13 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _recompute_choices(layers: int) -> list[tuple[str, int]]:
+    """none, selective, full on every block, and full on the first quarter / half / three quarters of the
+    blocks — each distinct count once, never 0 blocks (that is `none`) or all of them (that is `full`)."""
+    partial = sorted({k for k in (layers // 4, layers // 2, 3 * layers // 4) if 0 < k < layers})
+    return [("none", -1), ("selective", -1), ("full", -1)] + [("full", k) for k in partial]
+
+
 def candidate_plans(
     work: Workload, gpus: int, global_batch: int, cluster: Cluster, dtype: str
 ) -> list[PlanPoint]:
@@ -55,9 +62,7 @@ def candidate_plans(
             for kind in kinds:
                 for rep in replicas[:4]:
                     for mb in [m for m in (1, 2, 4, 8) if per_rank % m == 0]:
-                        for recompute, k in [("none", -1), ("selective", -1), ("full", -1)] + [
-                            ("full", k) for k in (work.layers // 4, work.layers // 2, 3 * work.layers // 4)
-                        ]:
+                        for recompute, k in _recompute_choices(work.layers):
                             plans.append(
                                 PlanPoint(
                                     dp_replicate=rep,

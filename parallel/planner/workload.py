@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megagen.parallel.grad_reduction import classify
 from megagen.parallel.plan import ParallelPlan
 
 
@@ -57,6 +58,8 @@ class ParamShape:
     name: str
     shape: tuple[int, ...]
     tp_dim: int | None  # dim sharded over tp (0 = colwise weight/bias, 1 = rowwise weight), None = replicated
+    grad_class: str = ""
+    """Class under the gradient rule (`grad_reduction.py`); "" = sharded if tp_dim is set, else between."""
 
 
 @dataclass
@@ -183,18 +186,20 @@ def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: in
         for h in hooks:
             h.remove()
 
+    classes = classify(model, plan)[0]
     blocks = model.get_submodule(plan.blocks)
     block_ids = set()
     for i, block in enumerate(blocks):
         shapes = []
         for pname, p in block.named_parameters():
             full = f"{plan.blocks}.{i}.{pname}"
-            shapes.append(ParamShape(full, tuple(p.shape), _tp_dim(full, plan)))
+            shapes.append(ParamShape(full, tuple(p.shape), _tp_dim(full, plan), classes.get(full, "")))
             block_ids.add(id(p))
         work.block_params.append(shapes)
     for pname, p in model.named_parameters():
         if id(p) not in block_ids:
-            work.root_params.append(ParamShape(pname, tuple(p.shape), _tp_dim(pname, plan)))
+            shape = ParamShape(pname, tuple(p.shape), _tp_dim(pname, plan), classes.get(pname, ""))
+            work.root_params.append(shape)
     work.heads = max(plan.head_counts.values()) if plan.head_counts else 0
     work.hidden = max((r.seq[0][1] for r in work.regions if r.seq), default=0)
     return work

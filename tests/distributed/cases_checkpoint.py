@@ -101,3 +101,34 @@ def train_with_checkpoints(
     if keep_trainer:  # in-process callers only (not picklable)
         out.update(trainer=trainer, hook=hook)
     return out
+
+
+def resume_error(overrides: list[str], run_dir: str) -> str | None:
+    """The one-line error this rank raises when starting from a checkpoint (None: it started fine).
+    Returned, not raised, so that the pool stays up for the next case."""
+    from megagen.checkpoint import CheckpointError
+
+    try:
+        train_with_checkpoints(overrides, run_dir)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def files_hashed_at_resume(overrides: list[str], run_dir: str) -> dict:
+    """Resume, recording which checkpoint files this rank hashed while verifying it."""
+    from megagen.checkpoint import verify
+
+    hashed: list[str] = []
+    original = verify.digest_files
+
+    def recording(paths, threads=None):
+        hashed.extend(p.name if p.parent.name != "rng" else f"rng/{p.name}" for p in paths)
+        return original(paths, threads)
+
+    verify.digest_files = recording
+    try:
+        out = train_with_checkpoints(overrides, run_dir)
+    finally:
+        verify.digest_files = original
+    return {"hashed": hashed, "start": out["start"]["step"]}

@@ -6,7 +6,10 @@ a one-process run of the same config in the test process.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import warnings
+from unittest import mock
 
 import torch.distributed as dist
 
@@ -15,7 +18,17 @@ from megagen.train import train
 from megagen.train.loop import full_tensors
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
+# Live init (a test option, `model.init=live`): every parameter carries gradient from step 1 (the default
+# init's zero output layer leaves all but the output layer without gradient at step 1), and init_std 0.1 makes
+# a broken rule move the comparison far beyond fp32 noise (test_parity.py BROKEN: 3e-5 to 1e0 relative).
+# AdamW eps 1e-6 (not 1e-8) keeps the one-process reference well conditioned at these weights: the update's
+# sensitivity to a gradient element far below eps is lr/eps, so with eps 1e-8 fp32 rounding in tiny gradient
+# elements moves parameters enough that merely reordering the reference's own sums (micro-batch 1 instead of
+# 2, same math) changed step-3 gradients by up to 2.2e-5 with QK-norm (6.7e-6 without); with eps 1e-6 that
+# drift is 1.3e-6 (QK-norm), 2.4e-6 (video), 4.2e-6 (padded video), 1.7e-6 (audio), 5.1e-6 (upsampler).
+LIVE = ["model.init=live", "model.init_std=0.1", "optim.eps=1e-6"]
 BASE = [
+    *LIVE,
     "train.steps=3",
     "train.global_batch_size=8",
     "train.micro_batch_size=2",
@@ -43,6 +56,53 @@ def run_training(overrides: list[str], run_dir: str = "/tmp/megagen-parity") -> 
     if not dist.is_initialized() or dist.get_rank() == 0:
         out.update(params=params, grads=result.last_grads)
     return out
+
+
+@contextlib.contextmanager
+def broken_rule(rule: str):
+    """Break one engine rule on purpose, for the sensitivity tests (never a user-facing option).
+
+    `skip_tp_sum:<glob>`: the gradient rule forgets to sum the parameters matching <glob> over tp.
+    `local_positions`: every sequence shard takes the first shard's position ids, as if positions were
+    computed from the local sequence length.
+    """
+    from megagen.parallel import parallelize, sequence
+
+    kind, _, arg = rule.partition(":")
+    if kind == "skip_tp_sum":
+        real = parallelize.engine_reductions
+
+        def forgetting(*args, **kwargs):
+            out = real(*args, **kwargs)
+            kept = [n for n in out.get("tp", []) if not fnmatch.fnmatchcase(n, arg)]
+            assert len(kept) < len(out.get("tp", [])), f"nothing matching {arg} is summed over tp here"
+            out["tp"] = kept
+            return out
+
+        with mock.patch.object(parallelize, "engine_reductions", forgetting):
+            yield
+    elif kind == "local_positions":
+        real = sequence.SequenceSharder.shard
+
+        def local(self, x, dim):
+            if x.is_floating_point():
+                return real(self, x, dim)
+            index, self.index = self.index, 0
+            try:
+                return real(self, x, dim)
+            finally:
+                self.index = index
+
+        with mock.patch.object(sequence.SequenceSharder, "shard", local):
+            yield
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+
+
+def run_training_with_broken_rule(overrides: list[str], rule: str) -> dict:
+    """`run_training` with one rule broken (`broken_rule`); the patch is undone before returning."""
+    with broken_rule(rule):
+        return run_training(overrides)
 
 
 def state_bytes(overrides: list[str]) -> dict[str, int]:

@@ -6,12 +6,16 @@ Tolerances for resharded runs are the parity tests' (DESIGN.md): loss within 1e-
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from megagen.checkpoint import read_latest
 from megagen.checkpoint.layout import COMPLETE
 from megagen.checkpoint.safe_reader import read_index
+from tests.checkpoint_damage import flip_byte, plant_bytes_payload
 from tests.distributed.cases_checkpoint import train_with_checkpoints
 from tests.distributed.pool import DistributedPool, WorkerError
 from tests.norms import rel_diff
@@ -112,3 +116,40 @@ def test_sigkill_during_async_save_leaves_the_previous_checkpoint(tmp_path, tmp_
     assert not any(".tmp-" in p.name for p in ckpt.iterdir())
     assert read_latest(ckpt).name == "step-000008"
     assert_close_run(resumed, ref, 2, "after the crash")
+
+
+def test_ranks_verify_disjoint_shares_and_agree_on_a_fault(dist_pool, tmp_path):
+    """2-rank FSDP resume: each rank hashes its own shard (and a share of the rest), every file once; a
+    flipped byte in rank 1's shard, and a pickled bytes entry, are refused on both ranks with the same
+    line; the payload never runs."""
+    pool = dist_pool(2)
+    saved = tmp_path / "saved"
+    pool.run(CASE, overrides=["checkpoint.every=4"], run_dir=str(saved), stop_at=4)
+    files = set(json.loads((saved / "checkpoints" / "step-000004" / "megagen.json").read_text())["files"])
+
+    run = tmp_path / "run"
+    shutil.copytree(saved, run)
+    got = pool.run(
+        "tests.distributed.cases_checkpoint:files_hashed_at_resume",
+        overrides=["checkpoint.every=4", "train.steps=5"],
+        run_dir=str(run),
+    )
+    hashed = [set(g["hashed"]) for g in got]
+    assert all(g["start"] == 4 for g in got)
+    assert sum(len(g["hashed"]) for g in got) == len(files) and hashed[0] | hashed[1] == files
+    assert "__0_0.distcp" in hashed[0] and "__1_0.distcp" in hashed[1]
+
+    errors = "tests.distributed.cases_checkpoint:resume_error"
+    flipped = tmp_path / "flipped"
+    shutil.copytree(saved, flipped)
+    flip_byte(flipped / "checkpoints" / "step-000004" / "__1_0.distcp")
+    lines = pool.run(errors, overrides=["checkpoint.every=4"], run_dir=str(flipped))
+    assert lines[0] == lines[1] and "step-000004: file __1_0.distcp fails its checksum" in lines[0], lines
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(saved, crafted)
+    marker = tmp_path / "PAYLOAD_RAN"
+    plant_bytes_payload(crafted / "checkpoints" / "step-000004", marker, shard="__1_0.distcp")
+    lines = pool.run(errors, overrides=["checkpoint.every=4"], run_dir=str(crafted))
+    assert lines[0] == lines[1] and "'model.pos_t.weight'" in lines[0] and "step-000004" in lines[0], lines
+    assert not marker.exists()

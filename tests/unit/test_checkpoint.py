@@ -151,7 +151,7 @@ def test_damaged_checkpoint_is_named(saved, tmp_path, damage):
         expected = ".metadata is truncated"
     else:
         (step4 / META).write_text("{not json")
-        expected = "megagen.json is unreadable"
+        expected = "megagen.json does not match the checksum in COMPLETE"
     before = _snapshot(run / "checkpoints")
     err = _resume_error(run)
     assert err.key == "checkpoint.resume" and expected in str(err) and "step-000004" in str(err)

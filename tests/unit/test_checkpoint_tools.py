@@ -25,6 +25,7 @@ from megagen.checkpoint import (
 )
 from megagen.checkpoint.cli import add_ckpt_commands, checkpoint_info, run_ckpt_command
 from megagen.checkpoint.export import read_safetensors, write_safetensors
+from megagen.config.errors import UsageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the worker cases live in tests.distributed
 from tests.distributed.cases_checkpoint import config, train_with_checkpoints  # noqa: E402
@@ -76,7 +77,7 @@ def test_export_reproduces_the_trained_model_exactly(run, tmp_path, capsys):
     inputs = _sample_inputs(trainer)
     with torch.no_grad():
         assert torch.equal(fresh.model(**inputs), trainer.model(**inputs))
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(UsageError, match="^error: OUT: .* refusing to overwrite"):  # not a "config error"
         export_safetensors(ckpt, out)
 
 

@@ -63,3 +63,77 @@ def test_describe_keys_lists_every_group():
     for group in ("run", "model", "parallel", "data", "optim", "train", "checkpoint", "metrics"):
         assert f"  {group}:" in text
     assert "parallel.cp_kind='allgather_kv' {allgather_kv|ulysses}" in text
+
+
+NON_FINITE = ["inf", "-inf", ".inf", "nan", ".nan", "1e400", "-1e400"]
+
+
+@pytest.mark.parametrize("text", NON_FINITE)
+@pytest.mark.parametrize("key", ["optim.lr", "optim.weight_decay", "train.t_mean", "model.init_std"])
+def test_non_finite_floats_are_refused_with_the_key_named(tmp_path, key, text):
+    """Every float field must be finite: YAML and overrides both read these as floats (inf / nan)."""
+    for source in ("override", "yaml"):
+        if source == "override":
+            args = (EXAMPLE, [f"{key}={text}"])
+        else:
+            group, name = key.split(".")
+            path = tmp_path / "cfg.yaml"
+            path.write_text(f"{group}:\n  {name}: {text}\n")
+            args = (path,)
+        with pytest.raises(ConfigError, match="must be a finite number|expected a number") as info:
+            load_config(*args)
+        assert info.value.key == key, (source, str(info.value))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=-1e-4",
+        "optim.beta1=1",
+        "optim.beta1=-0.1",
+        "optim.beta2=1.0",
+        "optim.eps=0",
+        "optim.eps=-1e-8",
+        "optim.grad_clip=-1",
+        "optim.min_lr_ratio=1.5",
+        "train.ema_decay=1",
+        "train.ema_decay=-0.5",
+        "train.cond_dropout=1.01",
+        "train.steps=10000001",
+        "train.max_skipped_steps=0",
+        "train.nonfinite=ignore",
+    ],
+)
+def test_out_of_range_numbers_name_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(EXAMPLE, [override])
+    assert info.value.key == key and str(info.value).startswith(f"config error: {key}: got "), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=0",
+        "optim.beta1=0",
+        "optim.beta2=0.999999",
+        "optim.eps=1e-30",
+        "optim.grad_clip=0",
+        "optim.min_lr_ratio=1",
+        "train.ema_decay=0.9999",
+        "train.cond_dropout=1",
+        "train.steps=10000000",
+        "train.nonfinite=skip_step",
+    ],
+)
+def test_edge_values_inside_the_range_are_accepted(override):
+    load_config(EXAMPLE, [override])
+
+
+@pytest.mark.parametrize("weight", [".inf", ".nan", "-1"])
+def test_non_finite_bucket_weights_are_refused(tmp_path, weight):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"data:\n  bucket_weights: {{t4_h8_w8: {weight}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "data.bucket_weights.t4_h8_w8"

@@ -29,8 +29,9 @@ BUCKETS = {
 }
 
 
-def write_dataset(path, buckets=BUCKETS, nan_samples=()):
-    """A small dataset whose values identify their sample; `nan_samples`: (bucket, id) with NaN latents."""
+def write_dataset(path, buckets=BUCKETS, nan_samples=(), text_lens=()):
+    """A small dataset whose values identify their sample; `nan_samples`: (bucket, id) with NaN latents;
+    `text_lens`: (bucket, id, encoder, length) stored as that sample's text length, valid or not."""
     writer = DatasetWriter(path, plan_key="test")
     infos = []
     for b, (name, (shape, n, n_shards, _, _)) in enumerate(buckets.items()):
@@ -51,6 +52,9 @@ def write_dataset(path, buckets=BUCKETS, nan_samples=()):
         for bucket, i in nan_samples:
             if bucket == name:
                 arrays["latents"][i, 0, 0, 0, 0] = np.nan
+        for bucket, i, enc, length in text_lens:
+            if bucket == name:
+                arrays[f"text_len.{enc}"][i] = length
         bounds = np.linspace(0, n, n_shards + 1).astype(int)
         shards = [
             writer.write(shard_file(name, s), name, {k: v[lo:hi] for k, v in arrays.items()})
@@ -331,6 +335,50 @@ def test_fail_names_the_file_and_sample(bad_dataset):
         with pytest.raises((DataError, RuntimeError)) as err:
             collect(loader)
         assert "shard-00000.safetensors" in str(err.value) and "sample 2" in str(err.value), kind
+        close = getattr(loader, "close", None)
+        if close:
+            close()
+
+
+@pytest.fixture(scope="module")
+def long_text_dataset(tmp_path_factory):
+    """Sample 2 of t2_h2_w4 claims 1000 ul2 tokens (max_len 5); sample 4 a negative byt5 length."""
+    lens = [("t2_h2_w4", 2, "ul2", 1000), ("t2_h2_w4", 4, "byt5", -1)]
+    return write_dataset(tmp_path_factory.mktemp("long"), text_lens=lens)
+
+
+def test_out_of_range_text_length_fails_in_every_loader(long_text_dataset):
+    """The range `megagen data check` enforces is enforced on read by every loader and source."""
+    for kind, loader in [
+        ("torch-main", TorchLoader(ShardReader(long_text_dataset), _skip_plan())),
+        *_loaders(long_text_dataset, "fail"),
+    ]:
+        with pytest.raises((DataError, RuntimeError)) as err:
+            collect(loader)
+        msg = str(err.value)
+        assert "t2_h2_w4/shard-00000.safetensors: sample 2 of bucket t2_h2_w4: " in msg, (kind, msg)
+        assert "text_len.ul2 is 1000, outside [0, 5]" in msg, (kind, msg)
+        close = getattr(loader, "close", None)
+        if close:
+            close()
+
+
+def test_out_of_range_text_length_is_skipped_and_counted(long_text_dataset, caplog):
+    reasons = {2: "text_len.ul2 is 1000, outside [0, 5]", 4: "text_len.byt5 is -1, outside [0, 3]"}
+    for kind, loader in _loaders(long_text_dataset, "skip"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megagen"):
+            got = collect(loader)
+        valid = [b["sample_valid"].tolist() for _, b in got]
+        assert valid == [[True, False, True], [False], [False, True]], kind
+        for _, batch in got:  # a skipped row is the usual finite placeholder
+            bad = ~batch["sample_valid"]
+            assert not batch["latents"][bad].any() and batch["text_valid.ul2"][bad].all(), kind
+        assert loader.skipped == 3, kind
+        logged = [r.getMessage() for r in caplog.records]
+        assert len(logged) == 3, (kind, logged)
+        for m, i in zip(logged, (2, 2, 4)):
+            assert f"sample {i} of bucket t2_h2_w4: {reasons[i]}" in m, (kind, m)
         close = getattr(loader, "close", None)
         if close:
             close()

@@ -196,3 +196,47 @@ def test_trainer_rejects_an_inconsistent_plan_at_start_up(monkeypatch, tmp_path)
         Trainer(cfg)
     assert info.value.key == "model.spec"
     assert "spec 'broken_video'" in str(info.value) and "'blocks.*.mlp.w2'" in str(info.value)
+
+
+class Scaled(nn.Module):
+    """Wraps the row-parallel output projection with a learned gain: applied after or before the sum?"""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj, self.gain = nn.Linear(d_in, d_out), nn.Parameter(torch.ones(d_out))
+
+    def forward(self, x):
+        return self.proj(x) * self.gain
+
+
+def test_parameters_the_gradient_rule_cannot_classify_are_refused_by_name():
+    on_region = Toy()
+    for blk in on_region.blocks:
+        blk.attn.gain = nn.Parameter(torch.ones(8))  # a region module's own parameter
+    msg = _message(GOOD, on_region, tp=2)
+    assert "model.spec" in msg and "parameter 'blocks.*.attn.gain'" in msg
+    assert "region module 'blocks.*.attn' itself" in msg and msg.count("blocks.*.attn.gain") == 1
+
+    straddling = Toy()
+    for blk in straddling.blocks:
+        blk.mlp.w2 = Scaled(16, 8)  # MLP.w2 now holds the row-parallel linear
+    plan = replace(GOOD, rowwise=("blocks.*.attn.o", "blocks.*.mlp.w2.proj"))
+    msg = _message(plan, straddling, tp=2)
+    assert (
+        "parameter 'blocks.*.mlp.w2.gain'" in msg
+        and "contains the row-parallel 'blocks.*.mlp.w2.proj'" in msg
+    )
+
+    tied = Toy()
+    for blk in tied.blocks:
+        blk.attn.q.bias = tied.embed.bias  # one parameter, sharded in a region and replicated outside
+    msg = _message(GOOD, tied, tp=2)
+    assert "parameter 'embed.bias'" in msg and "shared by modules the rule classifies differently" in msg
+
+    scaled_linear = Toy()
+    for blk in scaled_linear.blocks:
+        blk.attn.q.scale = nn.Parameter(torch.ones(8))  # the colwise replacement would drop it
+    msg = _message(GOOD, scaled_linear, tp=2)
+    assert "parameter 'blocks.*.attn.q.scale'" in msg and "keeps only its weight and bias" in msg
+
+    check_plan(on_region, GOOD, tp=1)  # nothing is partial over tp without tensor parallelism

@@ -100,6 +100,7 @@ def test_on_error_skip_counts_a_corrupt_sample_and_trains_on(tmp_path):
     assert records[-1]["skipped_samples"] == 8
     assert all(np.isfinite(result.losses))
     cfg.data.on_error = "fail"
+    cfg.run.overwrite = True  # the same run.dir again, deliberately
     with pytest.raises(Exception, match="shard-00000"):
         train(cfg)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megagen.kernels import modulate
+from megagen.kernels import RMSNorm, modulate
 from megagen.specs.layers import GELUMLP, CrossAttention, SelfAttention, TimestepEmbedder
 from megagen.specs.video.model import TextProjector, init_conditioning_and_output, project_text
 
@@ -47,6 +47,8 @@ class AudioArch:
     context_tasks: tuple[float, float, float] = (0.5, 0.25, 0.25)
     """Training probabilities of the generation / extension / infilling context masks."""
     norm_eps: float = 1e-6
+    qk_norm: bool = False
+    """Learned RMSNorm of queries and keys over head_dim (`model.qk_norm`); Movie Gen has none."""
 
     @property
     def input_dim(self) -> int:
@@ -64,9 +66,9 @@ class AudioBlock(nn.Module):
         super().__init__()
         d = arch.dim
         self.attn_norm = nn.LayerNorm(d, eps=arch.norm_eps, elementwise_affine=False)
-        self.attn = SelfAttention(d, arch.heads)
+        self.attn = SelfAttention(d, arch.heads, arch.qk_norm, arch.norm_eps)
         self.cross_norm = nn.LayerNorm(d, eps=arch.norm_eps, elementwise_affine=False)
-        self.cross_attn = CrossAttention(d, arch.heads)
+        self.cross_attn = CrossAttention(d, arch.heads, arch.qk_norm, arch.norm_eps)
         self.mlp_norm = nn.LayerNorm(d, eps=arch.norm_eps, elementwise_affine=False)
         self.mlp = GELUMLP(d, arch.ffn)
         self.mod_table = nn.Parameter(torch.zeros(6, d))
@@ -114,8 +116,8 @@ class AudioTransformer(nn.Module):
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, TextProjector):
-                nn.init.ones_(m.norm.weight)
+            elif isinstance(m, RMSNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)  # the text projectors' norms (and QK-norms)
         init_conditioning_and_output(self, std)  # draws the same random numbers first, as before
         nn.init.normal_(self.video_null, std=std)
 

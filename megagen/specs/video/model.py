@@ -31,6 +31,8 @@ class VideoArch:
         default_factory=lambda: {"ul2": 4096, "byt5": 1472, "metaclip": 1280}
     )
     norm_eps: float = 1e-6
+    qk_norm: bool = False
+    """Learned RMSNorm of queries and keys over head_dim (`model.qk_norm`); Movie Gen has none."""
 
     @property
     def patch_dim(self) -> int:
@@ -49,9 +51,9 @@ class VideoBlock(nn.Module):
         super().__init__()
         d = arch.dim
         self.attn_norm = RMSNorm(d, arch.norm_eps)
-        self.attn = SelfAttention(d, arch.heads)
+        self.attn = SelfAttention(d, arch.heads, arch.qk_norm, arch.norm_eps)
         self.cross_norm = RMSNorm(d, arch.norm_eps)
-        self.cross_attn = CrossAttention(d, arch.heads)
+        self.cross_attn = CrossAttention(d, arch.heads, arch.qk_norm, arch.norm_eps)
         self.mlp_norm = RMSNorm(d, arch.norm_eps)
         self.mlp = SwiGLUMLP(d, arch.ffn)
         self.mod_table = nn.Parameter(torch.zeros(6, d))
