@@ -74,7 +74,8 @@ def add_launch_commands(sub) -> None:
 
 def check_layout(cfg, world_size: int, gpus_per_node: int | None = None):
     """The mesh of `cfg` on `world_size` ranks, checked as training checks it at start-up: sizes that
-    multiply to the world, tensor parallelism inside a node, the spec's own limits (heads, sequence)."""
+    multiply to the world, tensor parallelism inside a node, a global batch that divides over the
+    data-parallel ranks, the spec's own limits (heads, sequence)."""
     from megagen.parallel.mesh import ParallelDims
     from megagen.specs import get_spec
 
@@ -85,6 +86,12 @@ def check_layout(cfg, world_size: int, gpus_per_node: int | None = None):
             "parallel.tp",
             f"{dims.tp} does not divide the {gpus_per_node} GPUs of a node: tensor parallelism runs "
             "inside a node",
+        )
+    if cfg.train.global_batch_size % dims.dp:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{cfg.train.global_batch_size} is not divisible by the {dims.dp} data-parallel ranks of this "
+            f"mesh ({world_size} ranks / (cp {dims.cp} × tp {dims.tp}))",
         )
     get_spec(cfg.model.spec).validate(cfg)
     return dims

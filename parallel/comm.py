@@ -170,8 +170,6 @@ class CommCounter(TorchDispatchMode):
             self._axis_of.setdefault(_as_group(group).group_name, axis)  # first registration wins
         self.keep_records = keep_records
         self.records: list[CommRecord] = []
-        self.in_flight: str | None = None
-        """The collective this rank is inside right now (read by the step watchdog)."""
         self.seconds = 0.0
         """Wall time inside collective calls: blocking collectives (gloo) in full; async ones (NCCL) only
         their launch — an estimate of exposed communication, not a measurement of link time."""
@@ -240,9 +238,7 @@ class CommCounter(TorchDispatchMode):
         if spec is None:
             return func(*args, **kwargs)
         start = time.perf_counter()
-        self.in_flight = f"{spec[0]} ({func.namespace}.{func._opname})"
         out = func(*args, **kwargs)
-        self.in_flight = None
         self.seconds += time.perf_counter() - start
         self._record(func, spec, args, kwargs, out)
         return out

@@ -71,6 +71,10 @@ class LocalRuntime:
     def comm_counter(self):
         return None
 
+    def collective_progress(self):
+        """Per-group collective counts for the step watchdog (none in one process)."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued device work, so step timers measure the work and not its launch."""
         if self.device.type == "cuda":
@@ -120,6 +124,10 @@ class DistributedRuntime(LocalRuntime):
         device, backend = device_and_backend(cfg.parallel.backend)
         self._owns_group = not dist.is_initialized()
         if not dist.is_initialized():
+            if cfg.train.step_timeout_s != 0:
+                from megagen.parallel.progress import enable_flight_recorder
+
+                enable_flight_recorder()  # the watchdog names the collective a stuck rank waits for
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         super().__init__(device)
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
@@ -234,6 +242,14 @@ class DistributedRuntime(LocalRuntime):
         from megagen.parallel.comm import CommCounter
 
         return CommCounter(self.mesh.axis_groups(), keep_records=False)
+
+    def collective_progress(self):
+        """What this rank has issued per mesh axis and world, and what it waits for (see progress.py)."""
+        import torch.distributed as dist
+
+        from megagen.parallel.progress import CollectiveProgress
+
+        return CollectiveProgress({**self.mesh.axis_groups(), "world": dist.group.WORLD})
 
     def barrier(self) -> None:
         import torch.distributed as dist

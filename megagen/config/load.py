@@ -236,6 +236,10 @@ def validate(cfg: Config) -> None:
             check_field(f"{group.name}.{f.name}", getattr(sub, f.name), f.metadata)
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard", "got 0; use a positive size or -1 for the rest of the world")
+    if -1.0 < cfg.train.step_timeout_s < 0.0:
+        raise ConfigError(
+            "train.step_timeout_s", f"got {cfg.train.step_timeout_s}; use seconds > 0, -1 = auto or 0 = off"
+        )
     micro = cfg.train.micro_batch_size
     if isinstance(micro, int) and cfg.train.global_batch_size % micro:
         raise ConfigError(

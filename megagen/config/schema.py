@@ -194,7 +194,13 @@ class TrainConfig:
     t_mean: float = opt(0.0, "logit-normal timestep mean", min=None)
     t_std: float = opt(1.0, "logit-normal timestep std", min=0.0)
     log_every: int = opt(1, "print a line every N steps", min=1)
-    step_timeout_s: float = opt(0.0, "a longer step dumps where it is stuck and exits; 0 = off", min=0.0)
+    step_timeout_s: float = opt(
+        -1.0,
+        "a step running longer makes every rank report where it is stuck (and which ranks have not got "
+        "there) and exit with code 86; seconds, -1 = auto (1800 s for the first 3 steps, then "
+        "max(600 s, 20 x the median of the last 100 steps)), 0 = off",
+        min=-1.0,
+    )
     nonfinite: str = opt(
         "stop",
         "a step whose loss or gradient norm is NaN/inf: stop before its optimizer step, naming it (no "

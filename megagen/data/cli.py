@@ -147,6 +147,20 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     c.add_argument("dir", metavar="DIR", help="dataset directory")
     c.add_argument("--threads", type=_positive_int, default=None, help="files verified in parallel")
 
+    pr = sub.add_parser(
+        "prompts",
+        help="write stand-in prompt embeddings for `megagen sample`",
+        description="Write seeded random text embeddings with the names and shapes CONFIG's spec reads "
+        "(text.<encoder> (B, L, width) and text_valid.<encoder>): a file `megagen sample "
+        "--prompt-embeddings` accepts, until real embeddings come from the text encoders.",
+    )
+    from megagen.cli import add_config_arguments
+
+    add_config_arguments(pr)
+    pr.add_argument("--out", required=True, metavar="FILE", help="output .npz or .safetensors file")
+    pr.add_argument("--count", type=_positive_int, default=2, help="prompts in the batch (default 2)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random embeddings (default 0)")
+
     t = sub.add_parser(
         "stats",
         help="print buckets, counts, tokens, bytes",
@@ -246,9 +260,25 @@ def _cmd_stats(args) -> int:
     return 0
 
 
+def _cmd_prompts(args) -> int:
+    from megagen.config import load_config
+    from megagen.data.prompts import write_prompt_embeddings
+
+    cfg = load_config(args.config, args.overrides)
+    shapes = write_prompt_embeddings(cfg, args.out, args.count, args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items()))
+    return 0
+
+
 def run_data_command(args) -> int:
     """Run a parsed `megagen data ...` command; 0 on success, 1 on bad data/input, 2 without a sub-command."""
-    handlers = {"synth": _cmd_synth, "pack": _cmd_pack, "check": _cmd_check, "stats": _cmd_stats}
+    handlers = {
+        "synth": _cmd_synth,
+        "pack": _cmd_pack,
+        "check": _cmd_check,
+        "stats": _cmd_stats,
+        "prompts": _cmd_prompts,
+    }
     command = getattr(args, "data_command", None)
     if command is None:
         args.data_parser.print_help()

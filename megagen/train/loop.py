@@ -241,12 +241,10 @@ class Trainer:
             meter = FlopMeter(cfg, self.spec, runtime)
         profiler = _Profiler(cfg, runtime) if cfg.metrics.profile_steps else None
         losses, norms, last_grads = [], [], None
-        counter = runtime.comm_counter() if (cfg.metrics.comm or cfg.train.step_timeout_s > 0) else None
-        watchdog = None
-        if cfg.train.step_timeout_s > 0:
-            from megagen.train.watchdog import StepWatchdog
+        counter = runtime.comm_counter() if cfg.metrics.comm else None
+        from megagen.train.watchdog import start_watchdog
 
-            watchdog = StepWatchdog(cfg.train.step_timeout_s, runtime.rank, counter)
+        watchdog = start_watchdog(cfg, runtime)  # None when train.step_timeout_s=0
         comm = [] if counter is not None else None
         guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps)
         stream = iter(self.data.loader)

@@ -53,6 +53,10 @@ def _installed_from_here() -> bool:
 
 @pytest.fixture(scope="module")
 def plugin():
+    return install_plugin()
+
+
+def install_plugin() -> Path:
     """Install examples/plugin_spec into the running venv once (offline, no dependency resolution)."""
     if not _installed_from_here():
         cmd = [
