@@ -1,0 +1,69 @@
+"""Give a model that was built and parallelised on the meta device memory for this rank's shards only,
+and fill every shard from its tensor's full value, one tensor at a time.
+
+`local_slice` is the one place that knows which part of a global tensor a rank holds: any mix of
+`Shard`, FSDP2's `_StridedShard` (FSDP over a tensor-parallel dim) and `Replicate` placements on any mesh.
+A sharded tensor's local piece is the product of one index set per tensor dim, and each set is what
+`distribute_tensor` (without communication) gives for a 1-D range under the placements of that dim, so the
+layout rules stay torch's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+
+def _shards_dim(placement, dim: int, ndim: int) -> bool:
+    if not (isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard"):
+        return False
+    return placement.dim % ndim == dim
+
+
+def _on_dim0(placement):
+    if type(placement).__name__ == "_StridedShard":
+        return type(placement)(0, split_factor=placement.split_factor)
+    return Shard(0)
+
+
+def local_indices(size: int, dim: int, ndim: int, mesh, placements) -> torch.Tensor | None:
+    """The global indices along tensor dim `dim` that this rank holds, in local order (None: all)."""
+    per_axis = [_on_dim0(p) if _shards_dim(p, dim, ndim) else Replicate() for p in placements]
+    if all(isinstance(p, Replicate) for p in per_axis):
+        return None
+    index = distribute_tensor(torch.arange(size), mesh, per_axis, src_data_rank=None)
+    return index.to_local().cpu()
+
+
+def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the global tensor `full`, laid out as `like` holds it (`full` itself unless
+    `like` is a DTensor)."""
+    if not isinstance(like, DTensor):
+        return full
+    out = full
+    for dim in range(full.dim()):
+        index = local_indices(full.shape[dim], dim, full.dim(), like.device_mesh, like.placements)
+        if index is not None:
+            out = out.index_select(dim, index)
+    return out
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer once, by its fully qualified name."""
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, full_tensor: Callable[[str], torch.Tensor], device: torch.device) -> None:
+    """Allocate `model`'s meta tensors on `device` (local shards only) and fill each from
+    `full_tensor(name)` (its global value on the CPU; asked for once per tensor, one at a time)."""
+    model.to_empty(device=device)
+    for name, t in named_tensors(model):
+        local_part(t).copy_(local_slice(full_tensor(name), t))
