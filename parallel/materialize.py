@@ -40,13 +40,18 @@ def local_indices(size: int, dim: int, ndim: int, mesh, placements) -> torch.Ten
 
 def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's part of the global tensor `full`, laid out as `like` holds it (`full` itself unless
-    `like` is a DTensor)."""
+    `like` is a DTensor). A contiguous range of indices is a view of `full`, not a copy."""
     if not isinstance(like, DTensor):
         return full
     out = full
     for dim in range(full.dim()):
         index = local_indices(full.shape[dim], dim, full.dim(), like.device_mesh, like.placements)
-        if index is not None:
+        if index is None:
+            continue
+        start = int(index[0]) if len(index) else 0
+        if torch.equal(index, torch.arange(start, start + len(index))):
+            out = out.narrow(dim, start, len(index))
+        else:
             out = out.index_select(dim, index)
     return out
 
