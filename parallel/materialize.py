@@ -10,6 +10,7 @@ layout rules stay torch's.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -53,6 +54,38 @@ def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
             out = out.narrow(dim, start, len(index))
         else:
             out = out.index_select(dim, index)
+    return out
+
+
+def _runs(index: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(local start, global start, length) of each run of consecutive global indices."""
+    runs, values = [], index.tolist()
+    for pos, g in enumerate(values):
+        if runs and g == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((pos, g, 1))
+    return runs
+
+
+def read_local(reader, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a global tensor of `shape` that `reader[slices]` reads blocks of (e.g. a
+    safetensors `get_slice`), laid out as `like` holds it: only the blocks this rank holds are read."""
+    if not isinstance(like, DTensor) or not shape:
+        return reader[tuple(slice(0, n) for n in shape)] if shape else reader[...]
+    per_dim = []
+    for dim, size in enumerate(shape):
+        index = local_indices(size, dim, len(shape), like.device_mesh, like.placements)
+        per_dim.append([(0, 0, size)] if index is None else _runs(index))
+    blocks = list(itertools.product(*per_dim))
+    if len(blocks) == 1:
+        return reader[tuple(slice(g, g + n) for _, g, n in blocks[0])]
+    out = None
+    for block in blocks:
+        part = reader[tuple(slice(g, g + n) for _, g, n in block)]
+        if out is None:
+            out = torch.empty([sum(n for _, _, n in runs) for runs in per_dim], dtype=part.dtype)
+        out[tuple(slice(p, p + n) for p, _, n in block)] = part
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import warnings
 
 import torch
@@ -122,3 +123,84 @@ def build_peak(overrides: list[str]) -> dict:
     shard = sum(local_part(t).numel() * local_part(t).element_size() for _, t in named)
     full = [t.numel() * t.element_size() for _, t in named]
     return {"peak": peak, "shard": shard, "largest": max(full), "model": sum(full)}
+
+
+# ------------------------------------------------------------------------------------------------ init_from
+def make_sources(directory: str) -> dict[str, str]:
+    """One process: a 2-step video run with live init and another seed, saved as a DCP checkpoint and
+    exported to safetensors (the `checkpoint.init_from` sources of the init_from cases)."""
+    from megagen.checkpoint import export_safetensors
+    from megagen.train import train
+
+    overrides = ["run.seed=7", "checkpoint.every=2", "train.steps=2", "model.qk_norm=true"]
+    train(config(overrides, directory))
+    ckpt = f"{directory}/checkpoints/step-000002"
+    return {"dcp": ckpt, "safetensors": str(export_safetensors(ckpt, f"{directory}/weights.safetensors"))}
+
+
+class _CountingSlices:
+    """Wraps a safetensors handle: counts the elements each read returns."""
+
+    def __init__(self, handle, counter: list):
+        self.handle, self.counter = handle, counter
+
+    def __enter__(self):
+        self.inner = self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def get_tensor(self, name):
+        t = self.inner.get_tensor(name)
+        self.counter.append(t.numel())
+        return t
+
+    def get_slice(self, name):
+        outer = self
+
+        class Slice:
+            def __init__(self, inner):
+                self.inner = inner
+
+            def get_shape(self):
+                return self.inner.get_shape()
+
+            def __getitem__(self, index):
+                t = self.inner[index]
+                outer.counter.append(t.numel())
+                return t
+
+        return Slice(self.inner.get_slice(name))
+
+
+def init_from_weights(overrides: list[str], source: str) -> dict:
+    """Build a trainer that starts from `source` (`checkpoint.init_from`); the gathered parameters on
+    rank 0, and on every rank the elements it read from a safetensors source next to what it needs: its
+    shards of the loaded tensors, and the saved (smaller) tensor of each grown one, which is read whole."""
+    from unittest import mock
+
+    import safetensors
+
+    from megagen.checkpoint import attach_checkpointing
+    from megagen.parallel.materialize import local_part
+    from megagen.train.loop import Trainer, full_tensors
+
+    cfg = config([*overrides, f"checkpoint.init_from={source}", "checkpoint.every=0"], "/tmp/megagen-initf")
+    trainer = Trainer(cfg, _runtime(cfg))
+    read: list[int] = []
+    real = safetensors.safe_open
+    with mock.patch.object(safetensors, "safe_open", lambda *a, **k: _CountingSlices(real(*a, **k), read)):
+        hook = attach_checkpointing(trainer)
+    report = hook.init_report
+    named = list(trainer.model.named_parameters())
+    local = sum(local_part(p).numel() for n, p in named if n in report.loaded)
+    local += sum(math.prod(old) for old, _, _ in report.grown.values())  # a grown tensor is read whole
+    out = {"read": sum(read), "local": local, "loaded": report.loaded, "grown": sorted(report.grown)}
+    params = full_tensors(named)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out["params"] = params
+    return out

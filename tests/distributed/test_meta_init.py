@@ -65,3 +65,49 @@ def test_build_peak_is_a_shard_plus_the_largest_parameter(dist_pool, mesh):
         mib = {k: round(v / 2**20, 1) for k, v in r.items()}
         assert r["peak"] <= budget, f"rank {rank}: build peak {mib} exceeds 1.1 × (shard + largest)"
         print(f"\n{mesh} rank {rank}: build peak, shard, model (MiB): {mib}")
+
+
+# ------------------------------------------------------------------------------------------------ init_from
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from tests.distributed.cases_meta_init import make_sources
+
+    return make_sources(str(tmp_path_factory.mktemp("init-from-sources")))
+
+
+INIT_FROM = {
+    # same model from an export: every tensor read per rank; upsampler from a video checkpoint (DCP) and
+    # from its export: patch_embed grows (zero new input columns), the rest is loaded
+    "video-from-safetensors": ([QK], "safetensors"),
+    "upsampler-from-dcp": (["model.spec=upsampler", QK], "dcp"),
+    "upsampler-from-safetensors": (["model.spec=upsampler", QK], "safetensors"),
+}
+_init_from_refs: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("mesh", ["fsdp2xtp2", "cp2xtp2"])
+@pytest.mark.parametrize("case", list(INIT_FROM))
+def test_init_from_on_a_mesh_equals_one_process(dist_pool, sources, case, mesh):
+    """`checkpoint.init_from` loads into the sharded, meta-built model: bit for bit the one-process
+    result, and from a safetensors file each rank reads exactly its own shards' elements."""
+    from tests.distributed.cases_meta_init import init_from_weights
+
+    model, kind = INIT_FROM[case]
+    if case not in _init_from_refs:
+        _init_from_refs[case] = init_from_weights(model, sources[kind])
+    ref = _init_from_refs[case]
+    world, overrides = MESHES[mesh]
+    results = dist_pool(world).run(
+        "tests.distributed.cases_meta_init:init_from_weights",
+        overrides=[*model, *overrides],
+        source=sources[kind],
+    )
+    got = results[0]
+    assert got["loaded"] == ref["loaded"] and got["grown"] == ref["grown"]
+    assert ("patch_embed.weight" in got["grown"]) == case.startswith("upsampler")
+    differ = [n for n, t in ref["params"].items() if not torch.equal(got["params"][n], t)]
+    assert differ == [], f"{case} on {mesh}: differs from one process: {differ[:5]}"
+    if kind == "safetensors":
+        for rank, r in enumerate(results):
+            assert r["read"] == r["local"], f"rank {rank} read {r['read']} elements for {r['local']} local"
+        assert ref["read"] == ref["local"]
