@@ -53,7 +53,8 @@ class _Op:
     kwargs: dict
     reads: frozenset[int]
     """Storages whose values the op reads (a partially or read-modify-written one counts)."""
-    writes: frozenset[int]
+    writes: tuple[int, ...]
+    """Storages the op mutates, in argument order (an order that is the same in every process)."""
     overwrites: frozenset[int]
     """Storages the op writes entirely without reading them: earlier writes to them are dead."""
     makes: tuple[tuple[int, TensorRef], ...]
@@ -141,7 +142,7 @@ class InitRecord:
                 self.storages[_key(t)] = _Storage(t.untyped_storage().nbytes(), t.untyped_storage())
                 made.append((i, _ref(t)))
         written = _written_args(func, args, kwargs)
-        writes = {_key(t) for t in written if _key(t) in self.storages}
+        writes = tuple(dict.fromkeys(_key(t) for t in written if _key(t) in self.storages))
         if not made and not writes:
             return  # a view, or an op on constants only: nothing to replay
         overwrites = set()
@@ -161,14 +162,14 @@ class InitRecord:
             tree_map(describe, args),
             tree_map(describe, kwargs),
             frozenset(reads),
-            frozenset(writes),
+            writes,
             frozenset(overwrites),
             tuple(made),
             torch.Tag.nondeterministic_seeded in func.tags,
         )
         index = len(self.ops)
         self.ops.append(op)
-        for k in writes | {ref.key for _, ref in made}:
+        for k in {*writes, *(ref.key for _, ref in made)}:
             self._touching.setdefault(k, []).append(index)
 
     def name_tensors(self, model: nn.Module) -> None:
@@ -188,8 +189,8 @@ class InitRecord:
         op_owner: list[str | None] = [None] * len(self.ops)
         for i in range(len(self.ops) - 1, -1, -1):  # a temporary belongs to the tensor it flows into
             op = self.ops[i]
-            outs = [*op.writes, *(ref.key for _, ref in op.makes)]
-            mine = next((owner[k] for k in outs if k in owner), None)
+            outs = [*op.writes, *(ref.key for _, ref in op.makes)]  # ordered: storage keys (addresses)
+            mine = next((owner[k] for k in outs if k in owner), None)  # differ between processes
             op_owner[i] = mine
             if mine is not None:
                 for k in op.reads:
@@ -213,7 +214,7 @@ class InitRecord:
             seen.add(i)
             op = self.ops[i]
             made = {ref.key for _, ref in op.makes}
-            if not (op.writes | made) & need:
+            if not (made | set(op.writes)) & need:
                 continue
             chosen.append(i)
             need -= made | op.overwrites
