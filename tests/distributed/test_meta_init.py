@@ -21,6 +21,7 @@ MESHES = {
     "cp2xtp2": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"]),
     "fsdp2xtp2": (4, ["parallel.tp=2"]),  # FSDP over the tp shards' dim 0: _StridedShard placements
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "fsdp2xcp2xtp2": (8, ["parallel.dp_shard=2", "parallel.cp=2", "parallel.tp=2"]),
 }
 MODELS = {
     "video": [QK, "model.init=live"],
