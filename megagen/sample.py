@@ -276,14 +276,22 @@ def load_model(
     p_cfg.tp = p_cfg.cp = p_cfg.dp_replicate = p_cfg.dp_shard = 1
     spec = get_spec(cfg.model.spec)
     spec.validate(cfg)
-    torch.manual_seed(cfg.run.seed)
-    model = spec.build(cfg)
-    if tensors is None:
-        spec.init_weights(model, cfg)
-    else:
+    model = fresh_model(cfg, spec)
+    if tensors is not None:
         _check_identity(meta, cfg, origin, "SOURCE")
         _assign(model, tensors, origin, "SOURCE")
     return cfg, spec, model.eval(), origin
+
+
+def fresh_model(cfg: Config, spec) -> nn.Module:
+    """The full model on the CPU with the weights a training run of `cfg` starts from (same build path,
+    same values: `megagen/train/build.py`)."""
+    from megagen.parallel.materialize import materialize
+    from megagen.train.build import record_model
+
+    model, record = record_model(cfg, spec)
+    materialize(model, record.full_tensor, torch.device("cpu"))
+    return model
 
 
 def _read_weights_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -110,20 +110,11 @@ def _growth_rule(name: str, old: tuple, new: tuple, rules: GrowthRules) -> str |
 
 
 def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a full (global) tensor into `target`, which may be a DTensor: this rank takes its own block."""
-    from torch.distributed.tensor import DTensor
+    """Copy a full (global) tensor into `target`, which may be a DTensor: this rank takes its own part."""
+    from megagen.parallel.materialize import local_part, local_slice
 
     with torch.no_grad():
-        if isinstance(target, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            shape, offset = compute_local_shape_and_global_offset(
-                full.shape, target.device_mesh, target.placements
-            )
-            block = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-            target.to_local().copy_(block)
-        else:
-            target.copy_(full)
+        local_part(target).copy_(local_slice(full, target))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -175,11 +166,14 @@ class _SafetensorsSource:
             raise CheckpointError(key, f"{path} is not a readable safetensors file: {exc}") from None
 
     def load(self, targets: dict[str, torch.Tensor]) -> None:
+        """Read this rank's part of each tensor only (never a whole sharded tensor)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.path), framework="pt") as f:
+        from megagen.parallel.materialize import local_part, read_local
+
+        with safe_open(str(self.path), framework="pt") as f, torch.no_grad():
             for name, target in targets.items():
-                copy_full_into(target, f.get_tensor(name))
+                local_part(target).copy_(read_local(f.get_slice(name), self.shapes[name], target))
 
 
 def open_source(path: str | Path, key: str = KEY, verify: str = "checksum", rank: int = 0, world: int = 1):

@@ -43,7 +43,7 @@ class ModelSpec(ABC):
 
     @abstractmethod
     def build(self, cfg: Config) -> nn.Module:
-        """Construct the module on the current default device (use the meta device for large presets)."""
+        """Construct the module on the current default device (the trainer builds on the meta device)."""
 
     def init_weights(self, model: nn.Module, cfg: Config) -> None:
         model.init_weights(cfg.model.init_std)
@@ -133,8 +133,9 @@ class ModelSpec(ABC):
 def init_model(spec: ModelSpec, model: nn.Module, cfg: Config) -> None:
     """The spec's initialisation, then, with `model.init=live` (a test option), N(0, init_std) noise on every
     parameter: zero output layers, gates, null embeddings and unit norm weights then carry gradient from
-    step 1, so parity tests see every path. Drawn from the seeded global generator on the full model, so
-    the initial weights do not depend on the mesh."""
+    step 1, so parity tests see every path. The trainer runs this on the meta device inside the init record
+    (`megagen/train/build.py`), where every random draw comes from a generator seeded by (`run.seed`,
+    parameter name), so the initial weights do not depend on the mesh."""
     spec.init_weights(model, cfg)
     if cfg.model.init == "live":
         with torch.no_grad():

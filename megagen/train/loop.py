@@ -18,9 +18,8 @@ import torch
 
 from megagen.config import Config, ConfigError, save_config
 from megagen.metrics import MetricsLogger
-from megagen.parallel.plan_check import check_plan
 from megagen.specs import get_spec
-from megagen.specs.base import init_model
+from megagen.train.build import build_model
 from megagen.train.nonfinite import NonFiniteGuard
 from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
@@ -89,19 +88,6 @@ def make_runtime(cfg: Config):
     from megagen.parallel.mesh import device_and_backend
 
     return LocalRuntime(device_and_backend(p.backend)[0])  # the GPU when there is one, else the CPU
-
-
-def build_model(cfg: Config, spec, runtime):
-    """Build and initialise the full model from the seed, then let the runtime shard it."""
-    from megagen.kernels import configure_from_config
-
-    configure_from_config(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
-    torch.manual_seed(cfg.run.seed)
-    model = spec.build(cfg)
-    init_model(spec, model, cfg)
-    plan = spec.parallel_plan(cfg)
-    check_plan(model, plan, cfg.parallel.tp, spec.name)
-    return runtime.parallelize(model.to(runtime.device), plan, cfg)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
