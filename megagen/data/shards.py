@@ -444,12 +444,22 @@ class ShardReader:
         return []
 
     def _verify_all(self) -> None:
+        problems = self.shard_problems(self.verify)
+        if problems:
+            raise first_problem(problems, len(problems), self.path)
+
+    def shard_problems(self, mode: str, rank: int = 0, world: int = 1) -> list[DataError]:
+        """The problems `verify=mode` finds in this rank's share of the shards: every `world`-th shard of
+        the dataset's list from the `rank`-th ("size": stat and header; "checksum": also the sha256 of
+        each, when stat and headers are fine). The headers read stay parsed for later reads."""
+        if mode not in ("size", "checksum"):
+            raise ValueError(f"mode must be 'size' or 'checksum', got {mode!r}")
+        mine = [(b, s) for b in self.manifest.buckets for s in self._shards[b.name]][rank::world]
         problems: list[DataError] = []
-        for b in self.manifest.buckets:
-            for s in self._shards[b.name]:
-                problems += self._shard_problems(b, s)
-        if not problems and self.verify == "checksum":
-            shards = [s for b in self.manifest.buckets for s in self._shards[b.name]]
+        for b, s in mine:
+            problems += self._shard_problems(b, s)
+        if not problems and mode == "checksum":
+            shards = [s for _, s in mine]
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
                 for s, digest in zip(shards, pool.map(lambda s: sha256_file(s.path), shards)):
                     if digest != s.info.sha256:
@@ -459,16 +469,7 @@ class ShardReader:
                                 file=s.path,
                             )
                         )
-        if problems:
-            first = problems[0]
-            if len(problems) > 1:
-                more = (
-                    f" (and {len(problems) - 1} more problem(s); `megagen data check {self.path}` lists all)"
-                )
-                raise DataError(
-                    first.reason + more, file=first.file, sample=first.sample, bucket=first.bucket
-                )
-            raise first
+        return problems
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def num_samples(self, bucket: str) -> int:
@@ -727,6 +728,16 @@ class ShardReader:
         return cast_to_compute(self.to_host_batch(arrays))
 
 
+def first_problem(problems: list[DataError], total: int, dataset: str) -> DataError:
+    """One DataError for a start-up check that found `total` problems: the first, with the count of the
+    others and where they are all listed."""
+    first = problems[0]
+    if total <= 1:
+        return first
+    more = f" (and {total - 1} more problem(s); `megagen data check {dataset}` lists all)"
+    return DataError(first.reason + more, file=first.file, sample=first.sample, bucket=first.bucket)
+
+
 _FINITE_BOUNDS = {
     np.dtype(np.float16): (np.int16, np.uint16, 0x7C00, 0xFC00),
     np.dtype(np.float32): (np.int32, np.uint32, 0x7F800000, 0xFF800000),
@@ -765,6 +776,7 @@ __all__ = [
     "ShardHeader",
     "ShardReader",
     "TensorEntry",
+    "first_problem",
     "header_problems",
     "parse_header",
     "plan_shards",

@@ -16,7 +16,7 @@ def train_from_shards(path: str, overrides: list[str]) -> dict:
     runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
     trainer = Trainer(cfg, runtime)
     result = trainer.run()
-    samples = [(q.step, q.bucket, q.sample_ids) for q in trainer.data.plan.requests]
+    samples = [(q.step, q.bucket, q.sample_ids) for q in trainer.data.plan]
     coords = {}
     if dist.is_initialized():
         coords = {a: runtime.mesh.local_rank(a) for a in ("dp", "cp", "tp")}
