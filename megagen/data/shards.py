@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -392,15 +393,13 @@ class ShardReader:
         self.ranges = field_ranges(self.manifest)
         """Bounded per-sample fields (`text_len.E`): every read checks them, whatever `check_finite` says."""
         self.buckets: dict[str, BucketInfo] = {b.name: b for b in self.manifest.buckets}
-        self._shards: dict[str, list[_Shard]] = {}
-        self._starts: dict[str, list[int]] = {}
-        for b in self.manifest.buckets:
-            shards, first = [], 0
-            for s in b.shards:
-                shards.append(_Shard(os.path.join(self.path, *s.file.split("/")), s, first, None))
-                first += s.samples
-            self._shards[b.name] = shards
-            self._starts[b.name] = [s.first for s in shards]
+        self._starts: dict[str, list[int]] = {
+            b.name: [0, *itertools.accumulate(s.samples for s in b.shards)][:-1]
+            for b in self.manifest.buckets
+        }
+        """Per bucket: the index of each shard's first sample (what a sample id is located by)."""
+        self._opened: dict[tuple[str, int], _Shard] = {}
+        """(bucket, shard index) → its `_Shard`, made when first used: nothing per shard at open."""
         self._views: dict[str, dict[str, np.ndarray]] = {}
         self._out_of_range: dict[str, dict[int, str]] = {}
         """Per mapped shard: local row → why its bounded fields are out of range (usually empty)."""
@@ -454,7 +453,13 @@ class ShardReader:
         each, when stat and headers are fine). The headers read stay parsed for later reads."""
         if mode not in ("size", "checksum"):
             raise ValueError(f"mode must be 'size' or 'checksum', got {mode!r}")
-        mine = [(b, s) for b in self.manifest.buckets for s in self._shards[b.name]][rank::world]
+        mine, offset = [], 0  # flat shard index k = offset of its bucket + index within it
+        for b in self.manifest.buckets:
+            first = offset + (rank - offset) % world  # its first shard k ≡ rank (mod world)
+            mine += [
+                (b, self._shard(b.name, k - offset)) for k in range(first, offset + len(b.shards), world)
+            ]
+            offset += len(b.shards)
         problems: list[DataError] = []
         for b, s in mine:
             problems += self._shard_problems(b, s)
@@ -492,8 +497,18 @@ class ShardReader:
             raise IndexError(
                 f"{self.path}: sample {sample_id} is out of range for bucket {bucket} ({b.samples})"
             )
-        shard = self._shards[bucket][bisect.bisect_right(self._starts[bucket], sample_id) - 1]
+        shard = self._shard(bucket, bisect.bisect_right(self._starts[bucket], sample_id) - 1)
         return shard, sample_id - shard.first
+
+    def _shard(self, bucket: str, index: int) -> _Shard:
+        shard = self._opened.get((bucket, index))
+        if shard is None:
+            info = self.buckets[bucket].shards[index]
+            path = os.path.join(self.path, *info.file.split("/"))
+            shard = self._opened.setdefault(
+                (bucket, index), _Shard(path, info, self._starts[bucket][index], None)
+            )
+        return shard
 
     def _shard_views(self, bucket: str, shard: _Shard) -> dict[str, np.ndarray]:
         views = self._views.get(shard.path)
