@@ -163,6 +163,11 @@ class BucketSampler(_AnchoredSampler):
             w = [weights.get(b.name, 0) for b in buckets]
         else:  # each bucket's share of the steps of one pass over all the data
             w = [b.size // b.global_batch for b in buckets]
+        bad = [n for n, x in zip([b.name for b in buckets], w) if not (x >= 0 and x != float("inf"))]
+        if bad:
+            raise ConfigError(
+                f"data.bucket_weights.{bad[0]}", f"expected a finite weight >= 0, got {weights[bad[0]]!r}"
+            )
         if sum(w) <= 0:
             raise ConfigError("data.bucket_weights", "all bucket weights are zero")
         self.names = [b.name for b in buckets]

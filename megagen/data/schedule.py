@@ -5,15 +5,17 @@ The steps of the whole job form one infinite sequence of bucket draws, fixed by 
 1. *Merge.* Bucket b (integer weight a_b > 0, the weights scaled exactly to coprime integers) owns the
    points (k + u_b) / a_b, k = 0, 1, ..., with a seeded phase u_b in (0, 1); all points in increasing order
    (ties: lower bucket index first) give the merge sequence. Among its first m slots bucket b holds
-   m·a_b/A ± 2 (A = Σ a): every bucket gets exactly its share of the steps, evenly spread.
+   m·a_b/A to within B + 1 (A = Σ a, B buckets): every bucket gets exactly its share of the steps, evenly
+   spread.
 2. *Shuffle.* Steps come in blocks of `BLOCK`; block j holds the merge slots [j·BLOCK, (j+1)·BLOCK) in an
-   order drawn from (seed, j). So any window of steps holds each bucket's share to within a few steps, in
-   a random order.
+   order drawn from (seed, j) (a seeded `IndexPermutation` of the block). So any window of L steps holds
+   bucket b's share L·a_b/A to within 2·BLOCK + 2B + 2 steps, in a random order.
 
 Everything a step needs is computable from its number alone: the count of draws of each bucket before
 slot m is found by counting the points below (m - B)/A (one integer division per bucket) and walking at
 most 2B slots on from there with a heap. A block costs O(B log B + BLOCK log B) integer operations; no
-state grows with the number of steps.
+state grows with the number of steps. Integer arithmetic only, defined here (no library RNG), so every
+rank, platform and library version draws the same buckets.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 
-import torch
-
+from megagen.data.permutation import IndexPermutation
 from megagen.data.synthetic import sample_seed
 
 BLOCK = 64
@@ -127,8 +128,8 @@ class BucketSchedule:
         counts, heap = self._walk_to(j * BLOCK)
         start = tuple(counts)
         slots = [self._pop(heap, counts) for _ in range(BLOCK)]
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, j, 0, _SHUFFLE_STREAM))
-        order = [slots[i] for i in torch.randperm(BLOCK, generator=gen).tolist()]
+        shuffle = IndexPermutation(BLOCK, sample_seed(self.seed, j, 0, _SHUFFLE_STREAM))
+        order = [slots[shuffle.one(i)] for i in range(BLOCK)]
         seen = [0] * len(self.weights)
         occurrence = []
         for b in order:

@@ -173,3 +173,6 @@ def test_bad_sampler_states_name_the_key():
         sampler.load_state_dict(state)
     with pytest.raises(ConfigError, match="data.path"):
         sampler.load_state_dict({"step": 5, "buckets": {}})
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="data.bucket_weights.t4_h8_w8"):
+            BucketSampler(BUCKETS, seed=0, weights={"t4_h8_w8": bad})
