@@ -19,6 +19,7 @@ each bucket from its saved epoch and cursor.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,7 +43,8 @@ class BucketPlan:
 
 
 def _bucket_key(name: str) -> int:
-    return int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") ^ len(name)
+    """A stable 63-bit integer of the whole name (distinct names give distinct epoch orders and phases)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
 
 
 class _AnchoredSampler:

@@ -176,3 +176,10 @@ def test_bad_sampler_states_name_the_key():
     for bad in (-1, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="data.bucket_weights.t4_h8_w8"):
             BucketSampler(BUCKETS, seed=0, weights={"t4_h8_w8": bad})
+
+
+def test_buckets_with_similar_names_get_their_own_order():
+    """Names alike in their first 8 bytes (t16_h48_w48, t16_h48_w64) still key distinct epoch orders."""
+    plans = [BucketPlan("t16_h48_w48", 64, 8, 8), BucketPlan("t16_h48_w64", 64, 8, 8)]
+    sampler = BucketSampler(plans, seed=0)
+    assert sampler.sample_ids("t16_h48_w48", 0, range(64)) != sampler.sample_ids("t16_h48_w64", 0, range(64))
