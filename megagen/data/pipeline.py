@@ -118,7 +118,8 @@ def build_data(
     cfg: Config, spec, runtime, steps: int, sampler_state: dict | None = None, reader=None
 ) -> DataPipeline:
     """Sampler (restored from `sampler_state` when resuming), this rank's request plan, and its loader.
-    Nothing here visits the steps or (beyond this rank's share of `data.verify`) the shards: O(1) in both."""
+    Nothing here visits the steps (the plan is O(1) in them), and no rank reads more than its share of the
+    shards' headers (`data.verify`, megagen/data/verify.py); the rest are read when first used."""
     if not cfg.data.path:
         sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device)
         if sampler_state:

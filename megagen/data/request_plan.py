@@ -9,6 +9,8 @@ how loaders ask). Nothing here grows with the number of steps or samples.
 
 from __future__ import annotations
 
+import operator
+
 from megagen.data.contract import MicroBatchRequest
 from megagen.data.schedule import BLOCK
 
@@ -58,8 +60,7 @@ class RequestPlan:
             yield from self.sampler.step_requests(step, self.dp_rank, self.dp_size)
 
     def __getitem__(self, i: int) -> MicroBatchRequest:
-        if not isinstance(i, int):
-            raise TypeError(f"request indices are integers, not {type(i).__name__}")
+        i = operator.index(i)  # ints and numpy integers (a DALI source may pass either)
         if i < 0:
             i += self._len
         if not 0 <= i < self._len:

@@ -6,6 +6,7 @@ import random
 import time
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from megagen.config import ConfigError
@@ -117,7 +118,7 @@ def test_plan_indexing_equals_iteration_in_any_order(dp):
     random.Random(0).shuffle(order)
     for i in order[:400] + list(range(len(every))):
         assert plan[i] == every[i], i
-    assert plan[-1] == every[-1]
+    assert plan[-1] == every[-1] and plan[np.int64(3)] == every[3]
     with pytest.raises(IndexError):
         plan[len(every)]
 
