@@ -44,6 +44,7 @@ DALI's python workers fork (CPU) or spawn (GPU) and re-import this file: keep th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -350,8 +351,7 @@ def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, war
     reader = open_reader(path)
     streams, times = {}, {}
     for name, make in loaders.items():
-        plan = request_plan(reader, micro)
-        plan.requests = plan.requests[: warmup + rounds * steps]
+        plan = list(itertools.islice(request_plan(reader, micro), warmup + rounds * steps))
         loader = make(reader, plan)
         if hasattr(loader, "start"):
             loader.start()
@@ -411,8 +411,7 @@ def data_wait_synthetic(path: str, micro: int, loaders: dict, step_ms: float, st
     reader = open_reader(path)
     out = {}
     for name, make in loaders.items():
-        plan = request_plan(reader, micro)
-        plan.requests = plan.requests[: warmup + steps]
+        plan = list(itertools.islice(request_plan(reader, micro), warmup + steps))
         loader = make(reader, plan)
         if hasattr(loader, "start"):
             loader.start()

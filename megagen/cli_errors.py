@@ -88,7 +88,7 @@ def run_reporting_errors(handler, args) -> int:
         record_failure(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     except DataError as exc:
-        report_error(f"data error: {exc}", rank_local=True)
+        report_error(f"data error: {exc}", rank_local=getattr(exc, "rank_local", True))
         record_failure(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     except NonFiniteStepError as exc:  # every rank stops alike; a restart would diverge the same way

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MAX_STEPS = 10**7
-"""Upper bound of `train.steps`: `RequestPlan` precomputes every step's requests and sampler state at start
-(measured ~0.6 KB per step synthetic, ~4 KB with three buckets), so 10^7 steps already hold 6-40 GB of host
-memory per rank; real runs take 10^5-10^6 steps. A larger value is a typo, refused before memory runs out."""
+MAX_STEPS = 10**9
+"""Upper bound of `train.steps`, a guard against typos only: nothing scales with it (the data plan computes
+any step's requests and sampler state from the step number, megagen/data/request_plan.py). Real runs take
+10^5-10^6 steps; 10^9 steps at even 10 steps/s is over three years of training, so a larger value is a
+slip of the keyboard (an extra zero, `1e10`), refused naming the key rather than run."""
 
 
 def opt(
@@ -125,7 +126,12 @@ class DataConfig:
     on_error: str = opt(
         "fail", "unreadable sample: stop, or skip it (logged and counted)", choices=("fail", "skip")
     )
-    verify: str = opt("size", "shard verification at start-up", choices=("none", "size", "checksum"))
+    verify: str = opt(
+        "size",
+        "shard verification at start-up, shared by the ranks (each checks 1/world of the shards): size = "
+        "stat and header, checksum = also sha256; none = checked when first read",
+        choices=("none", "size", "checksum"),
+    )
     check_finite: str = opt(
         "on_nan_loss",
         "NaN/inf latents: scan a step's samples only when its loss is not finite (on_nan_loss), or every "
@@ -174,7 +180,7 @@ class TrainConfig:
 
     steps: int = opt(
         100,
-        "optimizer steps to run (at most 10^7: the request plan, made at start, holds ~1-4 KB per step)",
+        "optimizer steps to run (at most 10^9, a guard against typos: no cost grows with it)",
         min=1,
         max=MAX_STEPS,
     )

@@ -52,3 +52,17 @@ class MicroBatchRequest:
     """Positions of these samples in the step's global batch (keys of the per-sample noise/t draws)."""
     accumulation: int
     """Micro-batches in this step on this rank (global ÷ (micro × dp) for this bucket)."""
+
+
+def micro_sizes(requests) -> dict[str, int]:
+    """The largest micro-batch of each bucket in `requests`, what loaders size their buffers for: asked of
+    a plan that knows it (`RequestPlan.micro_sizes()`, no pass over its requests), else counted over a
+    finite sequence of requests."""
+    known = getattr(requests, "micro_sizes", None)
+    if known is not None:
+        return known()
+    sizes: dict[str, int] = {}
+    for r in requests:
+        if r.sample_ids:
+            sizes[r.bucket] = max(sizes.get(r.bucket, 0), len(r.sample_ids))
+    return sizes

@@ -58,6 +58,7 @@ NUMPY_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _BUCKET_RE = re.compile(r"^t(\d+)_h(\d+)_w(\d+)$")
 _BUCKET_1D_RE = re.compile(r"^t(\d+)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class DataError(Exception):
@@ -138,7 +139,7 @@ class FieldInfo:
     """None when the shape depends on the bucket (`latents`, or an entry of `BucketInfo.field_shapes`)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ShardInfo:
     file: str
     """Path relative to the dataset directory, '/'-separated."""
@@ -394,7 +395,7 @@ def _parse_manifest(d: Any, source: str) -> Manifest:
                 _fail(source, f"shard {file} is listed twice")
             seen_files.add(file)
             sha = s.get("sha256")
-            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
                 _fail(source, f"shard {file}: sha256 must be 64 lowercase hex digits")
             shards.append(
                 ShardInfo(

@@ -41,7 +41,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from megagen.data.contract import MicroBatchRequest
+from megagen.data.contract import MicroBatchRequest, micro_sizes
 from megagen.data.dali_map_source import MapLayout, MapSource
 from megagen.data.loader_torch import (
     SAMPLE_VALID,
@@ -136,10 +136,7 @@ class DaliLoader:
         self.num_threads, self.prefetch_queue_depth = num_threads, prefetch_queue_depth
         self.py_num_workers, self.device_id = py_num_workers, device_id
         self.py_start_method = py_start_method or ("fork" if device_id is None else "spawn")
-        micro: dict[str, int] = {}
-        for r in self.requests:
-            if r.sample_ids:
-                micro[r.bucket] = max(micro.get(r.bucket, 0), len(r.sample_ids))
+        micro = micro_sizes(self.requests)
         self.specs = self._probe(micro)
         """Per bucket: (key, dtype, per-sample shape) of every batch field."""
         self.keys = tuple(k for k, _, _ in next(iter(self.specs.values()), ()))

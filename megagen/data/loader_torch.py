@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from megagen.data.contract import MicroBatchRequest, cast_to_compute
+from megagen.data.contract import MicroBatchRequest, cast_to_compute, micro_sizes
 
 log = logging.getLogger("megagen")
 
@@ -342,9 +342,7 @@ class TorchLoader:
         """The largest packed micro-batch of `requests` (0 when they cannot be listed up front)."""
         if not (hasattr(self.requests, "__getitem__") and hasattr(self.requests, "__len__")):
             return 0
-        micro: dict[str, int] = {}
-        for r in self.requests:
-            micro[r.bucket] = max(micro.get(r.bucket, 0), len(r.sample_ids))
+        micro = micro_sizes(self.requests)
         return max((pack_layout(host_specs(self.reader, b), n)[1] for b, n in micro.items()), default=0)
 
     def _worker_slots(self) -> list[torch.Tensor]:

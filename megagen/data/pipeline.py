@@ -117,7 +117,9 @@ def make_sampler(cfg: Config, spec, world_size: int, dp_size: int, device, reade
 def build_data(
     cfg: Config, spec, runtime, steps: int, sampler_state: dict | None = None, reader=None
 ) -> DataPipeline:
-    """Sampler (restored from `sampler_state` when resuming), this rank's request plan, and its loader."""
+    """Sampler (restored from `sampler_state` when resuming), this rank's request plan, and its loader.
+    Nothing here visits the steps (the plan is O(1) in them), and no rank reads more than its share of the
+    shards' headers (`data.verify`, megagen/data/verify.py); the rest are read when first used."""
     if not cfg.data.path:
         sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device)
         if sampler_state:
@@ -131,10 +133,11 @@ def build_data(
     eager = (
         cfg.data.on_error == "skip" or cfg.data.check_finite == "eager"
     )  # skip drops samples before a step
-    if reader is None:
-        reader = ShardReader(
-            cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify, check_finite=eager
-        )
+    if reader is None:  # headers are read lazily; each rank checks its share of the shards now
+        from megagen.data.verify import verify_on_ranks
+
+        reader = ShardReader(cfg.data.path, on_error=cfg.data.on_error, verify="none", check_finite=eager)
+        verify_on_ranks(reader, cfg.data.verify, runtime.rank, runtime.world_size)
     sampler = make_sampler(cfg, spec, runtime.world_size, runtime.dp_size, runtime.device, reader)
     if sampler_state:
         sampler.load_state_dict(sampler_state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -392,15 +393,13 @@ class ShardReader:
         self.ranges = field_ranges(self.manifest)
         """Bounded per-sample fields (`text_len.E`): every read checks them, whatever `check_finite` says."""
         self.buckets: dict[str, BucketInfo] = {b.name: b for b in self.manifest.buckets}
-        self._shards: dict[str, list[_Shard]] = {}
-        self._starts: dict[str, list[int]] = {}
-        for b in self.manifest.buckets:
-            shards, first = [], 0
-            for s in b.shards:
-                shards.append(_Shard(os.path.join(self.path, *s.file.split("/")), s, first, None))
-                first += s.samples
-            self._shards[b.name] = shards
-            self._starts[b.name] = [s.first for s in shards]
+        self._starts: dict[str, list[int]] = {
+            b.name: [0, *itertools.accumulate(s.samples for s in b.shards)][:-1]
+            for b in self.manifest.buckets
+        }
+        """Per bucket: the index of each shard's first sample (what a sample id is located by)."""
+        self._opened: dict[tuple[str, int], _Shard] = {}
+        """(bucket, shard index) → its `_Shard`, made when first used: nothing per shard at open."""
         self._views: dict[str, dict[str, np.ndarray]] = {}
         self._out_of_range: dict[str, dict[int, str]] = {}
         """Per mapped shard: local row → why its bounded fields are out of range (usually empty)."""
@@ -444,12 +443,28 @@ class ShardReader:
         return []
 
     def _verify_all(self) -> None:
-        problems: list[DataError] = []
+        problems = self.shard_problems(self.verify)
+        if problems:
+            raise first_problem(problems, len(problems), self.path)
+
+    def shard_problems(self, mode: str, rank: int = 0, world: int = 1) -> list[DataError]:
+        """The problems `verify=mode` finds in this rank's share of the shards: every `world`-th shard of
+        the dataset's list from the `rank`-th ("size": stat and header; "checksum": also the sha256 of
+        each, when stat and headers are fine). The headers read stay parsed for later reads."""
+        if mode not in ("size", "checksum"):
+            raise ValueError(f"mode must be 'size' or 'checksum', got {mode!r}")
+        mine, offset = [], 0  # flat shard index k = offset of its bucket + index within it
         for b in self.manifest.buckets:
-            for s in self._shards[b.name]:
-                problems += self._shard_problems(b, s)
-        if not problems and self.verify == "checksum":
-            shards = [s for b in self.manifest.buckets for s in self._shards[b.name]]
+            first = offset + (rank - offset) % world  # its first shard k ≡ rank (mod world)
+            mine += [
+                (b, self._shard(b.name, k - offset)) for k in range(first, offset + len(b.shards), world)
+            ]
+            offset += len(b.shards)
+        problems: list[DataError] = []
+        for b, s in mine:
+            problems += self._shard_problems(b, s)
+        if not problems and mode == "checksum":
+            shards = [s for _, s in mine]
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
                 for s, digest in zip(shards, pool.map(lambda s: sha256_file(s.path), shards)):
                     if digest != s.info.sha256:
@@ -459,16 +474,7 @@ class ShardReader:
                                 file=s.path,
                             )
                         )
-        if problems:
-            first = problems[0]
-            if len(problems) > 1:
-                more = (
-                    f" (and {len(problems) - 1} more problem(s); `megagen data check {self.path}` lists all)"
-                )
-                raise DataError(
-                    first.reason + more, file=first.file, sample=first.sample, bucket=first.bucket
-                )
-            raise first
+        return problems
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def num_samples(self, bucket: str) -> int:
@@ -491,8 +497,18 @@ class ShardReader:
             raise IndexError(
                 f"{self.path}: sample {sample_id} is out of range for bucket {bucket} ({b.samples})"
             )
-        shard = self._shards[bucket][bisect.bisect_right(self._starts[bucket], sample_id) - 1]
+        shard = self._shard(bucket, bisect.bisect_right(self._starts[bucket], sample_id) - 1)
         return shard, sample_id - shard.first
+
+    def _shard(self, bucket: str, index: int) -> _Shard:
+        shard = self._opened.get((bucket, index))
+        if shard is None:
+            info = self.buckets[bucket].shards[index]
+            path = os.path.join(self.path, *info.file.split("/"))
+            shard = self._opened.setdefault(
+                (bucket, index), _Shard(path, info, self._starts[bucket][index], None)
+            )
+        return shard
 
     def _shard_views(self, bucket: str, shard: _Shard) -> dict[str, np.ndarray]:
         views = self._views.get(shard.path)
@@ -727,6 +743,16 @@ class ShardReader:
         return cast_to_compute(self.to_host_batch(arrays))
 
 
+def first_problem(problems: list[DataError], total: int, dataset: str) -> DataError:
+    """One DataError for a start-up check that found `total` problems: the first, with the count of the
+    others and where they are all listed."""
+    first = problems[0]
+    if total <= 1:
+        return first
+    more = f" (and {total - 1} more problem(s); `megagen data check {dataset}` lists all)"
+    return DataError(first.reason + more, file=first.file, sample=first.sample, bucket=first.bucket)
+
+
 _FINITE_BOUNDS = {
     np.dtype(np.float16): (np.int16, np.uint16, 0x7C00, 0xFC00),
     np.dtype(np.float32): (np.int32, np.uint32, 0x7F800000, 0xFF800000),
@@ -765,6 +791,7 @@ __all__ = [
     "ShardHeader",
     "ShardReader",
     "TensorEntry",
+    "first_problem",
     "header_problems",
     "parse_header",
     "plan_shards",

@@ -91,7 +91,7 @@ def train_with_checkpoints(
         "start": start,
         "resumed_from": str(hook.resumed_from) if hook.resumed_from else None,
         "losses": losses,
-        "requests": [(r.step, r.sample_ids) for r in trainer.data.plan.requests],
+        "requests": [(r.step, r.sample_ids) for r in trainer.data.plan],
         "sampler_end": trainer.state_for_checkpoint(trainer.step)["sampler"],
     }
     params = full_tensors(list(trainer.model.named_parameters()))

@@ -16,7 +16,7 @@ def train_from_shards(path: str, overrides: list[str]) -> dict:
     runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
     trainer = Trainer(cfg, runtime)
     result = trainer.run()
-    samples = [(q.step, q.bucket, q.sample_ids) for q in trainer.data.plan.requests]
+    samples = [(q.step, q.bucket, q.sample_ids) for q in trainer.data.plan]
     coords = {}
     if dist.is_initialized():
         coords = {a: runtime.mesh.local_rank(a) for a in ("dp", "cp", "tp")}
@@ -28,3 +28,17 @@ def train_from_shards(path: str, overrides: list[str]) -> dict:
         "evals": evals,
         "skipped": [r.get("skipped_samples", 0) for r in trainer.history],
     }
+
+
+def verify_shared(path: str, mode: str) -> dict:
+    """`data.verify` at start-up on every rank: each checks its share; the outcome every rank raises."""
+    from megagen.data.format import DataError
+    from megagen.data.shards import ShardReader
+    from megagen.data.verify import verify_on_ranks
+
+    reader = ShardReader(path, verify="none")
+    try:
+        verify_on_ranks(reader, mode, dist.get_rank(), dist.get_world_size())
+    except DataError as exc:
+        return {"error": str(exc), "file": exc.file, "rank_local": getattr(exc, "rank_local", True)}
+    return {"error": None}

@@ -90,3 +90,26 @@ def test_fsdp2_cp2_matches_one_process(dist_pool, dataset, reference, loader):
     ref_ids = sorted((s, b, i) for s, b, ids in reference["samples"] for i in ids)
     got_ids = sorted((s, b, i) for streams in by_dp.values() for s, b, ids in streams[0] for i in ids)
     assert got_ids == ref_ids
+
+
+def test_a_bad_shard_stops_every_rank_with_one_message(dist_pool, dataset, tmp_path):
+    """data.verify=size shared over 4 ranks: the rank whose share holds the truncated shard finds it, and
+    every rank raises the same one-line error (printed once for the job)."""
+    import os
+    import shutil
+
+    from megagen.data.shards import ShardReader
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    manifest = ShardReader(copy, verify="none").manifest
+    paths = [os.path.join(copy, *s.file.split("/")) for b in manifest.buckets for s in b.shards]
+    victim = paths[2]  # rank 2's share of 4
+    with open(victim, "r+b") as fh:
+        fh.truncate(64)
+    results = dist_pool(4).run("tests.distributed.cases_data:verify_shared", path=str(copy), mode="size")
+    assert all(r == results[0] for r in results)
+    assert results[0]["file"] == victim and not results[0]["rank_local"]
+    assert "truncated" in results[0]["error"] and "found by rank 2" in results[0]["error"]
+    clean = dist_pool(4).run("tests.distributed.cases_data:verify_shared", path=str(dataset), mode="checksum")
+    assert clean == [{"error": None}] * 4

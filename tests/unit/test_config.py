@@ -99,7 +99,7 @@ def test_non_finite_floats_are_refused_with_the_key_named(tmp_path, key, text):
         "train.ema_decay=1",
         "train.ema_decay=-0.5",
         "train.cond_dropout=1.01",
-        "train.steps=10000001",
+        "train.steps=1000000001",
         "train.max_skipped_steps=0",
         "train.nonfinite=ignore",
     ],
@@ -122,7 +122,7 @@ def test_out_of_range_numbers_name_the_key(override):
         "optim.min_lr_ratio=1",
         "train.ema_decay=0.9999",
         "train.cond_dropout=1",
-        "train.steps=10000000",
+        "train.steps=1000000000",
         "train.nonfinite=skip_step",
     ],
 )

@@ -438,7 +438,7 @@ def test_finite_check_of_large_samples_copies_in_chunks(tmp_path, monkeypatch, b
     bucket = "t2_h2_w4"
     path = write_dataset(tmp_path, buckets={bucket: BUCKETS[bucket]})
     clean = ShardReader(path).read_batch(bucket, [0, 1, 3])["latents"].copy()
-    shard = ShardReader(path)._shards[bucket][0].path
+    shard = ShardReader(path)._locate(bucket, 0)[0].path
     entry = parse_header(shard).tensors["latents"]
     with open(shard, "r+b") as f:  # sample 1, its last value (a later chunk): bad
         f.seek(entry.start + 2 * (2 * int(np.prod(BUCKETS[bucket][0])) - 1))

@@ -20,10 +20,10 @@ def global_batches(sampler, steps):
 
 def test_every_dp_rank_draws_the_same_bucket_and_disjoint_slices():
     for dp in (1, 2, 4):
-        plans = [RequestPlan(BucketSampler(BUCKETS, seed=3), 30, r, dp) for r in range(dp)]
+        plans = [list(RequestPlan(BucketSampler(BUCKETS, seed=3), 30, r, dp)) for r in range(dp)]
         ref = global_batches(BucketSampler(BUCKETS, seed=3), 30)
         for step, bucket, ids in ref:
-            per_rank = [[q for q in p.requests if q.step == step] for p in plans]
+            per_rank = [[q for q in p if q.step == step] for p in plans]
             assert all(q.bucket == bucket for reqs in per_rank for q in reqs)
             got = sorted(i for reqs in per_rank for q in reqs for i in q.sample_ids)
             assert got == sorted(ids), f"dp={dp} step {step}: ranks do not partition the global batch"
@@ -33,7 +33,7 @@ def test_every_dp_rank_draws_the_same_bucket_and_disjoint_slices():
 
 def test_per_bucket_micro_batch_and_accumulation():
     plan = RequestPlan(BucketSampler(BUCKETS, seed=0), 40, 0, 2)
-    for q in plan.requests:
+    for q in plan:
         b = next(b for b in BUCKETS if b.name == q.bucket)
         assert len(q.sample_ids) == b.micro_batch
         assert q.accumulation == b.global_batch // (b.micro_batch * 2)
@@ -75,9 +75,9 @@ def test_resume_at_dp4_continues_at_dp2_with_the_same_global_batches():
     state = first.state_after(8)
     resumed = BucketSampler(BUCKETS, seed=5)
     resumed.load_state_dict(state)
-    plans = [RequestPlan(_restored(state), 12, r, 2) for r in range(2)]
+    plans = [list(RequestPlan(_restored(state), 12, r, 2)) for r in range(2)]
     for step, _bucket, ids in straight[8:]:
-        got = sorted(i for p in plans for q in p.requests if q.step == step for i in q.sample_ids)
+        got = sorted(i for p in plans for q in p if q.step == step for i in q.sample_ids)
         assert got == sorted(ids)
     assert resumed.next_global_batch() == straight[8]
 
