@@ -90,6 +90,22 @@ def make_runtime(cfg: Config):
     return LocalRuntime(device_and_backend(p.backend)[0])  # the GPU when there is one, else the CPU
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` is a Ctrl-C in disguise: DCP turns a KeyboardInterrupt during a save into a
+    CheckpointException holding each rank's failure."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        for failure in (getattr(exc, "failures", None) or {}).values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, KeyboardInterrupt):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) during training: the steps done and the checkpoint the same command resumes from."""
 
@@ -354,7 +370,9 @@ def train(cfg: Config, runtime=None, capture_grads: bool = False) -> TrainResult
         if trainer.runtime.is_logging_rank:
             log.info("run written to %s", Path(cfg.run.dir).resolve())
         return result
-    except KeyboardInterrupt:
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException too
+        if not _interrupted(exc):
+            raise
         raise TrainingInterrupted(trainer.step, read_latest(checkpoint_dir(cfg))) from None
     finally:
         hook.close()

@@ -251,3 +251,17 @@ def test_fresh_run_into_a_finished_run_dir_is_refused(tmp_path, capsys, monkeypa
     assert (run_dir / "metrics.jsonl").read_text() == before, "nothing of the finished run was touched"
     assert run_main([*args, "run.overwrite=true"], capsys, tmp_path, monkeypatch).returncode == 0
     assert len(list((run_dir / "tb").glob("events.*"))) == 1, "the old TensorBoard events were replaced"
+
+
+def test_ctrl_c_during_a_checkpoint_save_is_still_an_interrupt():
+    """DCP wraps a KeyboardInterrupt raised while it writes into a CheckpointException (a BaseException)."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from megagen.train.loop import _interrupted
+
+    wrapped = CheckpointException("save failed", {0: (KeyboardInterrupt(), traceback.StackSummary())})
+    assert _interrupted(wrapped) and _interrupted(KeyboardInterrupt())
+    other = CheckpointException("save failed", {0: (OSError("disk full"), traceback.StackSummary())})
+    assert not _interrupted(other) and not _interrupted(ValueError("x"))
