@@ -15,16 +15,8 @@ import torch.distributed as dist
 from megagen.config import load_config
 from megagen.train.loop import Trainer, full_tensors
 from megagen.train.nonfinite import NonFiniteStepError
-
-EXAMPLE = "examples/configs/video_tiny.yaml"
-BASE = [
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
-    "metrics.tensorboard=false",
-    "metrics.jsonl=false",
-    "metrics.progress=none",
-]
+from tests.distributed.cases_parity import EXAMPLE
+from tests.distributed.cases_parity import SMALL as BASE
 
 
 def poison(trainer: Trainer, steps: set[int], kind: str = "loss", rank: int | None = None) -> None:

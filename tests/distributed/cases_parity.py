@@ -27,9 +27,7 @@ EXAMPLE = "examples/configs/video_tiny.yaml"
 # 2, same math) changed step-3 gradients by up to 2.2e-5 with QK-norm (6.7e-6 without); with eps 1e-6 that
 # drift is 1.3e-6 (QK-norm), 2.4e-6 (video), 4.2e-6 (padded video), 1.7e-6 (audio), 5.1e-6 (upsampler).
 LIVE = ["model.init=live", "model.init_std=0.1", "optim.eps=1e-6"]
-BASE = [
-    *LIVE,
-    "train.steps=3",
+SMALL = [
     "train.global_batch_size=8",
     "train.micro_batch_size=2",
     "optim.warmup_steps=1",
@@ -37,6 +35,8 @@ BASE = [
     "metrics.jsonl=false",
     "metrics.progress=none",
 ]
+"""Batch sizes and quiet metrics shared by every multi-process case built on the tiny example."""
+BASE = [*LIVE, "train.steps=3", *SMALL]
 
 
 def config(overrides: list[str], run_dir: str):
