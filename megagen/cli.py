@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     from megagen.plan_cli import add_plan_command
 
     add_plan_command(sub)
+    from megagen.rehearse import add_rehearse_command
+
+    add_rehearse_command(sub)
     from megagen.launch_cli import add_launch_commands
 
     add_launch_commands(sub)
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from megagen.doctor import run_doctor_command
     from megagen.launch_cli import run_launch_command
     from megagen.plan_cli import run_plan_command
+    from megagen.rehearse import run_rehearse_command
     from megagen.sample import run_sample_command
     from megagen.specs.cli import run_specs_command
 
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _cmd_bench,
         "data": run_data_command,
         "plan": run_plan_command,
+        "rehearse": run_rehearse_command,
         "launch": run_launch_command,
         "doctor": run_doctor_command,
     }

@@ -99,9 +99,21 @@ def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, full_tensor: Callable[[str], torch.Tensor], device: torch.device) -> None:
+def materialize(
+    model: nn.Module,
+    full_tensor: Callable[[str], torch.Tensor],
+    device: torch.device,
+    draw: Callable[[str, torch.Tensor], None] | None = None,
+    draw_above: int = 2**20,
+) -> None:
     """Allocate `model`'s meta tensors on `device` (local shards only) and fill each from
-    `full_tensor(name)` (its global value on the CPU; asked for once per tensor, one at a time)."""
+    `full_tensor(name)` (its global value on the CPU; asked for once per tensor, one at a time).
+
+    `draw(name, local)`: fill tensors of more than `draw_above` elements in place without computing their
+    full value (a rehearsal's shortcut: values then depend on the mesh, shapes and memory do not)."""
     model.to_empty(device=device)
     for name, t in named_tensors(model):
-        local_part(t).copy_(local_slice(full_tensor(name), t))
+        if draw is not None and t.numel() > draw_above:
+            draw(name, local_part(t))
+        else:
+            local_part(t).copy_(local_slice(full_tensor(name), t))

@@ -10,6 +10,8 @@ so every mesh (and one process) starts from the same weights bit for bit. The ru
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -38,15 +40,35 @@ def record_model(cfg: Config, spec) -> tuple[nn.Module, InitRecord]:
     return model, record
 
 
-def build_model(cfg: Config, spec, runtime) -> nn.Module:
-    """This rank's parallelised model with its shards initialised (see the module docstring)."""
+def drawn_weights(cfg: Config):
+    """`materialize`'s `draw` for a rehearsal: each large local shard drawn from N(0, model.init_std), seeded
+    by (run.seed, name) — no full tensor is computed, so a 30B model initialises in seconds on a CPU."""
+    from megagen.parallel.init_record import seed_for
+
+    def draw(name: str, local: torch.Tensor) -> None:
+        gen = torch.Generator(device=local.device).manual_seed(seed_for(cfg.run.seed, name, 0))
+        local.normal_(0.0, cfg.model.init_std, generator=gen)
+
+    return draw
+
+
+def build_model(cfg: Config, spec, runtime, weights: str = "replay", phases: dict | None = None) -> nn.Module:
+    """This rank's parallelised model with its shards initialised (see the module docstring).
+
+    `weights="draw"` (rehearsals): large tensors are drawn locally instead of replayed (`drawn_weights`).
+    `phases` gets the seconds spent building on meta (`build`) and materialising (`init`)."""
     from megagen.kernels import configure_from_config
 
+    start = time.perf_counter()
     configure_from_config(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
     torch.manual_seed(cfg.run.seed)
     model, record = record_model(cfg, spec)
     plan = spec.parallel_plan(cfg)
     check_plan(model, plan, cfg.parallel.tp, spec.name)
     model = runtime.parallelize(model, plan, cfg)
-    materialize(model, record.full_tensor, runtime.device)
+    built = time.perf_counter()
+    draw = drawn_weights(cfg) if weights == "draw" else None
+    materialize(model, record.full_tensor, runtime.device, draw=draw)
+    if phases is not None:
+        phases.update(build=built - start, init=time.perf_counter() - built)
     return model

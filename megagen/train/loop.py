@@ -163,7 +163,8 @@ class Trainer:
     step and the sampler state (which is independent of the mesh).
     """
 
-    def __init__(self, cfg: Config, runtime=None):
+    def __init__(self, cfg: Config, runtime=None, weights: str = "replay"):
+        """`weights="draw"`: a rehearsal's shortcut for large tensors (megagen/train/build.py)."""
         self.cfg = cfg
         self.spec = get_spec(cfg.model.spec)
         self.spec.validate(cfg)
@@ -171,7 +172,9 @@ class Trainer:
         from megagen.train.cuda_graphs import check_cuda_graphs, enable_cuda_graphs
 
         check_cuda_graphs(cfg, self.runtime)  # train.cuda_graphs: refuse unsupported configs before building
-        self.model = build_model(cfg, self.spec, self.runtime)
+        self.startup_s: dict[str, float] = {}
+        """Seconds spent building the model on meta (`build`) and initialising its shards (`init`)."""
+        self.model = build_model(cfg, self.spec, self.runtime, weights, self.startup_s)
         self.cuda_graphs = enable_cuda_graphs(cfg, self.model, self.spec.parallel_plan(cfg), self.runtime)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg)

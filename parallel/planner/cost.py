@@ -171,13 +171,15 @@ def fsdp_padded_numel(params: list[ParamShape], tp: int, n: int) -> int:
     return total
 
 
-def rank0_numel(params: list[ParamShape], tp: int, n: int) -> int:
-    """Elements rank 0 holds: the first ceil(dim0/n) rows of each tp-local parameter."""
+def rank0_numel(params: list[ParamShape], tp: int, n: int, index: int = 0) -> int:
+    """Elements FSDP shard `index` of n holds (rank 0 by default, the largest): FSDP2 gives shard i rows
+    [i·c, (i+1)·c) of each tp-local parameter's dim 0, c = ceil(dim0/n), the last shards fewer or none."""
     total = 0
     for p in params:
         s = local_shape(p, tp)
         rows = s[0] if s else 1
-        total += min(rows, -(-rows // n)) * _rest(s)
+        chunk = -(-rows // n)
+        total += max(0, min(chunk, rows - index * chunk)) * _rest(s)
     return total
 
 
@@ -305,16 +307,16 @@ def _uses_fsdp(plan: PlanPoint) -> bool:
     return plan.fsdp * plan.dp_replicate > 1
 
 
-def state_memory(work: Workload, plan: PlanPoint) -> tuple[int, int, int]:
-    """(param, grad, optimizer) bytes on rank 0: fp32 master params, the most gradient bytes held during a
-    step (`gradient_bytes`), AdamW's two moments."""
+def state_memory(work: Workload, plan: PlanPoint, shard: int = 0) -> tuple[int, int, int]:
+    """(param, grad, optimizer) bytes on rank 0 (or on the ranks of FSDP shard index `shard`): fp32 master
+    params, the most gradient bytes held during a step (`gradient_bytes`), AdamW's two moments."""
     params = [p for blk in work.block_params for p in blk] + work.root_params
     n = plan.fsdp if _uses_fsdp(plan) else 1
-    numel = _cached(work, ("state", plan.tp, n), lambda: rank0_numel(params, plan.tp, n))
-    return numel * 4, gradient_bytes(work, plan), 2 * numel * 4
+    numel = _cached(work, ("state", plan.tp, n, shard), lambda: rank0_numel(params, plan.tp, n, shard))
+    return numel * 4, gradient_bytes(work, plan, shard), 2 * numel * 4
 
 
-def gradient_bytes(work: Workload, plan: PlanPoint) -> int:
+def gradient_bytes(work: Workload, plan: PlanPoint, shard: int = 0) -> int:
     """The most gradient bytes rank 0 holds at once in a step (numel × element size of its tensors).
 
     Sharded fp32 gradients (rank 0's FSDP shard) when every micro-batch reduces. Under no-sync
@@ -324,7 +326,9 @@ def gradient_bytes(work: Workload, plan: PlanPoint) -> int:
     """
     n = plan.fsdp if _uses_fsdp(plan) else 1
     units = [*work.block_params, work.root_params]
-    sharded = _cached(work, ("shard_units", plan.tp, n), lambda: [rank0_numel(u, plan.tp, n) for u in units])
+    sharded = _cached(
+        work, ("shard_units", plan.tp, n, shard), lambda: [rank0_numel(u, plan.tp, n, shard) for u in units]
+    )
     if not plan.holds_unsharded_grads:
         return 4 * sum(sharded)
     full = _cached(
