@@ -6,6 +6,7 @@ import torch
 
 from megagen.config import Config
 from megagen.parallel.mesh import ParallelDims
+from megagen.parallel.planner.activations import trace_saved
 from megagen.parallel.planner.cost import PlanPoint
 from megagen.parallel.planner.workload import Workload, trace_workload
 from megagen.specs import get_spec
@@ -21,7 +22,11 @@ def workload_for_config(cfg: Config, latent_shape: tuple[int, ...] | None = None
         model = spec.build(cfg)
         fake = {k: torch.empty(batch, *s) for k, s in shapes.items()}
         inputs = spec.model_inputs(fake, fake["latents"], torch.empty(batch), None)
-    return trace_workload(model, spec.parallel_plan(cfg), inputs, batch)
+    plan = spec.parallel_plan(cfg)
+    work = trace_workload(model, plan, inputs, batch)
+    if batch == 1:
+        work.saved = trace_saved(model, plan, inputs, work.tokens, cfg.parallel.param_dtype)
+    return work
 
 
 def plan_point_for_config(

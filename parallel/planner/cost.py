@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from megagen.parallel.grad_reduction import BETWEEN, SHARDED, partial_over_tp
+from megagen.parallel.planner.activations import saved_bytes_by_layer
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.workload import ParamShape, Workload
 
@@ -461,6 +462,8 @@ def activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, float]:
     over tp with SP and duplicated without it. Full recompute keeps only each block's input (plus one
     block's worth while it recomputes); selective keeps linear outputs and collective outputs.
     """
+    if work.saved is not None and plan.recompute != "selective":
+        return _traced_activation_bytes(work, plan)
     fa = DTYPE_BYTES[plan.param_dtype]
     s_pad = padded_tokens(work.tokens, plan)
     tok_region = s_pad / plan.cp  # tokens inside a tp region (gathered)
@@ -493,6 +496,23 @@ def activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, float]:
     else:
         kept = layers * per_block_none
     return kept * b, dup * layers * b
+
+
+def _traced_activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, float]:
+    """`activation_bytes` from the traced saved tensors (planner/activations.py). Full recompute keeps
+    each recomputed block's input, the rest whole, and one recomputed block's worth while it runs."""
+    pad = padded_tokens(work.tokens, plan) / work.tokens
+    fa = DTYPE_BYTES[plan.param_dtype]
+    by_layer, dup = saved_bytes_by_layer(work.saved, plan, fa, pad)
+    blocks = [by_layer.get(i, 0.0) for i in range(work.layers)]
+    kept = by_layer.get(None, 0.0)
+    k = plan.recomputed_blocks(work.layers)
+    if k:
+        block_input = work.tokens * pad / (plan.cp * (plan.tp if plan.sp else 1)) * (work.hidden or 1) * fa
+        kept += k * block_input + sum(blocks[k:]) + max(blocks[:k])
+    else:
+        kept += sum(blocks)
+    return kept * plan.micro_batch, dup * plan.micro_batch
 
 
 def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:

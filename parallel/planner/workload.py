@@ -77,6 +77,8 @@ class Workload:
     heads: int = 0
     hidden: int = 0
     """Model width: activations between blocks are (tokens, hidden)."""
+    saved: object | None = None
+    """What autograd keeps per sample (planner/activations.py `SavedProfile`); None = not traced."""
 
     def layer_items(self, layer: int) -> tuple[list[RegionUse], list[LinearUse], list[AttentionUse]]:
         """(regions, row-parallel linears, self-attention calls) of block `layer` (cached)."""
