@@ -30,7 +30,8 @@ class SequenceSharder:
             widths = [0, 0] * (x.dim() - 1 - dim) + [0, pad]
             x = F.pad(x, widths)
         size = x.shape[dim] // self.shards
-        return x.narrow(dim, self.index * size, size)
+        # a copy, not a view: a saved slice of a view would keep the whole (padded) sequence alive
+        return x.narrow(dim, self.index * size, size).clone()
 
     def valid_mask(self, n: int, device: torch.device) -> torch.Tensor | None:
         """(chunk,) bool of this rank's real (unpadded) positions; None when nothing is padded."""

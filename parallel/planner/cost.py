@@ -515,16 +515,21 @@ def _traced_activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, fl
     return kept * plan.micro_batch, dup * plan.micro_batch
 
 
+def fsdp_buffer_bytes(work: Workload, plan: PlanPoint) -> float:
+    """FSDP's communication buffers at their peak: two gathered block units (current + prefetched) in the
+    compute dtype, and one unit's unsharded gradient in the reduce dtype before its reduce-scatter."""
+    blocks = work.block_params[0] if work.block_params else []
+    unit = _cached(work, ("unit", plan.tp), lambda: sum(math.prod(local_shape(p, plan.tp)) for p in blocks))
+    return unit * (2 * DTYPE_BYTES[plan.param_dtype] + DTYPE_BYTES[plan.reduce_dtype])
+
+
 def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
     """Bytes, memory, FLOPs and predicted step time of one optimizer step."""
     cost = Cost()
     cost.comm = communication(work, plan)
     cost.param_bytes, cost.grad_bytes, cost.optimizer_bytes = state_memory(work, plan)
     cost.activation_bytes, cost.duplicated_activation_bytes = activation_bytes(work, plan)
-    # transient: two gathered FSDP units (current + prefetched) in the compute dtype, and their gradients
-    blocks = work.block_params[0] if work.block_params else []
-    unit = _cached(work, ("unit", plan.tp), lambda: sum(math.prod(local_shape(p, plan.tp)) for p in blocks))
-    cost.transient_bytes = 2 * unit * DTYPE_BYTES[plan.param_dtype] + unit * 4
+    cost.transient_bytes = fsdp_buffer_bytes(work, plan)
     mm, attn, model = flops_per_rank(work, plan)
     re_mm, re_attn = _block_share(work, plan)
     cost.model_flops_per_rank = model

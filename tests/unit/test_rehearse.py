@@ -2,8 +2,8 @@
 
 Each case is one process playing one rank of a big job on the fake process group (its own subprocess: the
 process group is process-wide). Parameters, gradients and optimizer state must equal the planner's to the
-byte; saved activations (measured by the autograd meter) within 10%. Marked slow: each builds a billion-
-parameter model's shard and runs a step (≈10–20 s).
+byte; saved activations (measured by the autograd meter) and FSDP's buffers within 10%. Marked slow:
+each builds a billion-parameter model's shard and runs a step (≈10–20 s).
 """
 
 import json
@@ -70,6 +70,8 @@ def test_rehearsal_bytes_match_the_planner(case):
     measured, predicted = r["bytes"]["activations_peak"], r["predicted"]["activations_peak"]
     assert measured > 0
     assert abs(predicted - measured) <= 0.10 * measured, (measured, predicted)
+    buffers, predicted_buffers = r["bytes"]["comm_buffers"], r["predicted"]["comm_buffers"]
+    assert buffers > 0 and abs(predicted_buffers - buffers) <= 0.10 * buffers, (buffers, predicted_buffers)
     assert r["peak_rss_gb"] > 0
 
 
