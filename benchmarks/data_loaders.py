@@ -61,7 +61,7 @@ from megagen.data.format import MANIFEST_NAME
 from megagen.data.loader_torch import TorchLoader, read_request
 from megagen.data.loaders import dali_available
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
-from megagen.data.shards import ShardReader
+from megagen.data.shard_reader import ShardReader
 from megagen.data.synth import synth
 from megagen.train.step_gc import StepGC
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from megagen.data.contract import MicroBatchRequest
-from megagen.data.format import LATENTS
+from megagen.data.format import LATENTS, SampleSkipped
 from megagen.data.loader_torch import (
     FieldSpec,
     _on_thread,
@@ -34,7 +34,6 @@ from megagen.data.loader_torch import (
     read_packed,
     unpack_batch,
 )
-from megagen.data.shards import SampleSkipped
 
 LANE_ALIGN = 64
 

@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from megagen.data.contract import MicroBatchRequest, cast_to_compute, micro_sizes
+from megagen.data.host_batch import host_batch_specs
 
 log = logging.getLogger("megagen")
 
@@ -97,7 +98,7 @@ def host_specs(reader, bucket: str) -> tuple[FieldSpec, ...]:
     cache = reader.__dict__.setdefault("_loader_host_specs", {})
     specs = cache.get(bucket)
     if specs is None:
-        stored = reader.host_batch_specs(bucket)
+        stored = host_batch_specs(reader.manifest, reader.sample_shapes(bucket))
         specs = [(k, torch.from_numpy(np.empty(0, t)).dtype, s) for k, t, s in stored]
         if getattr(reader, "on_error", "fail") == "skip":
             specs.append((SAMPLE_VALID, torch.bool, ()))

@@ -32,23 +32,18 @@ from megagen.data.format import (
     FPS,
     LATENT_DTYPES,
     LATENTS,
-    NUMPY_TO_SAFETENSORS,
-    SAFETENSORS_DTYPES,
     SCALAR_FIELDS,
     TEXT_DTYPE,
     TEXT_LEN_DTYPE,
     TEXT_LEN_PREFIX,
     TEXT_PREFIX,
-    BucketInfo,
     DataError,
-    FieldInfo,
-    Manifest,
-    TextEncoderInfo,
     bucket_name,
     parse_bucket_list,
-    standard_fields,
 )
-from megagen.data.shards import DatasetWriter, plan_shards, shard_file
+from megagen.data.manifest import BucketInfo, FieldInfo, Manifest, TextEncoderInfo, standard_fields
+from megagen.data.shard_format import NUMPY_TO_SAFETENSORS, SAFETENSORS_DTYPES, shard_file
+from megagen.data.shard_writer import DatasetWriter, plan_shards
 
 METADATA_NAME = "metadata.jsonl"
 _LATENT_TENSOR_NAMES = ("latents", "latent")

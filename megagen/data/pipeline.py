@@ -128,7 +128,7 @@ def build_data(
         dataset = SyntheticDataset(spec.sample_shapes(cfg), cfg.run.seed, cfg.data.synthetic_classes)
         return DataPipeline(sampler, plan, SyntheticLoader(dataset, plan, runtime.device))
     from megagen.data.loaders import make_loader
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
 
     eager = (
         cfg.data.on_error == "skip" or cfg.data.check_finite == "eager"

@@ -35,16 +35,13 @@ from megagen.data.format import (
     TEXT_LEN_DTYPE,
     TEXT_LEN_PREFIX,
     TEXT_PREFIX,
-    BucketInfo,
-    FieldInfo,
-    Manifest,
-    TextEncoderInfo,
     bucket_name,
     parse_bucket_list,
-    standard_fields,
 )
+from megagen.data.manifest import BucketInfo, FieldInfo, Manifest, TextEncoderInfo, standard_fields
 from megagen.data.pack import PackResult
-from megagen.data.shards import DatasetWriter, plan_shards, shard_file
+from megagen.data.shard_format import shard_file
+from megagen.data.shard_writer import DatasetWriter, plan_shards
 from megagen.data.synthetic import sample_seed
 
 

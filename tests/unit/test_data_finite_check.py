@@ -7,7 +7,8 @@ import pytest
 
 from megagen.config import load_config
 from megagen.data.format import DataError
-from megagen.data.shards import ShardReader, parse_header
+from megagen.data.shard_format import parse_header
+from megagen.data.shard_reader import ShardReader
 from megagen.data.synth import synth
 from megagen.train import train
 

@@ -12,7 +12,9 @@ import safetensors.numpy
 from megagen.config import load_config
 from megagen.data.check import check_dataset
 from megagen.data.format import MANIFEST_NAME, DataError
-from megagen.data.shards import ShardReader, shard_metadata, write_shard
+from megagen.data.shard_format import shard_metadata
+from megagen.data.shard_reader import ShardReader
+from megagen.data.shard_writer import write_shard
 from megagen.data.synth import synth
 from megagen.train import train
 

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import megagen.data.shards as shards
+import megagen.data.shard_reader as shard_reader
 from megagen.config import load_config
 from megagen.data.format import DataError
 from megagen.data.pipeline import build_data
-from megagen.data.shards import ShardReader
+from megagen.data.shard_reader import ShardReader
 from megagen.data.synth import synth
 from megagen.data.verify import verify_on_ranks
 from megagen.specs import get_spec
@@ -52,8 +52,8 @@ def test_start_up_reads_only_this_ranks_share_of_the_headers(dataset, monkeypatc
     paths = _shard_paths(dataset)
     assert len(paths) >= 6
     opened = []
-    real = shards.parse_header
-    monkeypatch.setattr(shards, "parse_header", lambda p: opened.append(p) or real(p))
+    real = shard_reader.parse_header
+    monkeypatch.setattr(shard_reader, "parse_header", lambda p: opened.append(p) or real(p))
     data = build_data(_cfg(dataset), get_spec("video"), _runtime(1, 3), steps=10**6)
     assert sorted(opened) == sorted(paths[1::3])
     assert len(data.plan) == 2 * 10**6

@@ -13,11 +13,14 @@ import torch
 
 from megagen.config import ConfigError
 from megagen.data.contract import MicroBatchRequest
-from megagen.data.format import BucketInfo, DataError, Manifest, TextEncoderInfo, standard_fields
+from megagen.data.format import DataError
 from megagen.data.loader_torch import TorchLoader
 from megagen.data.loaders import dali_available, make_loader
+from megagen.data.manifest import BucketInfo, Manifest, TextEncoderInfo, standard_fields
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
-from megagen.data.shards import DatasetWriter, ShardReader, parse_header, shard_file
+from megagen.data.shard_format import parse_header, shard_file
+from megagen.data.shard_reader import ShardReader
+from megagen.data.shard_writer import DatasetWriter
 
 ENCODERS = {"ul2": TextEncoderInfo(dim=6, max_len=5), "byt5": TextEncoderInfo(dim=4, max_len=3)}
 # bucket → (latent shape, samples, shards, global batch, micro batch): an image bucket with big micro-batches,
