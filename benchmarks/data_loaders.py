@@ -58,8 +58,9 @@ import torch
 
 from megagen.data.contract import cast_to_compute
 from megagen.data.format import MANIFEST_NAME
-from megagen.data.loader_torch import TorchLoader, read_request
+from megagen.data.loader_torch import TorchLoader
 from megagen.data.loaders import dali_available
+from megagen.data.packed_batch import read_request
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
 from megagen.data.shard_reader import ShardReader
 from megagen.data.synth import synth

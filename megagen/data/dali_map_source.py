@@ -26,14 +26,14 @@ import torch
 
 from megagen.data.contract import MicroBatchRequest
 from megagen.data.format import LATENTS, SampleSkipped
-from megagen.data.loader_torch import (
+from megagen.data.packed_batch import (
     FieldSpec,
-    _on_thread,
     host_specs,
     pack_layout,
     read_packed,
     unpack_batch,
 )
+from megagen.data.read_ahead import on_thread
 
 LANE_ALIGN = 64
 
@@ -128,7 +128,7 @@ class MapSource:
             return self.prepare(i)
         if self._prepared is None or self._next != i:  # first call, or a new pass (DALI's reset)
             self.close()
-            self._prepared = _on_thread(
+            self._prepared = on_thread(
                 lambda: (self.prepare(j) for j in range(i, len(self.requests))),
                 None,
                 self.ahead,

@@ -43,7 +43,7 @@ import torch
 
 from megagen.data.contract import MicroBatchRequest, micro_sizes
 from megagen.data.dali_map_source import MapLayout, MapSource
-from megagen.data.loader_torch import (
+from megagen.data.packed_batch import (
     SAMPLE_VALID,
     FieldSpec,
     host_specs,
@@ -323,10 +323,10 @@ class DaliLoader:
         if self.device.type == "cpu" and self.cast:
             # run the pipeline and convert on a thread (the cast copies each batch out of DALI's buffers,
             # so running ahead is safe): the consumer only dequeues
-            from megagen.data.loader_torch import _on_thread
+            from megagen.data.read_ahead import on_thread
 
             pipe = self._pipe
-            yield from _on_thread(
+            yield from on_thread(
                 lambda: self._batches(pipe), None, self.prefetch_queue_depth, name="megagen-dali-ahead"
             )
         else:  # device outputs stay on the consumer's thread (its CUDA stream); uncast views live until

@@ -307,6 +307,8 @@ class ShardReader:
 
     _SMALL_SAMPLE = 256 << 10
     """Samples up to this many bytes per field are gathered with one `np.take` per field and shard."""
+    _CHUNK = COPY_CHUNK
+    """Elements per chunk of the fused copy + finite check of large latents."""
 
     def _copy_rows(
         self, views: dict[str, np.ndarray], rows: list[int], locals_: list[int], out: dict[str, np.ndarray]
@@ -329,7 +331,7 @@ class ShardReader:
                 continue
             for row, local in zip(rows, locals_):
                 if checked:
-                    if copy_finite(dst[row, ...], src[local, ...], COPY_CHUNK):
+                    if copy_finite(dst[row, ...], src[local, ...], self._CHUNK):
                         continue
                     bad.append(row)
                 else:
