@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import megagen.data.shard_reader as shard_reader
-from megagen.config import load_config
 from megagen.data.format import DataError
 from megagen.data.pipeline import build_data
 from megagen.data.shard_reader import ShardReader
 from megagen.data.synth import synth
 from megagen.data.verify import verify_on_ranks
 from megagen.specs import get_spec
+from tests.unit.data_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +35,7 @@ def _runtime(rank, world):
 
 
 def _cfg(path, *overrides):
-    return load_config(
-        "examples/configs/video_tiny.yaml",
-        [
-            f"data.path={path}",
-            "data.loader=torch",
-            "data.num_workers=0",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=2",
-            *overrides,
-        ],
-    )
+    return tiny_config(f"data.path={path}", "data.loader=torch", *overrides)
 
 
 def test_start_up_reads_only_this_ranks_share_of_the_headers(dataset, monkeypatch):
