@@ -10,8 +10,9 @@ batch size, so a micro-batch travels as K "lanes" (DALI samples) in two outputs:
 
 - `latents`: each sample's latent split along its first dim into `c` equal, contiguous pieces (views of the
   map), K = n·c pieces, a few per DALI thread (`LANES_PER_THREAD`), so that the threads share the copy;
-- `rest`: every other host field (text embeddings, masks, scalars, `sample_valid`) packed by the torch
-  loader's `read_packed` into one small buffer of a ring (the buffer's one copy), cut into K equal lanes.
+- `rest`: every other host field (text embeddings, masks, scalars, `sample_valid`) packed by `read_packed`
+  (megagen/data/packed_batch.py) into one small buffer of a ring (the buffer's one copy), cut into K equal
+  lanes.
 
 The consumer reshapes both outputs back (`unpack`) into the host batch of the torch loader: same keys,
 dtypes, values and order. With `on_error="skip"` an unusable sample gets the torch loader's placeholder.

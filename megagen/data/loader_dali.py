@@ -17,9 +17,9 @@ Batch mode accepts a different batch size and shape on every iteration (up to th
 copy), are copied into CUDA tensors with DALI's torch plugin (`feed_ndarray`) and cast there: written for
 GPUs, untested on the CPU-only machine.
 
-The workers source: the worker runs the torch loader's `read_packed` (the host batch in the stored
-dtypes, read straight into one buffer; with `data.on_error=skip` placeholder rows and `sample_valid`),
-and the main process the torch loader's `to_device` (the cast to the compute dtype), so keys, dtypes and
+The workers source: the worker runs `read_packed` (megagen/data/packed_batch.py: the host batch in the
+stored dtypes, read straight into one buffer; with `data.on_error=skip` placeholder rows and
+`sample_valid`), and the main process `to_device` (the cast to the compute dtype), so keys, dtypes and
 values equal the torch loader's by construction. The worker hands DALI either that buffer (a one-sample
 DALI batch: one output, one host-to-device transfer; the default for batches up to `PACK_LIMIT`, where
 the per-output cost dominates) or one output per field (views of the same buffer). On the CPU the
