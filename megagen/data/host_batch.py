@@ -40,6 +40,12 @@ def host_batch_specs(
     return specs
 
 
+def text_valid(lengths: np.ndarray, max_len: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(B, max_len) bool key mask of texts with `lengths` tokens: position j is valid when j < length. The
+    one statement of the mask, for direct reads and every loader (`out`: write it there)."""
+    return np.less(np.arange(max_len)[None, :], lengths[:, None], out=out)
+
+
 def _tensor(a: np.ndarray):
     """A torch tensor over `a`'s memory; a read-only or strided view of the map is copied first."""
     import torch
@@ -65,7 +71,7 @@ def to_host_batch(manifest: Manifest, arrays: dict[str, np.ndarray]) -> dict[str
         text = arrays[TEXT_PREFIX + enc]
         lengths = np.asarray(arrays[TEXT_LEN_PREFIX + enc])
         out[TEXT_PREFIX + enc] = _tensor(text)
-        out[TEXT_VALID_PREFIX + enc] = torch.from_numpy(np.arange(text.shape[1])[None, :] < lengths[:, None])
+        out[TEXT_VALID_PREFIX + enc] = torch.from_numpy(text_valid(lengths, text.shape[1]))
     for name, a in arrays.items():
         if not _latent_or_text(name):
             out[name] = _tensor(a)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from megagen.data.contract import MicroBatchRequest, cast_to_compute
-from megagen.data.host_batch import host_batch_specs
+from megagen.data.format import TEXT_LEN_PREFIX
+from megagen.data.host_batch import TEXT_VALID_PREFIX, host_batch_specs, text_valid
 
 log = logging.getLogger("megagen")
 
@@ -132,19 +133,20 @@ def read_packed(
     views = _numpy_views(buf, layout)
     encoders = list(reader.manifest.text_encoders)
     lengths = {
-        "text_len." + e: np.empty(n, dtype=reader.manifest.fields["text_len." + e].dtype) for e in encoders
+        TEXT_LEN_PREFIX + e: np.empty(n, dtype=reader.manifest.fields[TEXT_LEN_PREFIX + e].dtype)
+        for e in encoders
     }
-    targets = {k: v for k, v in views.items() if not k.startswith("text_valid.") and k != SAMPLE_VALID}
+    targets = {k: v for k, v in views.items() if not k.startswith(TEXT_VALID_PREFIX) and k != SAMPLE_VALID}
     bad = reader.read_into(request.bucket, ids, {**targets, **lengths}) if n else []
     rows = sorted({row for row, _ in bad} | set(failed_rows))
     if rows:
         for v in targets.values():
             v[rows] = 0
     for e in encoders:
-        valid = views["text_valid." + e]
+        valid = views[TEXT_VALID_PREFIX + e]
         if rows:
-            lengths["text_len." + e][rows] = valid.shape[1]
-        np.less(np.arange(valid.shape[1])[None, :], lengths["text_len." + e][:, None], out=valid)
+            lengths[TEXT_LEN_PREFIX + e][rows] = valid.shape[1]
+        text_valid(lengths[TEXT_LEN_PREFIX + e], valid.shape[1], out=valid)
     if SAMPLE_VALID in views:
         views[SAMPLE_VALID][:] = True
         views[SAMPLE_VALID][rows] = False
