@@ -44,139 +44,31 @@ DALI's python workers fork (CPU) or spawn (GPU) and re-import this file: keep th
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
-import math
 import os
-import statistics
 import subprocess
 import time
-from dataclasses import dataclass
 
+import data_loaders_setup as setup
 import numpy as np
 import torch
+from data_loaders_setup import (
+    Case,
+    Row,
+    can_drop_caches,
+    drop_caches,
+    ensure_dataset,
+    read_files,
+    request_plan,
+    sample_bytes,
+    shard_files,
+)
+from data_loaders_wait import report_moviegen_wait, report_tiny_wait
 
 from megagen.data.contract import cast_to_compute
-from megagen.data.format import MANIFEST_NAME
-from megagen.data.loader_torch import TorchLoader, read_request
+from megagen.data.loader_torch import TorchLoader
 from megagen.data.loaders import dali_available
-from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan
-from megagen.data.shards import ShardReader
-from megagen.data.synth import synth
-from megagen.train.step_gc import StepGC
-
-
-@dataclass
-class Case:
-    name: str
-    buckets: str | None
-    """Bucket list for `synth` (None = the video_tiny preset's three buckets)."""
-    samples: int
-    micro: int
-
-
-@dataclass
-class Row:
-    case: str
-    cache: str
-    method: str
-    seconds: float
-    samples: int
-    nbytes: int
-    note: str = ""
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.nbytes / self.seconds / 1e6
-
-
-# ------------------------------------------------------------------------------------------------ dataset
-def ensure_dataset(root: str, case: Case) -> str:
-    path = os.path.join(root, case.name)
-    manifest = os.path.join(path, MANIFEST_NAME)
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            if sum(b["samples"] for b in json.load(f)["buckets"]) == case.samples:
-                return path
-    t = time.perf_counter()
-    synth(path, "video_tiny", samples=case.samples, buckets=case.buckets, seed=0)
-    print(f"  wrote {path} in {time.perf_counter() - t:.1f}s")
-    return path
-
-
-def shard_files(reader: ShardReader) -> list[str]:
-    return [os.path.join(reader.path, *s.file.split("/")) for b in reader.buckets.values() for s in b.shards]
-
-
-def sample_bytes(reader: ShardReader) -> dict[str, int]:
-    fields = reader.manifest.fields
-    return {
-        name: sum(math.prod(shape) * np.dtype(fields[k].dtype).itemsize for k, shape in shapes.items())
-        for name, shapes in ((b, reader.sample_shapes(b)) for b in reader.buckets)
-    }
-
-
-def request_plan(reader: ShardReader, micro: int, seed: int = 0) -> RequestPlan:
-    """One epoch's worth of steps of one rank (dp=1): global batch = micro-batch = `micro`."""
-    plans = [BucketPlan(name, b.samples, micro, micro) for name, b in reader.buckets.items()]
-    steps = sum(p.size // micro for p in plans)
-    return RequestPlan(BucketSampler(plans, seed), steps, dp_rank=0, dp_size=1)
-
-
-# ------------------------------------------------------------------------------------------------ page cache
-def cached_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def can_drop_caches(files: list[str]) -> bool:
-    """Warm the files, drop caches, and check that the page cache shrank by most of their size."""
-    total = sum(os.path.getsize(p) for p in files)
-    read_files(files)
-    before = cached_bytes()
-    if not drop_caches():
-        return False
-    return before - cached_bytes() >= 0.8 * total
-
-
-# ------------------------------------------------------------------------------------------------ methods
-def read_files(files: list[str]) -> int:
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    total = 0
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                total += n
-    return total
-
-
-CHECK_EAGER = False
-"""`--check-finite eager`: readers scan every sample's latents for NaN/inf on read (`data.check_finite=eager`,
-and always with `data.on_error=skip`); default as training reads with `data.on_error=fail`: no scan on read
-(`data.check_finite=on_nan_loss`, the scan runs only when a step's loss is not finite)."""
-
-
-def open_reader(path: str) -> ShardReader:
-    """A reader as training opens one (see `CHECK_EAGER`)."""
-    return ShardReader(path, check_finite=CHECK_EAGER)
+from megagen.data.packed_batch import read_request
+from megagen.data.shard_reader import ShardReader
 
 
 def raw_sequential(reader, plan, sizes, files) -> tuple[float, int, int, str]:
@@ -313,137 +205,12 @@ def measure_case(case: Case, root: str, repeat: int, cold: bool, workers: int, t
             for _ in range(repeat if cache == "warm" else 1):
                 if cache == "cold":
                     drop_caches()
-                reader = open_reader(path)  # fresh memory maps
+                reader = setup.open_reader(path)  # fresh memory maps
                 dt, samples, nbytes, note = fn(reader, plan, sizes, files)
                 if best is None or dt < best.seconds:
                     best = Row(case.name, cache, method, dt, samples, nbytes, note)
             rows.append(best)
     return rows
-
-
-# ------------------------------------------------------------------------------------------------ data wait
-WAIT_HEADER = f"{'loader':<27} " + " ".join(f"{c:>8}" for c in ("step ms", "wait ms", "p50 wait", "p90 wait"))
-WAIT_HEADER += f" {'wait share':>10}"
-
-
-def wait_row(name: str, step_ms: float, res: dict) -> str:
-    """One line of a data-wait table: mean / median / p90 wait per step and the share of the step."""
-    cols = (step_ms, res["wait_ms"], res["wait_p50_ms"], res["wait_p90_ms"])
-    return f"{name:<27} " + " ".join(f"{c:>8.3f}" for c in cols) + f" {100 * res['share']:>9.2f}%"
-
-
-def data_wait(path: str, micro: int, loaders: dict, rounds: int, steps: int, warmup: int = 3) -> dict:
-    """Train the tiny model on each loader's stream, `steps` steps per loader per round, loaders taking
-    turns so that machine noise hits all alike. Per loader: median compute ms, mean wait ms, share."""
-    from megagen.config import load_config
-    from megagen.specs import get_spec
-    from megagen.train.objective import draw_for_samples, flow_matching_micro_step
-
-    cfg = load_config(
-        "examples/configs/video_tiny.yaml",
-        ["metrics.tensorboard=false", "metrics.jsonl=false", "metrics.progress=none"],
-    )
-    spec = get_spec("video")
-    torch.manual_seed(0)
-    model = spec.build(cfg)
-    spec.init_weights(model, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    reader = open_reader(path)
-    streams, times = {}, {}
-    for name, make in loaders.items():
-        plan = list(itertools.islice(request_plan(reader, micro), warmup + rounds * steps))
-        loader = make(reader, plan)
-        if hasattr(loader, "start"):
-            loader.start()
-        streams[name], times[name] = (loader, iter(loader)), ([], [])
-
-    done = 0  # recorded steps over all loaders: the step count the garbage collector follows
-
-    def train_steps(name: str, n: int, record: bool, step_gc: StepGC | None = None) -> None:
-        nonlocal done
-        stream = streams[name][1]
-        for _ in range(n):
-            t0 = time.perf_counter()
-            req, batch = next(stream)
-            t1 = time.perf_counter()
-            shape = tuple(batch["latents"].shape[1:])
-            draws = draw_for_samples(cfg, spec, req.step, list(req.positions), shape)
-            loss_sum, _, tokens = flow_matching_micro_step(cfg, spec, model, batch, draws)
-            (loss_sum / (len(req.sample_ids) * tokens)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if record:
-                times[name][0].append(t1 - t0)
-                times[name][1].append(time.perf_counter() - t1)
-            if step_gc is not None:
-                done += 1
-                step_gc.step_done(done)
-
-    for name in loaders:
-        train_steps(name, warmup, record=False)
-    # garbage collection at step boundaries, as `megagen train` does (train.gc_every, default 50): an
-    # automatic collection inside `next()` would count as data wait
-    with StepGC(50) as step_gc:
-        for _ in range(rounds):
-            for name in loaders:
-                train_steps(name, steps, record=True, step_gc=step_gc)
-    out = {}
-    for name, (loader, stream) in streams.items():
-        for _ in stream:
-            pass
-        if hasattr(loader, "close"):
-            loader.close()
-        waits, computes = times[name]
-        out[name] = {
-            "step_ms": 1e3 * statistics.median(computes),
-            "wait_ms": 1e3 * statistics.mean(waits),
-            "wait_p50_ms": 1e3 * statistics.median(waits),
-            "wait_p90_ms": 1e3 * sorted(waits)[int(0.9 * (len(waits) - 1))],
-            "share": sum(waits) / (sum(waits) + sum(computes)),
-        }
-    return out
-
-
-def data_wait_synthetic(path: str, micro: int, loaders: dict, step_ms: float, steps: int, warmup: int = 2):
-    """The data-wait share at the Movie Gen shape with a *synthetic* step of known duration: the host sleeps
-    `step_ms` per micro-batch, as a host does while the GPU computes (a real step at this shape takes far
-    longer on a GPU: this is a pessimistic short one). Loaders take turns, one pass each."""
-    reader = open_reader(path)
-    out = {}
-    for name, make in loaders.items():
-        plan = list(itertools.islice(request_plan(reader, micro), warmup + steps))
-        loader = make(reader, plan)
-        if hasattr(loader, "start"):
-            loader.start()
-        waits = []
-        t_start = None
-        for k, _ in enumerate(_timed(loader, waits)):
-            if k == warmup - 1:
-                waits.clear()
-                t_start = time.perf_counter()
-            time.sleep(step_ms / 1e3)
-        total = time.perf_counter() - t_start
-        if hasattr(loader, "close"):
-            loader.close()
-        out[name] = {
-            "wait_ms": 1e3 * statistics.mean(waits),
-            "wait_p50_ms": 1e3 * statistics.median(waits),
-            "wait_p90_ms": 1e3 * sorted(waits)[int(0.9 * (len(waits) - 1))],
-            "share": sum(waits) / total,
-        }
-    return out
-
-
-def _timed(loader, waits: list):
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        waits.append(time.perf_counter() - t)
-        yield item
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -461,6 +228,32 @@ def print_table(rows: list[Row]) -> None:
             f"{r.case:<20} {r.cache:<5} {r.method:<27} {r.samples_per_s:>10.0f} {r.mb_per_s:>8.0f} "
             f"{r.mb_per_s / seq.mb_per_s:>8.2f} {r.mb_per_s / rnd.mb_per_s:>9.2f}  {r.note}"
         )
+
+
+def _describe_machine(args, chosen: list[Case]) -> bool:
+    """Print the machine, DALI, the readers' mode, the page cache and the disk; write the datasets. True when
+    the page cache can be dropped here (cold rows are real)."""
+    cpus = len(os.sched_getaffinity(0))
+    dali = "not installed"
+    if dali_available():
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    load = os.getloadavg()[0]
+    threads = torch.get_num_threads()
+    print(f"machine: {cpus} CPU cores (1-min load {load:.1f}), torch {torch.__version__} ({threads} threads)")
+    print(f"DALI: {dali}")
+    print(f"readers: data.check_finite={args.check_finite}")
+    os.makedirs(args.root, exist_ok=True)
+    for case in chosen:
+        ensure_dataset(args.root, case)
+    probe = shard_files(ShardReader(os.path.join(args.root, chosen[-1].name)))
+    cold = can_drop_caches(probe)
+    state = "works: cold rows are real" if cold else "does not work here: warm only"
+    print(f"page cache: drop_caches {state}")
+    disk = subprocess.run(["df", "-h", args.root], capture_output=True, text=True).stdout.splitlines()[-1]
+    print(f"disk: {disk}")
+    return cold
 
 
 def main() -> None:
@@ -486,8 +279,7 @@ def main() -> None:
         "NaN/inf scan on read) or eager (scan fused with every copy)",
     )
     args = p.parse_args()
-    global CHECK_EAGER
-    CHECK_EAGER = args.check_finite == "eager"
+    setup.CHECK_EAGER = args.check_finite == "eager"
 
     cases = {
         "video_tiny": Case("video_tiny", None, args.tiny_samples, 8),
@@ -496,26 +288,7 @@ def main() -> None:
         ),
     }
     chosen = [cases[c] for c in args.cases.split(",")]
-    cpus = len(os.sched_getaffinity(0))
-    dali = "not installed"
-    if dali_available():
-        import nvidia.dali
-
-        dali = nvidia.dali.__version__
-    load = os.getloadavg()[0]
-    threads = torch.get_num_threads()
-    print(f"machine: {cpus} CPU cores (1-min load {load:.1f}), torch {torch.__version__} ({threads} threads)")
-    print(f"DALI: {dali}")
-    print(f"readers: data.check_finite={args.check_finite}")
-    os.makedirs(args.root, exist_ok=True)
-    for case in chosen:
-        ensure_dataset(args.root, case)
-    probe = shard_files(ShardReader(os.path.join(args.root, chosen[-1].name)))
-    cold = can_drop_caches(probe)
-    state = "works: cold rows are real" if cold else "does not work here: warm only"
-    print(f"page cache: drop_caches {state}")
-    disk = subprocess.run(["df", "-h", args.root], capture_output=True, text=True).stdout.splitlines()[-1]
-    print(f"disk: {disk}")
+    cold = _describe_machine(args, chosen)
 
     rows = []
     for case in chosen:
@@ -529,51 +302,9 @@ def main() -> None:
     print_table(rows)
 
     if "video_tiny" in args.cases:
-        rounds, steps, w = args.wait_rounds, args.wait_steps, args.workers
-        print(
-            f"\ndata-wait share of a video_tiny training step (tiny model, micro-batch 8, warm cache; "
-            f"{rounds} rounds × {steps} steps per loader, loaders taking turns):"
-        )
-        loaders = {
-            "torch loader (main proc)": lambda r, plan: TorchLoader(r, plan, num_workers=0),
-            f"torch loader ({w} workers)": lambda r, plan: TorchLoader(r, plan, num_workers=w),
-        }
-        if dali_available():
-            from megagen.data.loader_dali import DaliLoader
-
-            loaders["DALI loader (map)"] = lambda r, plan: DaliLoader(r, plan, num_threads=args.threads)
-            loaders[f"DALI loader ({w} workers)"] = lambda r, plan: DaliLoader(
-                r, plan, num_threads=args.threads, py_num_workers=w, source="workers"
-            )
-        path = os.path.join(args.root, "video_tiny")
-        print(WAIT_HEADER)
-        for name, res in data_wait(path, 8, loaders, rounds, steps).items():
-            print(wait_row(name, res["step_ms"], res))
+        report_tiny_wait(args)
     if "moviegen_768px_16s" in args.cases:
-        w, ms, micro = args.workers, args.moviegen_step_ms, args.moviegen_micro
-        steps = len(request_plan(ShardReader(os.path.join(args.root, "moviegen_768px_16s")), micro)) - 2
-        print(
-            f"\ndata-wait share at the Movie Gen shape (micro-batch {micro}, warm cache; SYNTHETIC step: the "
-            f"host sleeps {ms:.0f} ms per micro-batch, as while a GPU computes; {steps} steps per loader; "
-            f"fp16 host batch, the cast left to the device):"
-        )
-        loaders = {
-            "torch loader (main proc)": lambda r, plan: TorchLoader(r, plan, num_workers=0, cast=False),
-            f"torch loader ({w} workers)": lambda r, plan: TorchLoader(r, plan, num_workers=w, cast=False),
-        }
-        if dali_available():
-            from megagen.data.loader_dali import DaliLoader
-
-            loaders["DALI loader (map)"] = lambda r, plan: DaliLoader(
-                r, plan, num_threads=args.threads, cast=False
-            )
-            loaders[f"DALI loader ({w} workers)"] = lambda r, plan: DaliLoader(
-                r, plan, num_threads=args.threads, py_num_workers=w, source="workers", cast=False
-            )
-        path = os.path.join(args.root, "moviegen_768px_16s")
-        print(WAIT_HEADER)
-        for name, res in data_wait_synthetic(path, micro, loaders, ms, steps).items():
-            print(wait_row(name, ms, res))
+        report_moviegen_wait(args)
     print(f"\n1-min load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -44,16 +44,16 @@ CONFIG = "examples/configs/video_tiny.yaml"
 def write_manifest_only(out: str, samples: int, per_shard: int) -> int:
     """A valid manifest of `samples` video_tiny samples split evenly over `BUCKETS`, listing shards of
     `per_shard` samples that are never written. Returns the number of shards."""
-    from megagen.data.format import (
+    from megagen.data.format import parse_bucket_name
+    from megagen.data.manifest import (
         BucketInfo,
         Manifest,
         ShardInfo,
         TextEncoderInfo,
-        parse_bucket_name,
         standard_fields,
         write_manifest,
     )
-    from megagen.data.shards import shard_file
+    from megagen.data.shard_format import shard_file
     from megagen.data.synth import SYNTH_PRESETS
     from megagen.specs import get_spec
 
@@ -102,7 +102,7 @@ def measure(path: str, steps: int, dp: int, resume_step: int, warm: bool) -> dic
     import megagen  # noqa: F401 - part of the baseline
     from megagen.config import load_config
     from megagen.data.pipeline import build_data
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
     from megagen.planning import activation_fit
     from megagen.specs import get_spec
 

@@ -32,7 +32,7 @@ def _data_check(cfg, spec, world_size: int, dp_size: int) -> None:
 
     reader = None
     if cfg.data.path:
-        from megagen.data.shards import ShardReader
+        from megagen.data.shard_reader import ShardReader
 
         reader = ShardReader(cfg.data.path, on_error=cfg.data.on_error, verify=cfg.data.verify)
     device = device_and_backend(cfg.parallel.backend)[0]

@@ -13,19 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megagen.data.format import (
-    LATENTS,
-    TEXT_PREFIX,
-    BucketInfo,
-    DataError,
-    Manifest,
-    ShardInfo,
-    field_ranges,
-    load_manifest,
-    manifest_path,
-    tokens_per_sample,
-)
-from megagen.data.shards import header_problems, parse_header, sha256_file
+from megagen.data.format import LATENTS, TEXT_PREFIX, DataError, tokens_per_sample
+from megagen.data.manifest import BucketInfo, Manifest, ShardInfo, field_ranges, load_manifest, manifest_path
+from megagen.data.shard_format import header_problems, parse_header, sha256_file
 
 _SCAN_BYTES = 64 * 1024 * 1024
 """Samples are scanned in chunks of about this many bytes of latents."""

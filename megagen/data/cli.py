@@ -53,23 +53,29 @@ def _patch(text: str) -> tuple[int, ...]:
     return p
 
 
+_SHARD_HELP = (
+    f"target shard file size in MB (default {DEFAULT_SHARD_MB:g}); a bucket gets as few files as fit"
+)
+_OVERWRITE_HELP = "replace a different dataset already in DIR (rerunning the same command resumes instead)"
+
+
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
     """Register `data` and its sub-commands on an argparse subparsers object; returns the `data` parser."""
-    from megagen.data.synth import SYNTH_PRESETS
-
-    fmt = argparse.RawDescriptionHelpFormatter
     data = subparsers.add_parser(
         "data",
         help="build, verify and summarise latent-shard datasets",
         description=DATA_DESCRIPTION,
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data.set_defaults(data_parser=data)
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    shard_help = (
-        f"target shard file size in MB (default {DEFAULT_SHARD_MB:g}); a bucket gets as few files as fit"
-    )
-    overwrite_help = "replace a different dataset already in DIR (rerunning the same command resumes instead)"
+    for add in (_add_synth, _add_pack, _add_check, _add_prompts, _add_stats):
+        add(sub)
+    return data
+
+
+def _add_synth(sub) -> None:
+    from megagen.data.synth import SYNTH_PRESETS
 
     s = sub.add_parser(
         "synth",
@@ -97,10 +103,12 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0, help="seed")
     s.add_argument("--classes", type=_positive_int, default=8, help="distinct (caption, video) pairs")
-    s.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=shard_help)
-    s.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    s.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=_SHARD_HELP)
+    s.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     s.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
 
+
+def _add_pack(sub) -> None:
     p = sub.add_parser(
         "pack",
         help="pack per-sample arrays into shards",
@@ -131,10 +139,12 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--latent-dtype", default="float16", choices=LATENT_DTYPES, help="stored latent dtype")
     p.add_argument("--spec", default="video", help="spec the data is for (recorded in the manifest)")
-    p.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=shard_help)
-    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=_SHARD_HELP)
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
 
+
+def _add_check(sub) -> None:
     c = sub.add_parser(
         "check",
         help="verify a dataset; print every problem",
@@ -147,6 +157,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     c.add_argument("dir", metavar="DIR", help="dataset directory")
     c.add_argument("--threads", type=_positive_int, default=None, help="files verified in parallel")
 
+
+def _add_prompts(sub) -> None:
     pr = sub.add_parser(
         "prompts",
         help="write stand-in prompt embeddings for `megagen sample`",
@@ -161,6 +173,8 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     pr.add_argument("--count", type=_positive_int, default=2, help="prompts in the batch (default 2)")
     pr.add_argument("--seed", type=int, default=0, help="seed of the random embeddings (default 0)")
 
+
+def _add_stats(sub) -> None:
     t = sub.add_parser(
         "stats",
         help="print buckets, counts, tokens, bytes",
@@ -178,7 +192,6 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
         help="patch size for token counts (default 1,2,2: the video spec)",
     )
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return data
 
 
 def _summary(res, verb: str) -> str:

@@ -10,8 +10,9 @@ batch size, so a micro-batch travels as K "lanes" (DALI samples) in two outputs:
 
 - `latents`: each sample's latent split along its first dim into `c` equal, contiguous pieces (views of the
   map), K = n·c pieces, a few per DALI thread (`LANES_PER_THREAD`), so that the threads share the copy;
-- `rest`: every other host field (text embeddings, masks, scalars, `sample_valid`) packed by the torch
-  loader's `read_packed` into one small buffer of a ring (the buffer's one copy), cut into K equal lanes.
+- `rest`: every other host field (text embeddings, masks, scalars, `sample_valid`) packed by `read_packed`
+  (megagen/data/packed_batch.py) into one small buffer of a ring (the buffer's one copy), cut into K equal
+  lanes.
 
 The consumer reshapes both outputs back (`unpack`) into the host batch of the torch loader: same keys,
 dtypes, values and order. With `on_error="skip"` an unusable sample gets the torch loader's placeholder.
@@ -25,16 +26,15 @@ import numpy as np
 import torch
 
 from megagen.data.contract import MicroBatchRequest
-from megagen.data.format import LATENTS
-from megagen.data.loader_torch import (
+from megagen.data.format import LATENTS, SampleSkipped
+from megagen.data.packed_batch import (
     FieldSpec,
-    _on_thread,
     host_specs,
     pack_layout,
     read_packed,
     unpack_batch,
 )
-from megagen.data.shards import SampleSkipped
+from megagen.data.read_ahead import on_thread
 
 LANE_ALIGN = 64
 
@@ -129,7 +129,7 @@ class MapSource:
             return self.prepare(i)
         if self._prepared is None or self._next != i:  # first call, or a new pass (DALI's reset)
             self.close()
-            self._prepared = _on_thread(
+            self._prepared = on_thread(
                 lambda: (self.prepare(j) for j in range(i, len(self.requests))),
                 None,
                 self.ahead,

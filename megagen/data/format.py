@@ -1,20 +1,15 @@
-"""The latent-shard dataset format: constants, the manifest schema and its loader.
+"""The latent-shard dataset format: names, constants, bucket naming and the one error type.
 
 A dataset directory holds `manifest.json` and, per bucket, a few large safetensors shard files
 (`<bucket>/shard-00000.safetensors`, ...). docs/data-format.md is the specification; this module is its
-executable half. Everything here is plain Python + JSON so that tools without megagen can follow it.
+executable half (with megagen/data/manifest.py for `manifest.json` and megagen/data/shard_format.py for a
+shard's bytes). Everything here is plain Python so that tools without megagen can follow it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-from dataclasses import dataclass, field
-from typing import Any
-
-from megagen.fsutil import fsync_dir
 
 FORMAT_NAME = "megagen-latent-shards"
 FORMAT_VERSION = 1
@@ -37,28 +32,8 @@ SCALAR_FIELDS = {FPS: "float32", DURATION: "float32", CAPTION_ID: "int64"}
 
 LATENT_DTYPES = ("float16", "float32")
 
-# safetensors dtype codes ↔ numpy dtype names. bfloat16 is left out on purpose: numpy cannot read it,
-# and the format promises that numpy alone reads every shard.
-SAFETENSORS_DTYPES = {
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "I8": "int8",
-    "I16": "int16",
-    "I32": "int32",
-    "I64": "int64",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-}
-NUMPY_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
 _BUCKET_RE = re.compile(r"^t(\d+)_h(\d+)_w(\d+)$")
 _BUCKET_1D_RE = re.compile(r"^t(\d+)$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class DataError(Exception):
@@ -82,6 +57,16 @@ class SampleSkipped(DataError):
     Loaders catch exactly this class, log it and count it in metrics, and carry on without the sample;
     every other `DataError` is fatal.
     """
+
+
+def first_problem(problems: list[DataError], total: int, dataset: str) -> DataError:
+    """One DataError for a start-up check that found `total` problems: the first, with the count of the
+    others and where they are all listed."""
+    first = problems[0]
+    if total <= 1:
+        return first
+    more = f" (and {total - 1} more problem(s); `megagen data check {dataset}` lists all)"
+    return DataError(first.reason + more, file=first.file, sample=first.sample, bucket=first.bucket)
 
 
 def bucket_name(latent_shape: tuple[int, ...] | list[int]) -> str:
@@ -122,348 +107,3 @@ def parse_bucket_list(text: str) -> list[tuple[int, ...]]:
 def tokens_per_sample(latent_shape: tuple[int, ...] | list[int], patch: tuple[int, ...] = (1, 2, 2)) -> int:
     """Transformer tokens of one latent (C, T, H, W) under a (pt, ph, pw) patch: T/pt · H/ph · W/pw."""
     return math.prod(n // p for n, p in zip(latent_shape[1:], patch))
-
-
-@dataclass
-class TextEncoderInfo:
-    dim: int
-    max_len: int
-
-
-@dataclass
-class FieldInfo:
-    """A per-sample array field stored in every shard as [n, *per_sample_shape]."""
-
-    dtype: str
-    per_sample_shape: tuple[int, ...] | None
-    """None when the shape depends on the bucket (`latents`, or an entry of `BucketInfo.field_shapes`)."""
-
-
-@dataclass(slots=True)
-class ShardInfo:
-    file: str
-    """Path relative to the dataset directory, '/'-separated."""
-    samples: int
-    bytes: int
-    sha256: str
-
-
-@dataclass
-class BucketInfo:
-    name: str
-    latent_shape: tuple[int, ...]
-    samples: int
-    shards: list[ShardInfo]
-    field_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    """Per-sample shapes of bucket-dependent fields other than `latents` (spec-specific extras)."""
-
-    @property
-    def bytes(self) -> int:
-        return sum(s.bytes for s in self.shards)
-
-
-@dataclass
-class Manifest:
-    spec: str
-    latent_channels: int
-    latent_dtype: str
-    text_encoders: dict[str, TextEncoderInfo]
-    fps_values: list[float]
-    fields: dict[str, FieldInfo]
-    buckets: list[BucketInfo]
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Unknown top-level keys (spec-specific additions), kept as they are."""
-    format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
-
-    def bucket(self, name: str) -> BucketInfo:
-        for b in self.buckets:
-            if b.name == name:
-                return b
-        raise KeyError(f"no bucket {name!r}; buckets: {', '.join(b.name for b in self.buckets)}")
-
-    def field_shape(self, bucket: BucketInfo, name: str) -> tuple[int, ...]:
-        """Per-sample shape of field `name` in `bucket`."""
-        info = self.fields[name]
-        if info.per_sample_shape is not None:
-            return tuple(info.per_sample_shape)
-        if name == LATENTS:
-            return tuple(bucket.latent_shape)
-        return tuple(bucket.field_shapes[name])
-
-    @property
-    def num_samples(self) -> int:
-        return sum(b.samples for b in self.buckets)
-
-    def to_dict(self) -> dict[str, Any]:
-        def bucket_dict(b: BucketInfo) -> dict[str, Any]:
-            d: dict[str, Any] = {"name": b.name, "latent_shape": list(b.latent_shape), "samples": b.samples}
-            if b.field_shapes:
-                d["field_shapes"] = {k: list(v) for k, v in b.field_shapes.items()}
-            d["shards"] = [
-                {"file": s.file, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256} for s in b.shards
-            ]
-            return d
-
-        out: dict[str, Any] = {
-            "format": self.format,
-            "version": self.version,
-            "spec": self.spec,
-            "latent": {"channels": self.latent_channels, "dtype": self.latent_dtype},
-            "text_encoders": {k: {"dim": v.dim, "max_len": v.max_len} for k, v in self.text_encoders.items()},
-            "fps_values": list(self.fps_values),
-            "fields": {
-                k: {
-                    "dtype": v.dtype,
-                    "per_sample_shape": None if v.per_sample_shape is None else list(v.per_sample_shape),
-                }
-                for k, v in self.fields.items()
-            },
-            "buckets": [bucket_dict(b) for b in self.buckets],
-        }
-        for k, v in self.extra.items():
-            out.setdefault(k, v)
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = MANIFEST_NAME) -> Manifest:
-        """Parse and validate a manifest; any problem raises DataError naming `source`."""
-        return _parse_manifest(d, source)
-
-
-def standard_fields(latent_dtype: str, text_encoders: dict[str, TextEncoderInfo]) -> dict[str, FieldInfo]:
-    """The fields every dataset has: latents, text.<enc>, text_len.<enc>, fps, duration, caption_id."""
-    fields = {LATENTS: FieldInfo(latent_dtype, None)}
-    for enc, info in text_encoders.items():
-        fields[TEXT_PREFIX + enc] = FieldInfo(TEXT_DTYPE, (info.max_len, info.dim))
-    for enc in text_encoders:
-        fields[TEXT_LEN_PREFIX + enc] = FieldInfo(TEXT_LEN_DTYPE, ())
-    for name, dtype in SCALAR_FIELDS.items():
-        fields[name] = FieldInfo(dtype, ())
-    return fields
-
-
-@dataclass(frozen=True)
-class FieldRange:
-    """A per-sample field whose values the layout bounds, inclusive (`text_len.E` in [0, max_len]).
-
-    The one statement of the rule: `megagen data check` reports with it and every read applies it, so a sample
-    the check flags is never trained on."""
-
-    field: str
-    low: int
-    high: int
-
-    def outside(self, values):
-        """Bool (array) of `values` (a numpy array or scalar) outside [low, high]: two comparisons each."""
-        return (values < self.low) | (values > self.high)
-
-    def message(self, value) -> str:
-        return f"{self.field} is {value}, outside [{self.low}, {self.high}]"
-
-
-def field_ranges(manifest: Manifest) -> tuple[FieldRange, ...]:
-    """The bounded per-sample fields of `manifest`'s layout: each encoder's text length within its max_len
-    (a longer one would unmask padding, or index past the stored embedding)."""
-    return tuple(
-        FieldRange(TEXT_LEN_PREFIX + enc, 0, info.max_len) for enc, info in manifest.text_encoders.items()
-    )
-
-
-def _fail(source: str, msg: str):
-    raise DataError(msg, file=source)
-
-
-def _int(v: Any, what: str, source: str, minimum: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        _fail(source, f"{what} must be an integer >= {minimum}, got {v!r}")
-    return v
-
-
-def _shape(v: Any, what: str, source: str) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        _fail(source, f"{what} must be a list of integers, got {v!r}")
-    return tuple(_int(x, what, source, 1) for x in v)
-
-
-def _check_rel_path(p: Any, source: str) -> str:
-    if not isinstance(p, str) or not p or p.startswith("/") or "\\" in p or ".." in p.split("/"):
-        _fail(source, f"shard file {p!r} must be a relative '/'-separated path inside the dataset")
-    return p
-
-
-def _parse_manifest(d: Any, source: str) -> Manifest:
-    if not isinstance(d, dict):
-        _fail(source, "manifest is not a JSON object")
-    fmt = d.get("format")
-    if fmt != FORMAT_NAME:
-        _fail(source, f"format is {fmt!r}, expected {FORMAT_NAME!r}: not a megagen latent-shard dataset")
-    version = d.get("version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
-        hint = " (written by a newer megagen)" if newer else ""
-        _fail(source, f"format version {version!r}{hint}; this reader supports version {FORMAT_VERSION}")
-    missing = [
-        k for k in ("spec", "latent", "text_encoders", "fps_values", "fields", "buckets") if k not in d
-    ]
-    if missing:
-        _fail(source, f"missing key(s): {', '.join(missing)}")
-    if not isinstance(d["spec"], str) or not d["spec"]:
-        _fail(source, f"spec must be a non-empty string, got {d['spec']!r}")
-    latent = d["latent"]
-    if not isinstance(latent, dict):
-        _fail(source, "latent must be an object {channels, dtype}")
-    channels = _int(latent.get("channels"), "latent.channels", source, 1)
-    ldtype = latent.get("dtype")
-    if ldtype not in LATENT_DTYPES:
-        _fail(source, f"latent.dtype {ldtype!r} is not one of {', '.join(LATENT_DTYPES)}")
-
-    if not isinstance(d["text_encoders"], dict):
-        _fail(source, "text_encoders must be an object")
-    encoders: dict[str, TextEncoderInfo] = {}
-    for name, info in d["text_encoders"].items():
-        if not _NAME_RE.match(name) or not isinstance(info, dict):
-            _fail(source, f"text encoder {name!r}: bad name or entry")
-        encoders[name] = TextEncoderInfo(
-            dim=_int(info.get("dim"), f"text_encoders.{name}.dim", source, 1),
-            max_len=_int(info.get("max_len"), f"text_encoders.{name}.max_len", source, 1),
-        )
-
-    fps_values = d["fps_values"]
-    if not isinstance(fps_values, list) or not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in fps_values
-    ):
-        _fail(source, "fps_values must be a list of numbers")
-
-    if not isinstance(d["fields"], dict):
-        _fail(source, "fields must be an object")
-    fields: dict[str, FieldInfo] = {}
-    for name, info in d["fields"].items():
-        if not _NAME_RE.match(name) or not isinstance(info, dict):
-            _fail(source, f"field {name!r}: bad name or entry")
-        if info.get("dtype") not in NUMPY_TO_SAFETENSORS:
-            _fail(
-                source,
-                f"field {name!r}: dtype {info.get('dtype')!r} is not one of {sorted(NUMPY_TO_SAFETENSORS)}",
-            )
-        shape = info.get("per_sample_shape")
-        if shape is not None:
-            if not isinstance(shape, list):
-                _fail(source, f"field {name!r}: per_sample_shape must be a list or null")
-            shape = tuple(_int(x, f"fields.{name}.per_sample_shape", source, 1) for x in shape)
-        fields[name] = FieldInfo(info["dtype"], shape)
-    expected = standard_fields(ldtype, encoders)
-    for name, info in expected.items():
-        if name not in fields:
-            _fail(source, f"fields: the required field {name!r} is missing")
-        if fields[name] != info:
-            _fail(source, f"fields: {name!r} is {fields[name]} but the format requires {info}")
-
-    if not isinstance(d["buckets"], list):
-        _fail(source, "buckets must be a list")
-    buckets: list[BucketInfo] = []
-    seen_names: set[str] = set()
-    seen_files: set[str] = set()
-    for i, b in enumerate(d["buckets"]):
-        if not isinstance(b, dict):
-            _fail(source, f"buckets[{i}] is not an object")
-        name = b.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name) or name in seen_names:
-            _fail(source, f"buckets[{i}]: name {name!r} is missing, malformed or repeated")
-        seen_names.add(name)
-        latent_shape = _shape(b.get("latent_shape"), f"bucket {name}: latent_shape", source)
-        if len(latent_shape) < 2 or latent_shape[0] != channels:
-            _fail(source, f"bucket {name}: latent_shape {list(latent_shape)} must be [{channels}, ...]")
-        samples = _int(b.get("samples"), f"bucket {name}: samples", source)
-        field_shapes = {}
-        for fname, fshape in (b.get("field_shapes") or {}).items():
-            field_shapes[fname] = _shape(fshape, f"bucket {name}: field_shapes.{fname}", source)
-        for fname, info in fields.items():
-            if info.per_sample_shape is None and fname != LATENTS and fname not in field_shapes:
-                _fail(
-                    source,
-                    f"bucket {name}: field_shapes has no entry for the bucket-dependent field {fname!r}",
-                )
-        if not isinstance(b.get("shards"), list):
-            _fail(source, f"bucket {name}: shards must be a list")
-        shards = []
-        for s in b["shards"]:
-            if not isinstance(s, dict):
-                _fail(source, f"bucket {name}: a shard entry is not an object")
-            file = _check_rel_path(s.get("file"), source)
-            if file in seen_files:
-                _fail(source, f"shard {file} is listed twice")
-            seen_files.add(file)
-            sha = s.get("sha256")
-            if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
-                _fail(source, f"shard {file}: sha256 must be 64 lowercase hex digits")
-            shards.append(
-                ShardInfo(
-                    file=file,
-                    samples=_int(s.get("samples"), f"shard {file}: samples", source, 1),
-                    bytes=_int(s.get("bytes"), f"shard {file}: bytes", source, 1),
-                    sha256=sha,
-                )
-            )
-        if sum(s.samples for s in shards) != samples:
-            _fail(
-                source,
-                f"bucket {name}: samples is {samples} but its shards hold {sum(s.samples for s in shards)}",
-            )
-        buckets.append(BucketInfo(name, latent_shape, samples, shards, field_shapes))
-
-    known = {"format", "version", "spec", "latent", "text_encoders", "fps_values", "fields", "buckets"}
-    extra = {k: v for k, v in d.items() if k not in known}
-    return Manifest(
-        spec=d["spec"],
-        latent_channels=channels,
-        latent_dtype=ldtype,
-        text_encoders=encoders,
-        fps_values=[float(x) for x in fps_values],
-        fields=fields,
-        buckets=buckets,
-        extra=extra,
-    )
-
-
-def manifest_path(directory: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(directory), MANIFEST_NAME)
-
-
-def load_manifest(directory: str | os.PathLike) -> Manifest:
-    """Read and validate `<directory>/manifest.json`; DataError naming the file on any problem."""
-    path = manifest_path(directory)
-    if not os.path.isdir(directory):
-        raise DataError("dataset directory does not exist", file=os.fspath(directory))
-    if not os.path.exists(path):
-        hint = (
-            " (an unfinished `megagen data pack`? rerun it to resume)"
-            if os.path.exists(os.path.join(os.fspath(directory), PROGRESS_NAME))
-            else ""
-        )
-        raise DataError(f"no manifest: not a megagen latent-shard dataset{hint}", file=path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read the manifest: {exc}", file=path) from None
-    return _parse_manifest(d, path)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to `path` via `path.tmp` + fsync + rename (+ directory fsync)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> str:
-    """Atomically write the manifest (the last step of any writer: its presence marks a complete dataset)."""
-    path = manifest_path(directory)
-    write_json_atomic(path, manifest.to_dict())
-    return path

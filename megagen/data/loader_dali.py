@@ -17,9 +17,9 @@ Batch mode accepts a different batch size and shape on every iteration (up to th
 copy), are copied into CUDA tensors with DALI's torch plugin (`feed_ndarray`) and cast there: written for
 GPUs, untested on the CPU-only machine.
 
-The workers source: the worker runs the torch loader's `read_packed` (the host batch in the stored
-dtypes, read straight into one buffer; with `data.on_error=skip` placeholder rows and `sample_valid`),
-and the main process the torch loader's `to_device` (the cast to the compute dtype), so keys, dtypes and
+The workers source: the worker runs `read_packed` (megagen/data/packed_batch.py: the host batch in the
+stored dtypes, read straight into one buffer; with `data.on_error=skip` placeholder rows and
+`sample_valid`), and the main process `to_device` (the cast to the compute dtype), so keys, dtypes and
 values equal the torch loader's by construction. The worker hands DALI either that buffer (a one-sample
 DALI batch: one output, one host-to-device transfer; the default for batches up to `PACK_LIMIT`, where
 the per-output cost dominates) or one output per field (views of the same buffer). On the CPU the
@@ -43,7 +43,7 @@ import torch
 
 from megagen.data.contract import MicroBatchRequest, micro_sizes
 from megagen.data.dali_map_source import MapLayout, MapSource
-from megagen.data.loader_torch import (
+from megagen.data.packed_batch import (
     SAMPLE_VALID,
     FieldSpec,
     host_specs,
@@ -323,10 +323,10 @@ class DaliLoader:
         if self.device.type == "cpu" and self.cast:
             # run the pipeline and convert on a thread (the cast copies each batch out of DALI's buffers,
             # so running ahead is safe): the consumer only dequeues
-            from megagen.data.loader_torch import _on_thread
+            from megagen.data.read_ahead import on_thread
 
             pipe = self._pipe
-            yield from _on_thread(
+            yield from on_thread(
                 lambda: self._batches(pipe), None, self.prefetch_queue_depth, name="megagen-dali-ahead"
             )
         else:  # device outputs stay on the consumer's thread (its CUDA stream); uncast views live until

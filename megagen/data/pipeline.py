@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
-
-import torch
 
 from megagen.config import Config
 from megagen.data.contract import MicroBatchRequest
+from megagen.data.loader_synthetic import SyntheticLoader
+from megagen.data.loaders import Loader, make_loader
 from megagen.data.sampler import BucketPlan, BucketSampler, RequestPlan, SyntheticSampler
 from megagen.data.synthetic import SyntheticDataset
 
 log = logging.getLogger("megagen")
-
-
-class SyntheticLoader:
-    """Batches of the seeded synthetic dataset: sample at position i of step s depends on (seed, s, i)."""
-
-    def __init__(self, dataset: SyntheticDataset, requests: RequestPlan, device: torch.device):
-        self.dataset, self.requests, self.device = dataset, requests, device
-
-    def __iter__(self) -> Iterator[tuple[MicroBatchRequest, dict[str, torch.Tensor]]]:
-        for req in self.requests:
-            batch = self.dataset.batch(req.step, list(req.positions))
-            yield req, {k: v.to(self.device) for k, v in batch.items()}
 
 
 @dataclass
@@ -34,7 +21,7 @@ class DataPipeline:
 
     sampler: object
     plan: RequestPlan
-    loader: object
+    loader: Loader
     reader: object = None
     lazy_finite: bool = False
     """`data.check_finite=on_nan_loss` with `on_error=fail`: reads do not scan latents for NaN/inf; the
@@ -127,8 +114,7 @@ def build_data(
         plan = RequestPlan(sampler, steps, runtime.dp_rank, runtime.dp_size)
         dataset = SyntheticDataset(spec.sample_shapes(cfg), cfg.run.seed, cfg.data.synthetic_classes)
         return DataPipeline(sampler, plan, SyntheticLoader(dataset, plan, runtime.device))
-    from megagen.data.loaders import make_loader
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
 
     eager = (
         cfg.data.on_error == "skip" or cfg.data.check_finite == "eager"

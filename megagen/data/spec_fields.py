@@ -9,7 +9,8 @@ Without this check a video config on an audio dataset fails deep inside patchify
 
 from __future__ import annotations
 
-from megagen.data.format import LATENTS, DataError, Manifest
+from megagen.data.format import LATENTS, DataError
+from megagen.data.manifest import Manifest
 
 
 def field_mismatches(manifest: Manifest, wanted: dict[str, tuple[int, ...]]) -> list[str]:

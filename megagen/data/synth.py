@@ -35,16 +35,13 @@ from megagen.data.format import (
     TEXT_LEN_DTYPE,
     TEXT_LEN_PREFIX,
     TEXT_PREFIX,
-    BucketInfo,
-    FieldInfo,
-    Manifest,
-    TextEncoderInfo,
     bucket_name,
     parse_bucket_list,
-    standard_fields,
 )
+from megagen.data.manifest import BucketInfo, FieldInfo, Manifest, TextEncoderInfo, standard_fields
 from megagen.data.pack import PackResult
-from megagen.data.shards import DatasetWriter, plan_shards, shard_file
+from megagen.data.shard_format import shard_file
+from megagen.data.shard_writer import DatasetWriter, plan_shards
 from megagen.data.synthetic import sample_seed
 
 
@@ -130,6 +127,22 @@ def class_extras(p: SynthPreset, arch, seed: int, cls: int, pattern: np.ndarray)
     return {}
 
 
+@dataclass
+class _SynthJob:
+    """What every bucket of one `synth` run is built from."""
+
+    preset: SynthPreset
+    arch: object
+    """The spec preset's architecture (latent channels, text encoders, audio/video rates)."""
+    seed: int
+    classes: int
+    encoders: dict[str, TextEncoderInfo]
+    texts: list[dict[str, tuple[np.ndarray, int]]]
+    """Per class: each encoder's (embedding, length)."""
+    fields: dict[str, FieldInfo]
+    """The dataset's fields; each bucket adds its extra fields."""
+
+
 def synth(
     out: str | os.PathLike,
     preset: str = "video_tiny",
@@ -144,29 +157,8 @@ def synth(
     """Write `samples` synthetic samples split evenly over `buckets` (names `t{T}_h{H}_w{W}`, default the
     preset's) into the dataset directory `out`. Deterministic in (seed, preset, buckets, samples, classes).
     `overwrite` replaces a different dataset already in `out`; an interrupted run resumes."""
-    from megagen.specs import get_spec
-
     log = log or (lambda msg: None)
-    if preset not in SYNTH_PRESETS:
-        raise ValueError(f"unknown synth preset {preset!r}; presets: {', '.join(SYNTH_PRESETS)}")
-    if samples < 1 or classes < 1:
-        raise ValueError("samples and classes must be positive")
-    if shard_mb <= 0:
-        raise ValueError(f"shard size must be positive, got {shard_mb} MB")
-    p = SYNTH_PRESETS[preset]
-    arch = get_spec(p.spec).presets[p.spec_preset]
-    channels = arch.latent_channels
-    encoders = {enc: TextEncoderInfo(dim=dim, max_len=p.text_len) for enc, dim in arch.text_encoders.items()}
-    thws = parse_bucket_list(buckets or p.buckets)
-    rank = 1 if p.spec == "audio" else 3
-    if any(len(thw) != rank for thw in thws):
-        form = "t<T>" if rank == 1 else "t<T>_h<H>_w<W>"
-        raise ValueError(f"preset {preset} needs {form} buckets, got {buckets!r}")
-    if samples < len(thws):
-        raise ValueError(f"{samples} samples cannot fill {len(thws)} buckets")
-    fields = standard_fields("float16", encoders)
-    texts = [class_text(seed, c, encoders) for c in range(classes)]
-
+    job, thws = _synth_job(preset, samples, buckets, seed, shard_mb, classes)
     options = dict(
         preset=preset,
         samples=samples,
@@ -178,70 +170,128 @@ def synth(
     )
     key = "synth:" + hashlib.sha256(json.dumps(options).encode()).hexdigest()
     writer = DatasetWriter(out, key, overwrite=overwrite)
-
     bucket_infos = []
     fps_values: set[float] = set()
     for bi, thw in enumerate(thws):
         n = samples // len(thws) + (bi < samples % len(thws))
-        latent_shape = (channels, *thw)
-        name = bucket_name(latent_shape)
-        patterns = [class_latent(seed, c, latent_shape).astype(np.float16) for c in range(classes)]
-        extras = [
-            {k: v.astype(np.float16) for k, v in class_extras(p, arch, seed, c, patterns[c]).items()}
-            for c in range(classes)
-        ]
-        field_shapes = {k: tuple(v.shape) for k, v in extras[0].items()}
-        for k in field_shapes:
-            fields[k] = FieldInfo("float16", None)
-        sample_bytes = sum(
-            math.prod(latent_shape if f.per_sample_shape is None else f.per_sample_shape)
-            * np.dtype(f.dtype).itemsize
-            for k, f in fields.items()
-            if k not in field_shapes
-        ) + sum(math.prod(shape) * 2 for shape in field_shapes.values())
-        info_b = BucketInfo(name, latent_shape, n, [], field_shapes)
-        cls_all = np.array([sample_seed(seed, bi, i, stream=1) % classes for i in range(n)])
-        if p.spec == "audio":  # the clip's video frame rate; duration from the 25 Hz latent rate
-            fps_all = np.full(n, float(arch.video_rate))
-            duration_all = thw[0] / np.full(n, float(arch.audio_rate))
-        elif thw[0] == 1:  # an image: no frame rate, no duration
-            fps_all = np.zeros(n)
-            duration_all = np.zeros(n)
-        else:
-            fps_all = np.array([VIDEO_FPS[c % len(VIDEO_FPS)] for c in cls_all])
-            duration_all = thw[0] * TAE_TEMPORAL_STRIDE / fps_all
-        fps_values.update(float(x) for x in fps_all)
-        for k, (a, z) in enumerate(plan_shards(n, sample_bytes, shard_mb * 1024 * 1024)):
-            file = shard_file(name, k)
-            info = writer.completed(file, z - a)
-            if info is None:
-                cls = cls_all[a:z]
-                arrays = {
-                    LATENTS: np.stack([patterns[c] for c in cls]),
-                    FPS: fps_all[a:z].astype(SCALAR_FIELDS[FPS]),
-                    DURATION: duration_all[a:z].astype(SCALAR_FIELDS[DURATION]),
-                    CAPTION_ID: cls.astype(SCALAR_FIELDS[CAPTION_ID]),
-                }
-                for k in field_shapes:
-                    arrays[k] = np.stack([extras[c][k] for c in cls])
-                for enc in encoders:
-                    arrays[TEXT_PREFIX + enc] = np.stack([texts[c][enc][0] for c in cls]).astype(TEXT_DTYPE)
-                    arrays[TEXT_LEN_PREFIX + enc] = np.array(
-                        [texts[c][enc][1] for c in cls], dtype=TEXT_LEN_DTYPE
-                    )
-                info = writer.write(file, name, arrays)
-                log(f"wrote {file} ({info.samples} samples, {info.bytes / 2**20:.2f} MB)")
-            info_b.shards.append(info)
-        bucket_infos.append(info_b)
-
+        bucket_infos.append(_write_bucket(writer, job, bi, thw, n, shard_mb, fps_values, log))
     manifest = Manifest(
-        spec=p.spec,
-        latent_channels=channels,
+        spec=job.preset.spec,
+        latent_channels=job.arch.latent_channels,
         latent_dtype="float16",
-        text_encoders=encoders,
+        text_encoders=job.encoders,
         fps_values=sorted(fps_values),
-        fields=fields,
+        fields=job.fields,
         buckets=bucket_infos,
     )
     writer.finish(manifest)
     return PackResult(manifest, os.fspath(out), writer.written, writer.reused, [])
+
+
+def _synth_job(
+    preset: str, samples: int, buckets: str | None, seed: int, shard_mb: float, classes: int
+) -> tuple[_SynthJob, list[tuple[int, ...]]]:
+    """Check the arguments; the job and its buckets' (T, H, W) (or (T,))."""
+    from megagen.specs import get_spec
+
+    if preset not in SYNTH_PRESETS:
+        raise ValueError(f"unknown synth preset {preset!r}; presets: {', '.join(SYNTH_PRESETS)}")
+    if samples < 1 or classes < 1:
+        raise ValueError("samples and classes must be positive")
+    if shard_mb <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_mb} MB")
+    p = SYNTH_PRESETS[preset]
+    arch = get_spec(p.spec).presets[p.spec_preset]
+    encoders = {enc: TextEncoderInfo(dim=dim, max_len=p.text_len) for enc, dim in arch.text_encoders.items()}
+    thws = parse_bucket_list(buckets or p.buckets)
+    rank = 1 if p.spec == "audio" else 3
+    if any(len(thw) != rank for thw in thws):
+        form = "t<T>" if rank == 1 else "t<T>_h<H>_w<W>"
+        raise ValueError(f"preset {preset} needs {form} buckets, got {buckets!r}")
+    if samples < len(thws):
+        raise ValueError(f"{samples} samples cannot fill {len(thws)} buckets")
+    fields = standard_fields("float16", encoders)
+    texts = [class_text(seed, c, encoders) for c in range(classes)]
+    return _SynthJob(p, arch, seed, classes, encoders, texts, fields), thws
+
+
+def _fps_and_duration(
+    job: _SynthJob, thw: tuple[int, ...], cls_all: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    n = len(cls_all)
+    if job.preset.spec == "audio":  # the clip's video frame rate; duration from the 25 Hz latent rate
+        return np.full(n, float(job.arch.video_rate)), thw[0] / np.full(n, float(job.arch.audio_rate))
+    if thw[0] == 1:  # an image: no frame rate, no duration
+        return np.zeros(n), np.zeros(n)
+    fps_all = np.array([VIDEO_FPS[c % len(VIDEO_FPS)] for c in cls_all])
+    return fps_all, thw[0] * TAE_TEMPORAL_STRIDE / fps_all
+
+
+def _write_bucket(
+    writer: DatasetWriter,
+    job: _SynthJob,
+    bi: int,
+    thw: tuple[int, ...],
+    n: int,
+    shard_mb: float,
+    fps_values: set[float],
+    log: Callable[[str], None],
+) -> BucketInfo:
+    """Write (or keep, when resuming) the `n` samples of bucket number `bi`; adds its frame rates to
+    `fps_values` and its extra fields to `job.fields`."""
+    latent_shape = (job.arch.latent_channels, *thw)
+    name = bucket_name(latent_shape)
+    patterns = [class_latent(job.seed, c, latent_shape).astype(np.float16) for c in range(job.classes)]
+    extras = [
+        {
+            k: v.astype(np.float16)
+            for k, v in class_extras(job.preset, job.arch, job.seed, c, patterns[c]).items()
+        }
+        for c in range(job.classes)
+    ]
+    field_shapes = {k: tuple(v.shape) for k, v in extras[0].items()}
+    for k in field_shapes:
+        job.fields[k] = FieldInfo("float16", None)
+    sample_bytes = sum(
+        math.prod(latent_shape if f.per_sample_shape is None else f.per_sample_shape)
+        * np.dtype(f.dtype).itemsize
+        for k, f in job.fields.items()
+        if k not in field_shapes
+    ) + sum(math.prod(shape) * 2 for shape in field_shapes.values())
+    info_b = BucketInfo(name, latent_shape, n, [], field_shapes)
+    cls_all = np.array([sample_seed(job.seed, bi, i, stream=1) % job.classes for i in range(n)])
+    fps_all, duration_all = _fps_and_duration(job, thw, cls_all)
+    fps_values.update(float(x) for x in fps_all)
+    for k, (a, z) in enumerate(plan_shards(n, sample_bytes, shard_mb * 1024 * 1024)):
+        file = shard_file(name, k)
+        info = writer.completed(file, z - a)
+        if info is None:
+            cls = cls_all[a:z]
+            arrays = _shard_arrays(job, cls, patterns, extras, fps_all[a:z], duration_all[a:z])
+            info = writer.write(file, name, arrays)
+            log(f"wrote {file} ({info.samples} samples, {info.bytes / 2**20:.2f} MB)")
+        info_b.shards.append(info)
+    return info_b
+
+
+def _shard_arrays(
+    job: _SynthJob,
+    cls: np.ndarray,
+    patterns: list[np.ndarray],
+    extras: list[dict[str, np.ndarray]],
+    fps: np.ndarray,
+    duration: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """One shard's arrays for samples of classes `cls`: each sample is its class's pattern and text."""
+    arrays = {
+        LATENTS: np.stack([patterns[c] for c in cls]),
+        FPS: fps.astype(SCALAR_FIELDS[FPS]),
+        DURATION: duration.astype(SCALAR_FIELDS[DURATION]),
+        CAPTION_ID: cls.astype(SCALAR_FIELDS[CAPTION_ID]),
+    }
+    for key in extras[0]:
+        arrays[key] = np.stack([extras[c][key] for c in cls])
+    for enc in job.encoders:
+        arrays[TEXT_PREFIX + enc] = np.stack([job.texts[c][enc][0] for c in cls]).astype(TEXT_DTYPE)
+        arrays[TEXT_LEN_PREFIX + enc] = np.array([job.texts[c][enc][1] for c in cls], dtype=TEXT_LEN_DTYPE)
+    return arrays

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from megagen.data.format import DataError
-from megagen.data.shards import ShardReader, first_problem
+from megagen.data.format import DataError, first_problem
+from megagen.data.shard_reader import ShardReader
 
 
 def verify_on_ranks(reader: ShardReader, mode: str, rank: int = 0, world: int = 1) -> None:

@@ -20,7 +20,7 @@ class Evaluator:
     """Evaluates `eval.samples` samples of each bucket of `eval.path` at every t in `eval.t_values`."""
 
     def __init__(self, cfg: Config, spec, runtime, reader=None):
-        from megagen.data.shards import ShardReader
+        from megagen.data.shard_reader import ShardReader
 
         self.cfg, self.spec, self.runtime = cfg, spec, runtime
         self.reader = reader or ShardReader(cfg.eval.path, on_error="fail", verify=cfg.data.verify)

@@ -33,7 +33,7 @@ def train_from_shards(path: str, overrides: list[str]) -> dict:
 def verify_shared(path: str, mode: str) -> dict:
     """`data.verify` at start-up on every rank: each checks its share; the outcome every rank raises."""
     from megagen.data.format import DataError
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
     from megagen.data.verify import verify_on_ranks
 
     reader = ShardReader(path, verify="none")

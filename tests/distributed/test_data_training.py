@@ -98,7 +98,7 @@ def test_a_bad_shard_stops_every_rank_with_one_message(dist_pool, dataset, tmp_p
     import os
     import shutil
 
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
 
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)

@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
         (out / "dali.json").write_text(json.dumps({"skipped": "nvidia.dali is not installed"}))
         print("dali_loaders: unverified (nvidia.dali is not installed)")
         return 0
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
     from megagen.data.synth import synth
 
     path = Path(args.root) / "moviegen_768px_16s"

@@ -241,7 +241,7 @@ def test_sampler_keeps_the_given_context_frames(cfg):
 
 
 def test_synth_audio_tiny_has_1d_buckets_and_class_video_features(tmp_path):
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
     from megagen.data.synth import synth
 
     m = synth(tmp_path / "ds", preset="audio_tiny", samples=16, classes=4).manifest
@@ -292,7 +292,7 @@ def test_pack_1d_audio_latents(tmp_path):
     import numpy as np
 
     from megagen.data.pack import pack
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
 
     _audio_source(tmp_path / "src", [32, 20, 32], [31, 19, 31])
     m = pack(tmp_path / "src", tmp_path / "ds", spec="audio").manifest

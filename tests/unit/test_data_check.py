@@ -9,7 +9,9 @@ import safetensors.numpy
 
 from megagen.data.check import check_dataset, dataset_stats
 from megagen.data.format import MANIFEST_NAME, DataError, SampleSkipped
-from megagen.data.shards import ShardReader, sha256_file, shard_metadata, write_shard
+from megagen.data.shard_format import sha256_file, shard_metadata
+from megagen.data.shard_reader import ShardReader
+from megagen.data.shard_writer import write_shard
 from megagen.data.synth import synth
 
 BUCKET = "t4_h8_w8"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megagen.data.cli import add_data_commands, run_data_command
-from megagen.data.format import load_manifest
+from megagen.data.manifest import load_manifest
 
 
 def run(*argv):

@@ -5,36 +5,22 @@ read. Either way the error names the file, bucket and sample."""
 import numpy as np
 import pytest
 
-from megagen.config import load_config
 from megagen.data.format import DataError
-from megagen.data.shards import ShardReader, parse_header
-from megagen.data.synth import synth
+from megagen.data.shard_format import parse_header
+from megagen.data.shard_reader import ShardReader
 from megagen.train import train
+from tests.unit.data_helpers import TINY_BUCKET, local_data, synth_tiny, tiny_run_config
 
-BUCKET = "t4_h8_w8"
+BUCKET = TINY_BUCKET
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(
-        "examples/configs/video_tiny.yaml",
-        [
-            f"run.dir={tmp_path}",
-            "metrics.progress=none",
-            "metrics.tensorboard=false",
-            "data.loader=torch",
-            "data.num_workers=0",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=2",
-            *overrides,
-        ],
-    )
+    return tiny_run_config(tmp_path, "data.loader=torch", *overrides)
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clean") / "ds"
-    synth(out, preset="video_tiny", samples=24, seed=0, buckets=BUCKET)
-    return out
+    return synth_tiny(tmp_path_factory.mktemp("clean") / "ds")
 
 
 def _poison(src, dst, sample: int):
@@ -54,14 +40,7 @@ def _poison(src, dst, sample: int):
 
 def _first_step_with(cfg, sample: int) -> int:
     """1-based step whose batch draws `sample` (from the request plan)."""
-    import torch
-
-    from megagen.data.pipeline import build_data
-    from megagen.parallel.runtime import LocalRuntime
-    from megagen.specs import get_spec
-
-    data = build_data(cfg, get_spec(cfg.model.spec), LocalRuntime(torch.device("cpu")), cfg.train.steps)
-    for req in data.plan:
+    for req in local_data(cfg, cfg.train.steps).plan:
         if sample in req.sample_ids:
             return req.step + 1
     return 0
@@ -109,16 +88,9 @@ def test_nonfinite_loss_with_finite_data_says_so(clean):
 
 
 def test_skip_still_checks_on_read(clean, tmp_path):
-    import torch
-
-    from megagen.data.pipeline import build_data
-    from megagen.parallel.runtime import LocalRuntime
-    from megagen.specs import get_spec
-
     for mode in ("on_nan_loss", "eager"):
         cfg = _cfg(tmp_path / mode, f"data.path={clean}", "data.on_error=skip", f"data.check_finite={mode}")
-        data = build_data(cfg, get_spec(cfg.model.spec), LocalRuntime(torch.device("cpu")), 2)
+        data = local_data(cfg, 2)
         assert data.reader.check_finite and not data.lazy_finite
-    cfg = _cfg(tmp_path / "fail", f"data.path={clean}")
-    data = build_data(cfg, get_spec(cfg.model.spec), LocalRuntime(torch.device("cpu")), 2)
+    data = local_data(_cfg(tmp_path / "fail", f"data.path={clean}"), 2)
     assert not data.reader.check_finite and data.lazy_finite

@@ -9,25 +9,29 @@ import pytest
 import safetensors.numpy
 import torch
 
-from megagen.data import shards as shards_mod
+from megagen.data import shard_writer
 from megagen.data.check import check_dataset
 from megagen.data.format import (
     FORMAT_NAME,
     MANIFEST_NAME,
     PROGRESS_NAME,
-    BucketInfo,
     DataError,
+    bucket_name,
+    parse_bucket_list,
+    tokens_per_sample,
+)
+from megagen.data.manifest import (
+    BucketInfo,
     FieldInfo,
     Manifest,
     TextEncoderInfo,
-    bucket_name,
     load_manifest,
-    parse_bucket_list,
     standard_fields,
-    tokens_per_sample,
 )
 from megagen.data.pack import pack
-from megagen.data.shards import DatasetWriter, ShardReader, plan_shards, shard_file
+from megagen.data.shard_format import shard_file
+from megagen.data.shard_reader import ShardReader
+from megagen.data.shard_writer import DatasetWriter, plan_shards
 from megagen.data.synth import class_latent, synth
 
 ENCODERS = {"ul2": TextEncoderInfo(dim=6, max_len=5), "byt5": TextEncoderInfo(dim=4, max_len=3)}
@@ -231,7 +235,7 @@ def test_interrupted_pack_resumes_without_rewriting_finished_shards(tmp_path, mo
     kwargs = dict(shard_mb=0.01)  # ~4 KB per sample → one shard per 2 samples
     pack(tmp_path / "src", tmp_path / "ref", **kwargs)  # uninterrupted reference
 
-    real, calls = shards_mod.write_shard, []
+    real, calls = shard_writer.write_shard, []
 
     def crashing(path, arrays, metadata):
         if len(calls) == 3:
@@ -239,7 +243,7 @@ def test_interrupted_pack_resumes_without_rewriting_finished_shards(tmp_path, mo
         calls.append(path)
         return real(path, arrays, metadata)
 
-    monkeypatch.setattr(shards_mod, "write_shard", crashing)
+    monkeypatch.setattr(shard_writer, "write_shard", crashing)
     with pytest.raises(KeyboardInterrupt):
         pack(tmp_path / "src", tmp_path / "ds", **kwargs)
     out = tmp_path / "ds"
@@ -249,7 +253,7 @@ def test_interrupted_pack_resumes_without_rewriting_finished_shards(tmp_path, mo
     finished = {p: os.stat(p).st_mtime_ns for p in calls}
     assert len(finished) == 3
 
-    monkeypatch.setattr(shards_mod, "write_shard", real)
+    monkeypatch.setattr(shard_writer, "write_shard", real)
     res = pack(tmp_path / "src", out, **kwargs)
     assert len(res.reused) == 3 and all(os.stat(p).st_mtime_ns == t for p, t in finished.items())
     assert {os.path.join(out, f) for f in res.reused} == set(finished)

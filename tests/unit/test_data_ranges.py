@@ -9,46 +9,27 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from megagen.config import load_config
 from megagen.data.check import check_dataset
 from megagen.data.format import MANIFEST_NAME, DataError
-from megagen.data.shards import ShardReader, shard_metadata, write_shard
-from megagen.data.synth import synth
+from megagen.data.shard_format import shard_metadata
+from megagen.data.shard_reader import ShardReader
+from megagen.data.shard_writer import write_shard
 from megagen.train import train
+from tests.unit.data_helpers import TINY_BUCKET, local_data, synth_tiny, tiny_run_config
 
-BUCKET = "t4_h8_w8"
+BUCKET = TINY_BUCKET
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(
-        "examples/configs/video_tiny.yaml",
-        [
-            f"run.dir={tmp_path}",
-            "metrics.progress=none",
-            "metrics.tensorboard=false",
-            "data.num_workers=0",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=2",
-            "train.steps=4",
-            *overrides,
-        ],
-    )
+    return tiny_run_config(tmp_path, "train.steps=4", *overrides)
 
 
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
     """A dataset (manifest sizes and checksums intact) whose sample drawn at step 2 claims 1000 ul2 tokens
     (max_len 8): (dataset, shard path, sample)."""
-    clean = tmp_path_factory.mktemp("clean") / "ds"
-    synth(clean, preset="video_tiny", samples=24, seed=0, buckets=BUCKET)
-    import torch
-
-    from megagen.data.pipeline import build_data
-    from megagen.parallel.runtime import LocalRuntime
-    from megagen.specs import get_spec
-
-    cfg = _cfg(tmp_path_factory.mktemp("plan"), f"data.path={clean}")
-    plan = build_data(cfg, get_spec(cfg.model.spec), LocalRuntime(torch.device("cpu")), 4).plan
+    clean = synth_tiny(tmp_path_factory.mktemp("clean") / "ds")
+    plan = local_data(_cfg(tmp_path_factory.mktemp("plan"), f"data.path={clean}"), 4).plan
     sample = next(r.sample_ids[0] for r in plan if r.step == 1)
     ds = tmp_path_factory.mktemp("bad") / "ds"
     shutil.copytree(clean, ds)

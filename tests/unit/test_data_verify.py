@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import megagen.data.shards as shards
-from megagen.config import load_config
+import megagen.data.shard_reader as shard_reader
 from megagen.data.format import DataError
 from megagen.data.pipeline import build_data
-from megagen.data.shards import ShardReader
+from megagen.data.shard_reader import ShardReader
 from megagen.data.synth import synth
 from megagen.data.verify import verify_on_ranks
 from megagen.specs import get_spec
+from tests.unit.data_helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -35,25 +35,15 @@ def _runtime(rank, world):
 
 
 def _cfg(path, *overrides):
-    return load_config(
-        "examples/configs/video_tiny.yaml",
-        [
-            f"data.path={path}",
-            "data.loader=torch",
-            "data.num_workers=0",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=2",
-            *overrides,
-        ],
-    )
+    return tiny_config(f"data.path={path}", "data.loader=torch", *overrides)
 
 
 def test_start_up_reads_only_this_ranks_share_of_the_headers(dataset, monkeypatch):
     paths = _shard_paths(dataset)
     assert len(paths) >= 6
     opened = []
-    real = shards.parse_header
-    monkeypatch.setattr(shards, "parse_header", lambda p: opened.append(p) or real(p))
+    real = shard_reader.parse_header
+    monkeypatch.setattr(shard_reader, "parse_header", lambda p: opened.append(p) or real(p))
     data = build_data(_cfg(dataset), get_spec("video"), _runtime(1, 3), steps=10**6)
     assert sorted(opened) == sorted(paths[1::3])
     assert len(data.plan) == 2 * 10**6

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megagen.config import ConfigError, load_config
-from megagen.sample import add_sample_command, load_model, make_batch, read_prompt_file, run_sample_command
+from megagen.sample import add_sample_command, run_sample_command
+from megagen.sample_inputs import make_batch, read_prompt_file
+from megagen.sample_model import load_model
 from megagen.specs import get_spec
 
 EXAMPLE = "examples/configs/video_tiny.yaml"

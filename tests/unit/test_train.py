@@ -74,7 +74,7 @@ def test_on_error_skip_counts_a_corrupt_sample_and_trains_on(tmp_path):
     """A NaN latent in a shard: skip mode logs it, counts it in the metrics and keeps training."""
     import numpy as np
 
-    from megagen.data.shards import parse_header
+    from megagen.data.shard_format import parse_header
     from megagen.data.synth import synth
 
     out = tmp_path / "ds"

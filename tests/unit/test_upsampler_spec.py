@@ -176,7 +176,7 @@ def test_multidiffusion_blends_overlapping_windows_uniformly(cfg):
 def test_synth_upsampler_tiny_stores_a_blurred_lowres_latent(tmp_path):
     import numpy as np
 
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
     from megagen.data.synth import class_latent, lowres_of, synth
 
     m = synth(tmp_path / "ds", preset="upsampler_tiny", samples=8, classes=3, seed=2).manifest
@@ -201,7 +201,7 @@ def test_pack_crops_lowres_latents_with_the_latents(tmp_path):
     import numpy as np
 
     from megagen.data.pack import pack
-    from megagen.data.shards import ShardReader
+    from megagen.data.shard_reader import ShardReader
 
     src = tmp_path / "src"
     src.mkdir()
