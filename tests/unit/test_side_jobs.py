@@ -96,7 +96,7 @@ def test_each_step_goes_through_every_job_in_order(tmp_path, monkeypatch):
 def test_a_step_that_stops_the_run_still_closes_every_job(tmp_path, monkeypatch):
     calls = []
     _with_recorders(monkeypatch, calls)
-    trainer = Trainer(_cfg(tmp_path, "train.steps=3", "optim.lr=1e30", "train.nonfinite=stop"))
+    trainer = Trainer(_cfg(tmp_path, "train.steps=3", "train.nonfinite=stop"))
     monkeypatch.setattr(trainer.runtime, "global_loss", lambda loss: float("nan"))
     with pytest.raises(NonFiniteStepError, match="step 1"):
         trainer.run()
