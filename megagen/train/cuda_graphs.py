@@ -8,6 +8,10 @@ static buffers and replay. A new bucket is a new key: it is captured on first si
 bucket). Evaluation and no-grad calls run eagerly. Everything outside the blocks (embeddings, loss) stays
 eager; it is small and shape-light.
 
+How the blocks reach their graphs: each block's class is swapped for `CudaGraphed<Block>`, a subclass whose
+forward asks the stack's `BlockGraphs` (no patched `forward` attribute), so `print(model)` shows it and the
+block keeps its module object, parameter names (checkpoints) and hooks.
+
 What cannot be captured is refused at start-up, before the model is built, by `check_cuda_graphs`, with
 a ConfigError naming `train.cuda_graphs` and the reason:
 - no CUDA device (CPU runs);
@@ -23,6 +27,7 @@ a ConfigError naming `train.cuda_graphs` and the reason:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -66,24 +71,48 @@ def check_cuda_graphs(cfg: Config, runtime) -> None:
         raise ConfigError(KEY, reason)
 
 
+class CudaGraphedBlock(nn.Module):
+    """Put in front of a block's own class by `BlockGraphs` (`CudaGraphed<Block>`), so printing the model
+    shows which blocks replay graphs while parameter names (and so checkpoints) stay the block's own.
+    Its forward hands training calls to the stack's graphs; `eager_forward` is the block's own forward."""
+
+    block_graphs: BlockGraphs
+    block_index: int
+
+    def forward(self, *args):
+        return self.block_graphs.call(self.block_index, args)
+
+    def eager_forward(self, *args):
+        return super().forward(*args)
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return "cuda_graphs=per_bucket" + (f", {own}" if own else "")
+
+
+@functools.cache
+def graphed_class(block_class: type) -> type:
+    """`CudaGraphed<Block>`: the block's class with `CudaGraphedBlock`'s forward in front (one per class)."""
+    return type(f"CudaGraphed{block_class.__name__}", (CudaGraphedBlock, block_class), {})
+
+
 class _Call(nn.Module):
     """A hook-free wrapper make_graphed_callables can take over; `present[i]` is False where the block's
     i-th positional argument is None (graphed callables take tensors only)."""
 
-    def __init__(self, block: nn.Module, present: tuple[bool, ...]):
+    def __init__(self, block: CudaGraphedBlock, present: tuple[bool, ...]):
         super().__init__()
         self.block, self.present = block, present
 
     def forward(self, *tensors):
         it = iter(tensors)
-        args = [next(it) if here else None for here in self.present]
-        # the block's own forward (its `forward` attribute now dispatches to the graphs)
-        return self.block._graph_eager_forward(*args)
+        return self.block.eager_forward(*(next(it) if here else None for here in self.present))
 
 
 class BlockGraphs:
     """Per-bucket CUDA graphs of a stack of blocks, each called as `block(x, *tensors_or_None)` with the same
-    argument shapes in and x's shape out (transformer blocks)."""
+    argument shapes in and x's shape out (transformer blocks). Each block's class becomes
+    `CudaGraphed<Block>` (`graphed_class`); its module object, parameters and hooks stay as they were."""
 
     capturable = staticmethod(lambda x: x.is_cuda)
     """Whether a call on `x` may be captured (tests substitute a fake capture on CPU)."""
@@ -94,8 +123,8 @@ class BlockGraphs:
         self.graphs: dict[tuple, list] = {}
         self.captures = 0
         for i, block in enumerate(self.blocks):
-            block._graph_eager_forward = block.forward
-            block.forward = self._forward_for(i)
+            block.__class__ = graphed_class(type(block))
+            block.block_graphs, block.block_index = self, i
 
     @staticmethod
     def _key(args) -> tuple:
@@ -119,21 +148,19 @@ class BlockGraphs:
         self.captures += 1
         return list(graphed)
 
-    def _forward_for(self, index: int):
+    def call(self, index: int, args: tuple):
+        """Block `index` on `args`: replay its graph for this bucket (capturing the whole stack when block 0
+        meets a new bucket); eager for no-grad, eval and non-capturable calls."""
         block = self.blocks[index]
-
-        def forward(*args):
-            if not (torch.is_grad_enabled() and block.training and self.capturable(args[0])):
-                return block._graph_eager_forward(*args)
-            key = self._key(args)
-            graphed = self.graphs.get(key)
-            if graphed is None:
-                if index != 0:  # a stack entered mid-way: no capture for it
-                    return block._graph_eager_forward(*args)
-                graphed = self.graphs[key] = self._capture(key, args)
-            return graphed[index](*(a for a in args if a is not None))
-
-        return forward
+        if not (torch.is_grad_enabled() and block.training and self.capturable(args[0])):
+            return block.eager_forward(*args)
+        key = self._key(args)
+        graphed = self.graphs.get(key)
+        if graphed is None:
+            if index != 0:  # a stack entered mid-way: no capture for it
+                return block.eager_forward(*args)
+            graphed = self.graphs[key] = self._capture(key, args)
+        return graphed[index](*(a for a in args if a is not None))
 
 
 def enable_cuda_graphs(cfg: Config, model: nn.Module, plan, runtime) -> BlockGraphs | None:

@@ -13,7 +13,8 @@ import warnings
 import torch.distributed as dist
 
 from megagen.config import load_config
-from megagen.train.loop import Trainer, full_tensors
+from megagen.train.gather import full_tensors
+from megagen.train.loop import Trainer
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
 BASE = [

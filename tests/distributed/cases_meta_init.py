@@ -39,7 +39,7 @@ def initial_weights(overrides: list[str]) -> dict:
     rank also checks that each local shard is `local_slice` of the gathered tensor (the layout the
     materialiser writes is the one DTensor/FSDP2 read back)."""
     from megagen.parallel.materialize import local_part, local_slice, named_tensors
-    from megagen.train.loop import full_tensors
+    from megagen.train.gather import full_tensors
 
     cfg = config(overrides, "/tmp/megagen-meta-init")
     model, _ = _build(cfg)
@@ -187,7 +187,8 @@ def init_from_weights(overrides: list[str], source: str) -> dict:
 
     from megagen.checkpoint import attach_checkpointing
     from megagen.parallel.materialize import local_part
-    from megagen.train.loop import Trainer, full_tensors
+    from megagen.train.gather import full_tensors
+    from megagen.train.loop import Trainer
 
     cfg = config([*overrides, f"checkpoint.init_from={source}", "checkpoint.every=0"], "/tmp/megagen-initf")
     trainer = Trainer(cfg, _runtime(cfg))

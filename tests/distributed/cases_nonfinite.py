@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from megagen.config import load_config
-from megagen.train.loop import Trainer, full_tensors
+from megagen.train.gather import full_tensors
+from megagen.train.loop import Trainer
 from megagen.train.nonfinite import NonFiniteStepError
 from tests.distributed.cases_parity import EXAMPLE
 from tests.distributed.cases_parity import SMALL as BASE

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megagen.config import load_config
 from megagen.train import train
-from megagen.train.loop import full_tensors
+from megagen.train.gather import full_tensors
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
 # Live init (a test option, `model.init=live`): every parameter carries gradient from step 1 (the default

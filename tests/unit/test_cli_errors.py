@@ -259,9 +259,9 @@ def test_ctrl_c_during_a_checkpoint_save_is_still_an_interrupt():
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megagen.train.loop import _interrupted
+    from megagen.train.interrupt import was_interrupted
 
     wrapped = CheckpointException("save failed", {0: (KeyboardInterrupt(), traceback.StackSummary())})
-    assert _interrupted(wrapped) and _interrupted(KeyboardInterrupt())
+    assert was_interrupted(wrapped) and was_interrupted(KeyboardInterrupt())
     other = CheckpointException("save failed", {0: (OSError("disk full"), traceback.StackSummary())})
-    assert not _interrupted(other) and not _interrupted(ValueError("x"))
+    assert not was_interrupted(other) and not was_interrupted(ValueError("x"))

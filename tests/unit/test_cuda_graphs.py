@@ -82,3 +82,19 @@ def test_per_bucket_capture_plumbing_with_a_fake_capture(tmp_path, monkeypatch):
     assert trainer.cuda_graphs.captures == 1
     block(*(a if a is None else a.requires_grad_() for a in args))  # a new bucket shape: a new capture
     assert trainer.cuda_graphs.captures == 2
+
+
+def test_graphed_blocks_show_in_the_model_and_keep_their_parameter_names(tmp_path):
+    """The blocks' class becomes CudaGraphed<Block> (no patched forward): names and state_dict keys stay."""
+    cfg = _cfg(tmp_path, "train.steps=1")
+    eager = Trainer(cfg).model
+    model = Trainer(cfg).model
+    names = [n for n, _ in model.named_parameters()]
+    graphs = cg.BlockGraphs(model.blocks)
+    block = model.blocks[0]
+    assert type(block).__name__ == f"CudaGraphed{type(eager.blocks[0]).__name__}"
+    assert isinstance(block, type(eager.blocks[0])) and "forward" not in vars(block)
+    assert f"CudaGraphed{type(eager.blocks[0]).__name__}(" in repr(model)
+    assert [n for n, _ in model.named_parameters()] == names and graphs.blocks[0] is block
+    assert list(model.state_dict()) == list(eager.state_dict())
+    assert type(model.blocks[1]) is type(block), "one graphed class per block class"
