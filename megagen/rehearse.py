@@ -56,7 +56,8 @@ def _micro_batch(sampler) -> int:
 def predicted_bytes(cfg, world_size: int, micro_batch: int, shard: int = 0) -> dict[str, float]:
     """The planner's bytes for this config's layout at the rehearsed sequence and micro-batch, on the ranks
     of FSDP shard index `shard` (the rank's place on the flattened dp_shard × cp axis)."""
-    from megagen.parallel.planner.cost import activation_bytes, state_memory
+    from megagen.parallel.planner.cost import activation_bytes
+    from megagen.parallel.planner.memory import state_memory
     from megagen.planning import plan_point_for_config, workload_for_config
 
     work = workload_for_config(cfg)

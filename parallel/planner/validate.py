@@ -31,7 +31,8 @@ def validate_config(path: str, overrides: list[str], cluster_name: str, as_json:
     from torch.distributed.tensor import DTensor
 
     from megagen.config import load_config
-    from megagen.parallel.planner.cost import communication, state_memory
+    from megagen.parallel.planner.comm_cost import communication
+    from megagen.parallel.planner.memory import state_memory
     from megagen.planning import plan_point_for_config, workload_for_config
     from megagen.train.loop import Trainer
 

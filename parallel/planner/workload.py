@@ -212,3 +212,11 @@ def _tp_dim(param_name: str, plan: ParallelPlan) -> int | None:
     if _match(module, plan.rowwise):
         return 1 if leaf == "weight" else None
     return None
+
+
+def cached(work: Workload, key: tuple, compute):
+    """`compute()` once per (workload, key): the search costs thousands of plans on one workload."""
+    cache = work.__dict__.setdefault("_cost_cache", {})
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
