@@ -75,8 +75,8 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
     """Run the rehearsal; the report `--json` prints (see the module docstring)."""
     from megagen.data.pipeline import build_data
     from megagen.metrics.activation_meter import ActivationMeter, measures
-    from megagen.parallel.planner.validate import watch_gradient_peak
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.plan_validate import watch_gradient_peak
+    from megagen.runtime_setup import distributed_runtime
     from megagen.train.loop import Trainer
 
     if steps < 1:
@@ -85,7 +85,7 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
     cfg = load_config(config, [*overrides, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}"])
     start_fake_world(world_size, rank)
     warnings.filterwarnings("ignore", message=r".*fake.*")
-    runtime = DistributedRuntime(cfg)
+    runtime = distributed_runtime(cfg)
     trainer = Trainer(cfg, runtime, weights="draw")
     phases = dict(trainer.startup_s)
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ import re
 
 from torch import nn
 
-from megagen.config.errors import ConfigError
+from megagen.errors import ConfigError
 from megagen.parallel.grad_reduction import classify
 from megagen.parallel.plan import ParallelPlan
 

@@ -65,7 +65,7 @@ def build_model(cfg: Config, spec, runtime, weights: str = "replay", phases: dic
     model, record = record_model(cfg, spec)
     plan = spec.parallel_plan(cfg)
     check_plan(model, plan, cfg.parallel.tp, spec.name)
-    model = runtime.parallelize(model, plan, cfg)
+    model = runtime.parallelize(model, plan, cfg.parallel, cfg.train.recompute, cfg.train.recompute_layers)
     built = time.perf_counter()
     draw = drawn_weights(cfg) if weights == "draw" else None
     materialize(model, record.full_tensor, runtime.device, draw=draw)
