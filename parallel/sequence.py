@@ -1,7 +1,9 @@
 """Padding and sharding the root's sequence inputs, and cutting targets the same way.
 
 Sequences are padded to a multiple of the shard count (cp, times tp under sequence parallelism) and each
-rank keeps one contiguous chunk: chunk index = cp_rank·tp + tp_rank with SP, cp_rank without.
+rank keeps one contiguous chunk: chunk index = cp_rank·tp + tp_rank with SP, cp_rank without. When it
+pads, the root's `token_mask` keyword receives the mask of real tokens over the padded sequence, which the
+model passes to its self-attention (no state is kept between forwards).
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megagen.parallel.context_parallel import SequenceLayout
-
 
 class SequenceSharder:
-    """Owns the layout of the current global sequence for one model."""
+    """How one rank cuts the root's sequence inputs: `shards` chunks, this rank's is number `index`."""
 
-    def __init__(self, shards: int, index: int, layout: SequenceLayout):
-        self.shards, self.index, self.layout = shards, index, layout
+    def __init__(self, shards: int, index: int):
+        self.shards, self.index = shards, index
 
     def padded(self, n: int) -> int:
         return -(-n // self.shards) * self.shards
@@ -40,8 +40,17 @@ class SequenceSharder:
         pos = torch.arange(self.index * size, (self.index + 1) * size, device=device)
         return pos < n
 
-    def install(self, model: nn.Module, sequence_inputs: dict[str, int]) -> None:
-        """Pre-hook on the root: pad + shard the declared keyword inputs, record the layout."""
+    def token_mask(self, n: int, device: torch.device, given: torch.Tensor | None) -> torch.Tensor | None:
+        """(padded n,) bool, True at real tokens: `given` (the caller's mask over n, if any) padded with
+        False; None when nothing is padded and no mask was given."""
+        pad = self.padded(n) - n
+        if not pad:
+            return given
+        real = given if given is not None else torch.ones(n, dtype=torch.bool, device=device)
+        return F.pad(real, [0, pad], value=False)
+
+    def install(self, model: nn.Module, sequence_inputs: dict[str, int], token_mask: str = "") -> None:
+        """Pre-hook on the root: pad + shard the declared keyword inputs, pass the mask of real tokens."""
 
         def hook(module, args, kwargs):
             lengths = set()
@@ -52,7 +61,14 @@ class SequenceSharder:
             if len(lengths) != 1:
                 raise ValueError(f"sequence inputs disagree on length: {sorted(lengths)}")
             (n,) = lengths
-            self.layout.valid_len, self.layout.padded_len = n, self.padded(n)
+            first = kwargs[next(iter(sequence_inputs))]
+            if self.padded(n) != n and not token_mask:
+                raise ValueError(
+                    f"a sequence of {n} tokens is padded to {self.padded(n)} ({self.shards} shards), but the "
+                    "parallel plan names no token_mask input to mask the padding out of attention"
+                )
+            if token_mask:
+                kwargs[token_mask] = self.token_mask(n, first.device, kwargs.get(token_mask))
             for name, dim in sequence_inputs.items():
                 kwargs[name] = self.shard(kwargs[name], dim)
             return args, kwargs
