@@ -50,7 +50,8 @@ def parallelize(
     tp_rank = mesh.local_rank("tp") if dims.tp > 1 else 0
     cp_rank = mesh.local_rank("cp") if dims.cp > 1 else 0
     shards = dims.cp * (dims.tp if sp else 1)
-    sharder = SequenceSharder(shards, cp_rank * (dims.tp if sp else 1) + (tp_rank if sp else 0))
+    index = cp_rank * (dims.tp if sp else 1) + (tp_rank if sp else 0)
+    sharder = SequenceSharder(shards, index, plan.sequence_inputs, plan.token_mask)
     state = ParallelState(sharder=sharder)
     fsdp = dims.fsdp * dims.dp_replicate > 1
     # FSDP's mesh (Mesh.fsdp_mesh) spans dp_replicate × dp_shard×cp and sums the gradients over all three
@@ -74,7 +75,7 @@ def parallelize(
                 name,
                 ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group),
             )
-        sharder.install(model, plan.sequence_inputs, plan.token_mask)
+        sharder.install(model)
 
     blocks = model.get_submodule(plan.blocks)
     apply_recompute(model, plan.blocks, recompute, layers=recompute_layers)
