@@ -1,14 +1,17 @@
-"""The distributed runtime's arguments, drawn from a whole run config.
+"""What the engine and the kernels need from a whole run config, handed over as explicit arguments.
 
 The engine (parallel/) reads only `cfg.parallel`; what else it needs from a run — the launch facts every
-rank must agree on, whether the step watchdog wants torch's flight recorder — is handed to it here as
-explicit arguments, so parallel/ never imports the config loader.
+rank must agree on, whether the step watchdog wants torch's flight recorder — is drawn here, and so is the
+kernel registry's choice (`kernels.*`, `train.fp8`, `parallel.compile`), so neither parallel/ nor kernels/
+reads a run config or imports the config loader.
 """
 
 from __future__ import annotations
 
 from megagen.config.load import config_fingerprint
 from megagen.config.schema import Config
+from megagen.kernels import configure
+from megagen.kernels.backend import KernelSettings
 from megagen.parallel.preflight import LaunchCheck
 from megagen.parallel.runtime import DistributedRuntime
 
@@ -29,3 +32,8 @@ def distributed_runtime(cfg: Config) -> DistributedRuntime:
     return DistributedRuntime(
         cfg.parallel, launch=launch_check(cfg), flight_recorder=cfg.train.step_timeout_s != 0
     )
+
+
+def configure_kernels(cfg: Config) -> KernelSettings:
+    """`kernels.backend`, `kernels.attention`, `train.fp8` (and `parallel.compile`) → the kernel registry."""
+    return configure(cfg.kernels.backend, cfg.kernels.attention, cfg.train.fp8, compiled=cfg.parallel.compile)
