@@ -21,7 +21,7 @@ def planner_prediction(config: str, overrides: list[str]) -> dict:
     """The planner's cp bytes per step and step time for this run on the `cpu` cluster preset."""
     from megagen.config import load_config
     from megagen.parallel.planner.cluster import load_cluster
-    from megagen.parallel.planner.cost import step_cost
+    from megagen.parallel.planner.step_cost import step_cost
     from megagen.planning import plan_point_for_config, workload_for_config
 
     cfg = load_config(config, overrides)

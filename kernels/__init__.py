@@ -5,7 +5,7 @@ Every op is a plain function (`rms_norm`, `swiglu`, …) that dispatches on the 
 """
 
 from megagen.kernels.attention import AttentionCore, attention, attention_math, attention_reference
-from megagen.kernels.backend import configure, configure_from_config, report_extras
+from megagen.kernels.backend import configure, report_extras
 from megagen.kernels.linear import Linear
 from megagen.kernels.modulation import gated_residual, gated_residual_reference, modulate, modulate_reference
 from megagen.kernels.norm import (
@@ -32,7 +32,6 @@ __all__ = [
     "attention_math",
     "attention_reference",
     "configure",
-    "configure_from_config",
     "factorized_position",
     "factorized_position_reference",
     "gated_residual",

@@ -95,8 +95,11 @@ def report_extras(force: bool = False) -> str:
     return line
 
 
-def configure(backend: str = "auto", attention: str = "auto", fp8: bool = False) -> KernelSettings:
-    """Set the process-wide choice; an unknown name raises ValueError (the config layer names the key)."""
+def configure(
+    backend: str = "auto", attention: str = "auto", fp8: bool = False, compiled: bool = False
+) -> KernelSettings:
+    """Set the process-wide choice; an unknown name raises ValueError (the config layer names the key).
+    `compiled`: blocks run under torch.compile (`parallel.compile`), where FP8 GEMMs take the torch path."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels.backend: {backend!r}; allowed: {', '.join(BACKENDS)}")
     if attention not in ATTENTION:
@@ -108,18 +111,14 @@ def configure(backend: str = "auto", attention: str = "auto", fp8: bool = False)
         _fp8_warned = True
         why = "transformer_engine is not installed" if not installed("te") else "no CUDA device"
         log.warning("train.fp8=true: %s; linear layers run in the torch path (no FP8)", why)
-    return _settings
-
-
-def configure_from_config(cfg) -> KernelSettings:
-    """`cfg.kernels.backend`, `cfg.kernels.attention`, `cfg.train.fp8` → the registry."""
-    settings_now = configure(cfg.kernels.backend, cfg.kernels.attention, cfg.train.fp8)
     global _fp8_compile_warned
-    if cfg.train.fp8 and cfg.parallel.compile and not _fp8_compile_warned:
+    if fp8 and compiled and not _fp8_compile_warned:
         _fp8_compile_warned = True
-        log.warning("train.fp8=true with parallel.compile=true: compiled blocks run their GEMMs in the torch "
-                    "path (no FP8)")
-    return settings_now
+        log.warning(
+            "train.fp8=true with parallel.compile=true: compiled blocks run their GEMMs in the torch "
+            "path (no FP8)"
+        )
+    return _settings
 
 
 def register(op: str, backend: str, fn: Callable | None = None):

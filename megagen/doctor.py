@@ -116,9 +116,9 @@ def run_doctor_command(args) -> int:
 def _run_distributed(cfg) -> int:
     import torch.distributed as dist
 
-    from megagen.config.load import config_fingerprint
     from megagen.parallel.mesh import Mesh, device_and_backend
     from megagen.parallel.preflight import preflight
+    from megagen.runtime_setup import launch_check
 
     device, backend = device_and_backend(cfg.parallel.backend)
     dist.init_process_group(backend)
@@ -136,7 +136,7 @@ def _run_distributed(cfg) -> int:
 
         mesh = Mesh(check_layout(cfg, world), device.type)
         try:
-            report = preflight(cfg, config_fingerprint(cfg), mesh.axis_groups(), device, time_links=True)
+            report = preflight(launch_check(cfg), mesh.axis_groups(), device, time_links=True)
             links = report["links_s"]
             checks.append(("agreement", {}))
         except ConfigError as exc:

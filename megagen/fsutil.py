@@ -40,7 +40,7 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
 
 def ensure_writable_dir(path: str | os.PathLike, key: str) -> None:
     """`unwritable_reason` as a ConfigError naming config `key`."""
-    from megagen.config.errors import ConfigError
+    from megagen.errors import ConfigError
 
     reason = unwritable_reason(path)
     if reason is not None:

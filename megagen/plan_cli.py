@@ -147,15 +147,16 @@ def run_plan_command(args) -> int:
     from megagen.planning import workload_for_config
 
     if args.calibrate:
+        from megagen.metrics.peak import measure_matmul_flops
         from megagen.parallel.planner.calibrate import calibrate
 
-        cluster = calibrate()
+        cluster = calibrate(measure_matmul_flops(1024, 1024, 1024, seconds=1.0))
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(cluster.to_yaml())
         print(f"wrote {args.out}: {cluster}")
         return 0
     if args.validate:
-        from megagen.parallel.planner.validate import validate_config
+        from megagen.plan_validate import validate_config
 
         return validate_config(args.validate, args.overrides, args.cluster, as_json=args.json)
     if args.write and not args.config:

@@ -7,7 +7,7 @@ import torch
 from megagen.config import Config
 from megagen.parallel.mesh import ParallelDims
 from megagen.parallel.planner.activations import trace_saved
-from megagen.parallel.planner.cost import PlanPoint
+from megagen.parallel.planner.plan_point import PlanPoint
 from megagen.parallel.planner.workload import Workload, trace_workload
 from megagen.specs import get_spec
 
@@ -107,7 +107,8 @@ def memory_for_rank(device: torch.device) -> float:
 def activation_fit(cfg: Config, latent_shape: tuple[int, ...], world_size: int, device: torch.device):
     """`fits(n, share)`: do n samples of `latent_shape` fit in `share` of this rank's memory left after
     parameters, gradients and optimizer state, by the planner's model? None when the spec cannot be traced."""
-    from megagen.parallel.planner.cost import activation_bytes, state_memory
+    from megagen.parallel.planner.cost import activation_bytes
+    from megagen.parallel.planner.memory import state_memory
 
     try:
         work = workload_for_config(cfg, latent_shape)

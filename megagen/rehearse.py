@@ -91,8 +91,9 @@ def _micro_batch(sampler) -> int:
 def predicted_bytes(cfg, world_size: int, micro_batch: int, shard: int = 0) -> dict[str, float]:
     """The planner's bytes for this config's layout at the rehearsed sequence and micro-batch, on the ranks
     of FSDP shard index `shard` (the rank's place on the flattened dp_shard × cp axis)."""
-    from megagen.parallel.planner.cost import activation_bytes, state_memory
-    from megagen.parallel.planner.cost import fsdp_buffer_bytes as fsdp_buffer_bytes_predicted
+    from megagen.parallel.planner.cost import activation_bytes
+    from megagen.parallel.planner.memory import fsdp_buffer_bytes as fsdp_buffer_bytes_predicted
+    from megagen.parallel.planner.memory import state_memory
     from megagen.planning import plan_point_for_config, workload_for_config
 
     work = workload_for_config(cfg)
@@ -114,8 +115,8 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
     """Run the rehearsal; the report `--json` prints (see the module docstring)."""
     from megagen.data.pipeline import build_data
     from megagen.metrics.activation_meter import ActivationMeter, measures
-    from megagen.parallel.planner.validate import watch_gradient_peak
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.plan_validate import watch_gradient_peak
+    from megagen.runtime_setup import distributed_runtime
     from megagen.train.loop import Trainer
 
     if steps < 1:
@@ -125,7 +126,7 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
     start_fake_world(world_size, rank)
     return_large_frees_to_the_system()
     warnings.filterwarnings("ignore", message=r".*fake.*")
-    runtime = DistributedRuntime(cfg)
+    runtime = distributed_runtime(cfg)
     trainer = Trainer(cfg, runtime, weights="draw")
     phases = dict(trainer.startup_s)
     t0 = time.perf_counter()

@@ -6,13 +6,12 @@ each rank's queries see every key, behind the attention-core interface `(q, k, v
 - `allgather_kv` (Movie Gen / Llama 3): all-gather K and V over cp; their gradients are reduce-scattered.
 - `ulysses`: all-to-all from sequence-sharded/all-heads to full-sequence/heads-sharded, attend, and back.
 
-The engine also pads sequences to a multiple of the shard count; `SequenceLayout` carries the true length
-so padded keys are masked out of attention.
+The engine also pads sequences to a multiple of the shard count; the model passes the mask of real keys
+over the whole padded sequence (its `ParallelPlan.token_mask` input) to each core as `kv_valid`, so padded
+keys are masked out of attention. Nothing is stored between calls.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,33 +22,22 @@ from megagen.parallel.mappings import all_to_all, gather_along
 SEQ_DIM, HEAD_DIM = 1, 2
 
 
-@dataclass
-class SequenceLayout:
-    """The current global sequence: its true length and padded length (set per forward by the engine)."""
-
-    valid_len: int = 0
-    padded_len: int = 0
-
-    def key_mask(self, device: torch.device) -> torch.Tensor | None:
-        """(padded_len,) bool: True for real keys; None when there is no padding."""
-        if self.padded_len == self.valid_len:
-            return None
-        return torch.arange(self.padded_len, device=device) < self.valid_len
-
-
 class ContextParallelAttention(nn.Module):
     """Wraps a model's attention core; `inner` still does the attention math (any kernel backend)."""
 
-    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None, layout: SequenceLayout):
+    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None):
         super().__init__()
         if kind not in ("allgather_kv", "ulysses"):
             raise ValueError(f"parallel.cp_kind: {kind!r}; allowed: allgather_kv, ulysses")
-        self.inner, self.kind, self.group, self.layout = inner, kind, group, layout
+        self.inner, self.kind, self.group = inner, kind, group
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid=None) -> torch.Tensor:
-        if kv_valid is not None:
-            raise ValueError("context-parallel self-attention takes its key mask from the sequence layout")
-        mask = self.layout.key_mask(q.device)
+        """q, k, v: this rank's sequence chunk (B, S/shards, H, D); `kv_valid`: (padded S,) bool mask of
+        real keys over the whole sequence, or None when nothing is padded."""
+        mask = kv_valid
         if self.group is None:
             return self.inner(q, k, v, mask)
         if self.kind == "allgather_kv":

@@ -1,7 +1,6 @@
 """FSDP2 per block and at the root, HSDP over dp_replicate, mixed precision, explicit prefetch.
 
-Gradients are reduced with a plain SUM: the loss is already normalised by the global count of valid
-tokens, so summing over dp_shard × cp (× dp_replicate) reproduces the one-process gradient exactly.
+Gradients are reduced with a plain SUM (`grad_reduction.fsdp_sums`, where the gradient rule lives).
 """
 
 from __future__ import annotations
@@ -11,16 +10,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from megagen.parallel.grad_reduction import fsdp_sums
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _sum_reduction(module: FSDPModule) -> bool:
-    """Ask FSDP2 to sum rather than average; False if this torch cannot (the caller rescales the loss)."""
-    if not hasattr(module, "set_force_sum_reduction_for_comms"):
-        return False
-    module.set_gradient_divide_factor(1.0)
-    module.set_force_sum_reduction_for_comms(True)
-    return True
 
 
 def apply_fsdp(
@@ -37,7 +29,7 @@ def apply_fsdp(
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     units = [*blocks, model]
-    summed = all(_sum_reduction(m) for m in units)
+    summed = all(fsdp_sums(m) for m in units)
     block_list = list(blocks)
     for i, block in enumerate(block_list):
         if i + 1 < len(block_list):

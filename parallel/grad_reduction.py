@@ -1,7 +1,16 @@
-"""The gradient rule: over which mesh axes each parameter's gradient is partial, and who sums it.
+"""The gradient invariant, stated and implemented in one place. For every parameter:
 
-Derived once, from the plan and the module structure (module names, region boundaries, which linears are
-column/row parallel), before anything is sharded. Every parameter falls in one class:
+1. partial over: the data axes (dp_replicate, dp_shard: other samples) and cp (other tokens), always;
+   tp when its class says so (`partial_over_tp`: IN_REGION always, BETWEEN under sequence parallelism).
+2. summed by: FSDP's reduce-scatter / all-reduce over the axes of its mesh, told to SUM (`fsdp_sums`);
+   the runtime all-reduces every other partial axis once after backward (`engine_reductions` → `sum_partial`).
+3. the loss is normalised by the global count of valid tokens (`normalised_loss`), times the FSDP
+   group size where an old torch can only average (`fsdp_average_undo`): the sum then equals one process's.
+4. the grad norm counts each distinct element once: a rank divides its squared norm by the number of
+   ranks holding the same piece (`replication`) before the world sum (`grad_norm_squared`).
+
+The classes are derived once, from the plan and the module structure (module names, region boundaries,
+which linears are column/row parallel), before anything is sharded. Every parameter falls in one class:
 
 - `SHARDED`: the weight (or column bias) of a column/row-parallel linear. Its inputs were gathered or
   copied into the region, so the gradient of the local shard is complete over tp.
@@ -13,9 +22,8 @@ column/row parallel), before anything is sharded. Every parameter falls in one c
   reduction). With SP they see sequence shards: partial over tp. Without SP every tp rank computed the
   same tokens and each region entry all-reduced its input gradient: complete.
 
-On top of that every parameter is partial over the data axes (dp_replicate, dp_shard: other samples) and
-over cp (other tokens). FSDP's reduce-scatter / all-reduce sums the axes of its mesh (dp_replicate,
-dp_shard×cp — applied whenever any of them is > 1); the runtime all-reduces every other partial axis.
+On top of that every parameter is partial over the data axes and cp (rule 1). FSDP's mesh spans
+dp_replicate × dp_shard×cp and is applied whenever any of them is > 1, so the runtime sums only tp then.
 
 The contract behind `IN_REGION`: a region is one column → row section; everything inside it runs between
 the region entry and the row-parallel reduction. A parameter whose place relative to that reduction the
@@ -28,8 +36,12 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
+from megagen.parallel.comm import comm_axis
 from megagen.parallel.plan import ParallelPlan
 
 SHARDED, IN_REGION, BETWEEN = "sharded", "in_region", "between"
@@ -135,3 +147,72 @@ def engine_reductions(
         if sizes.get(axis, 1) > 1 and axis not in fsdp_axes:
             out[axis] = [n for n, _ in model.named_parameters()]
     return out
+
+
+def fsdp_sums(fsdp_module) -> bool:
+    """Ask an FSDP2 module to SUM over its mesh (rule 2); False if this torch can only average (then the
+    loss carries `fsdp_average_undo`)."""
+    if not hasattr(fsdp_module, "set_force_sum_reduction_for_comms"):
+        return False
+    fsdp_module.set_gradient_divide_factor(1.0)
+    fsdp_module.set_force_sum_reduction_for_comms(True)
+    return True
+
+
+def fsdp_average_undo(fsdp_ranks: int, fsdp: bool, summed: bool) -> float:
+    """The factor on the loss that turns FSDP's average over `fsdp_ranks` back into a sum (rule 3)."""
+    return 1.0 if summed or not fsdp else float(fsdp_ranks)
+
+
+def normalised_loss(local_sum: torch.Tensor, global_tokens: int, average_undo: float = 1.0) -> torch.Tensor:
+    """This rank's share of the step's loss: its sum over valid tokens / the global count of valid tokens
+    (rule 3), so that the gradients summed over every partial axis equal one process's."""
+    return local_sum * average_undo / global_tokens
+
+
+def loss_copies(tp: int, sequence_parallel: bool) -> int:
+    """How many ranks computed each token's loss: the tp ranks without SP all saw the same tokens."""
+    return 1 if sequence_parallel else tp
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def sum_partial(model: nn.Module, reductions: dict[str, list[str]], group_of) -> None:
+    """All-reduce, once per axis and in one flat buffer, the gradients `engine_reductions` left partial
+    (rule 2); `group_of(axis)` gives the axis's process group."""
+    params = dict(model.named_parameters())
+    for axis, names in reductions.items():
+        grads = [_local(params[n].grad) for n in names if params[n].grad is not None]
+        if not grads:
+            continue
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with comm_axis(axis):
+            dist.all_reduce(flat, group=group_of(axis))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def replication(p: torch.Tensor, world_size: int) -> int:
+    """How many ranks hold an identical copy of this rank's piece of `p` (rule 4)."""
+    if not isinstance(p, DTensor):
+        return world_size
+    mesh, distinct = p.device_mesh, 1
+    for axis, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard":
+            distinct *= mesh.size(axis)
+    return world_size // distinct
+
+
+def grad_norm_squared(params: list[nn.Parameter], world_size: int, device: torch.device) -> torch.Tensor:
+    """This rank's share of the global squared grad norm, float64: summed over all ranks it counts every
+    distinct gradient element once (rule 4)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is not None:
+            sq = _local(p.grad).double().pow(2).sum()
+            total += sq / replication(p.grad, world_size)
+    return total

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from megagen.config.errors import ConfigError
+from megagen.errors import ConfigError
 
 AXES = ("dp_replicate", "dp_shard", "cp", "tp")
 

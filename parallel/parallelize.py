@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from megagen.parallel.context_parallel import ContextParallelAttention, SequenceLayout
+from megagen.parallel.context_parallel import ContextParallelAttention
 from megagen.parallel.fsdp import apply_fsdp
 from megagen.parallel.grad_reduction import DATA_AXES, engine_reductions
 from megagen.parallel.mesh import Mesh
@@ -50,8 +50,8 @@ def parallelize(
     tp_rank = mesh.local_rank("tp") if dims.tp > 1 else 0
     cp_rank = mesh.local_rank("cp") if dims.cp > 1 else 0
     shards = dims.cp * (dims.tp if sp else 1)
-    layout = SequenceLayout()
-    sharder = SequenceSharder(shards, cp_rank * (dims.tp if sp else 1) + (tp_rank if sp else 0), layout)
+    index = cp_rank * (dims.tp if sp else 1) + (tp_rank if sp else 0)
+    sharder = SequenceSharder(shards, index, plan.sequence_inputs, plan.token_mask)
     state = ParallelState(sharder=sharder)
     fsdp = dims.fsdp * dims.dp_replicate > 1
     # FSDP's mesh (Mesh.fsdp_mesh) spans dp_replicate × dp_shard×cp and sums the gradients over all three
@@ -73,9 +73,9 @@ def parallelize(
             _replace(
                 model,
                 name,
-                ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group, layout),
+                ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group),
             )
-        sharder.install(model, plan.sequence_inputs)
+        sharder.install(model)
 
     blocks = model.get_submodule(plan.blocks)
     apply_recompute(model, plan.blocks, recompute, layers=recompute_layers)

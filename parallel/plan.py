@@ -38,6 +38,10 @@ class ParallelPlan:
     """Attention-core patterns attending over the (context-parallel) video sequence."""
     sequence_inputs: dict[str, int] = field(default_factory=dict)
     """Root forward keyword → its sequence dim; these are padded and sharded over cp (and tp with SP)."""
+    token_mask: str = ""
+    """Root forward keyword for the bool mask (padded length,) of real tokens, which the model hands to each
+    self-attention core as `kv_valid`. The engine fills it when it pads a sequence that does not divide
+    the shard count (cp, times tp under SP); leaving it empty makes such a sequence an error."""
     sequence_output_dim: int = 1
     """The root output's sequence dim (it stays sharded; the loss is computed on the local shard)."""
     head_counts: dict[str, int] = field(default_factory=dict)

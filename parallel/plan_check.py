@@ -18,8 +18,8 @@ Rules (ConfigError key `model.spec`; each message names the offending pattern):
                   linear's in_features equals the out_features of a colwise linear of the same region
   self_attention  every pattern matches >= 1 module whose forward takes (q, k, v, kv_valid); with
                   tensor-parallel linears each core lies inside a region (it sees head shards)
-  sequence        every `sequence_inputs` name is a parameter of the root module's forward (passed by
-                  keyword); sequence inputs and self-attention cores are declared together
+  sequence        every `sequence_inputs` name (and `token_mask`, if set) is a parameter of the root module's
+                  forward (passed by keyword); sequence inputs and self-attention cores are declared together
   gradients       (only with `tp > 1`) the gradient rule (`grad_reduction.py`) classifies every parameter:
                   none belongs to a region module itself or to a module inside a region that holds one of
                   its rowwise linears, and no parameter is shared by modules of different classes
@@ -35,7 +35,7 @@ import re
 
 from torch import nn
 
-from megagen.config.errors import ConfigError
+from megagen.errors import ConfigError
 from megagen.parallel.grad_reduction import classify
 from megagen.parallel.plan import ParallelPlan
 
@@ -228,6 +228,10 @@ class _Checker:
                 self.fail(f"sequence input {name!r} is not an argument of {root} (it has: {have})")
             if not isinstance(dim, int) or dim < 0:
                 self.fail(f"sequence input {name!r}: dim {dim!r} is not a non-negative int")
+        mask = self.plan.token_mask
+        if mask and mask not in params and not var_kw:
+            have = ", ".join(params) or "none"
+            self.fail(f"token_mask {mask!r} is not an argument of {root} (it has: {have})")
         out_dim = self.plan.sequence_output_dim
         if not isinstance(out_dim, int) or out_dim < 0:
             self.fail(f"sequence_output_dim {out_dim!r} is not a non-negative int")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megagen.config.errors import ConfigError
+from megagen.errors import ConfigError
 from megagen.fsutil import unwritable_reason
 
 
@@ -99,21 +99,25 @@ def timed_all_reduce(
     return out
 
 
+@dataclass(frozen=True)
+class LaunchCheck:
+    """What every rank must agree on and see, in the caller's terms: the resolved config's text, the paths
+    it reads (data, resume) and the directories it writes (run, checkpoints). The engine does not read a
+    run config; `megagen.runtime_setup.launch_check` draws these from one."""
+
+    config_text: str
+    read_paths: tuple[str, ...] = ()
+    write_dirs: tuple[str, ...] = ()
+
+
 def preflight(
-    cfg,
-    config_text: str,
+    check: LaunchCheck,
     groups: dict[str, dist.ProcessGroup],
     device: torch.device,
     time_links: bool = False,
 ) -> dict:
     """Gather every rank's facts; raise ConfigError naming the ranks if they disagree."""
-    read = [cfg.data.path, cfg.eval.path] + (
-        [cfg.checkpoint.resume] if cfg.checkpoint.resume not in ("auto", "never") else []
-    )
-    if cfg.checkpoint.init_from:
-        read.append(cfg.checkpoint.init_from)
-    write = [cfg.run.dir] + ([cfg.checkpoint.dir] if cfg.checkpoint.dir else [])
-    mine = rank_facts(config_text, read, write)
+    mine = rank_facts(check.config_text, list(check.read_paths), list(check.write_dirs))
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     problems = check_agreement(everyone)

@@ -1,8 +1,9 @@
 """Activation recompute per transformer block (`train.recompute = none | full | selective`).
 
-`apply_recompute` swaps the forward of each block *instance* in the plan's block list for a checkpointed
-one. No wrapper module is inserted, so parameter names and state_dict keys are unchanged (checkpoints and
-parallel plans address parameters by name).
+`apply_recompute` makes each block of the plan's block list a `Recomputed<Block>` (`class_swap.py`): a
+subclass whose forward runs the block's own forward under `torch.utils.checkpoint`. No wrapper module is
+inserted, so parameter names and state_dict keys are unchanged (checkpoints and parallel plans address
+parameters by name), and `print(model)` shows the policy on each block.
 
 Policies:
   none       nothing is recomputed; autograd saves whatever each op needs.
@@ -27,17 +28,15 @@ inputs, the device) generator state once per block per forward, which is negligi
 from __future__ import annotations
 
 import functools
-import types
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-POLICIES = ("none", "full", "selective")
+from megagen.parallel.class_swap import swap_in, swap_out
 
-# Instance attribute of a block with recompute applied; see apply_recompute for the tuple it holds.
-_STATE_ATTR = "_megagen_recompute"
+POLICIES = ("none", "full", "selective")
 
 
 def _matmul_packets() -> frozenset:
@@ -96,16 +95,29 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
-def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    policy, inner, preserve_rng_state, _ = self.__dict__[_STATE_ATTR]
-    if not torch.is_grad_enabled():
-        # Nothing is saved for backward under no_grad / inference_mode: run the block as is.
-        return inner(*args, **kwargs)
-    # Keyword arguments go through a partial so that a block keyword that happens to share a name with a
-    # `checkpoint` option (debug, context_fn, ...) is never swallowed by checkpoint itself.
-    fn = functools.partial(inner, **kwargs) if kwargs else inner
-    extra = {"context_fn": _selective_context} if policy == "selective" else {}
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **extra)
+class Recomputed:
+    """Block wrapper (swapped in as a subclass): the block's forward, checkpointed with its policy."""
+
+    prefix = "Recomputed"
+    recompute_policy = "none"
+    recompute_preserves_rng = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        run = super().forward
+        if not torch.is_grad_enabled():
+            # Nothing is saved for backward under no_grad / inference_mode: run the block as is.
+            return run(*args, **kwargs)
+        # Keyword arguments go through a partial so that a block keyword that happens to share a name with a
+        # `checkpoint` option (debug, context_fn, ...) is never swallowed by checkpoint itself.
+        fn = functools.partial(run, **kwargs) if kwargs else run
+        extra = {"context_fn": _selective_context} if self.recompute_policy == "selective" else {}
+        return checkpoint(
+            fn, *args, use_reentrant=False, preserve_rng_state=self.recompute_preserves_rng, **extra
+        )
+
+    def extra_repr(self) -> str:
+        inner = super().extra_repr()
+        return f"recompute={self.recompute_policy}" + (f", {inner}" if inner else "")
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -135,22 +147,13 @@ def apply_recompute(
     if layers < -1:
         raise ValueError(f"train.recompute_layers must be -1 (all) or >= 0; got {layers}")
     for index, block in enumerate(blocks):
-        state = block.__dict__.pop(_STATE_ATTR, None)
-        if state is not None:  # undo a previous application before re-applying
-            del block.__dict__["forward"]
-            if state[3] is not None:
-                block.__dict__["forward"] = state[3]
+        swap_out(block, Recomputed)  # re-applying replaces the previous policy
         if policy == "none" or (layers >= 0 and index >= layers):
             continue
-        # The original forward is kept as a bound method: copy.deepcopy (e.g. for an EMA copy) rebinds
-        # bound methods to the copy, so a copied block recomputes its own parameters, not the original's.
-        # state = (policy, forward to run, preserve_rng_state, instance-level forward override to restore)
-        override = block.__dict__.get("forward")
-        block.__dict__[_STATE_ATTR] = (policy, block.forward, preserve_rng_state, override)
-        block.__dict__["forward"] = types.MethodType(_checkpointed_forward, block)
+        swap_in(block, Recomputed)
+        block.recompute_policy, block.recompute_preserves_rng = policy, preserve_rng_state
 
 
 def recompute_policy(block: nn.Module) -> str:
     """The recompute policy currently applied to `block` ("none" if none)."""
-    state = block.__dict__.get(_STATE_ATTR)
-    return "none" if state is None else state[0]
+    return block.recompute_policy if isinstance(block, Recomputed) else "none"

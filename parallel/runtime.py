@@ -25,16 +25,20 @@ class LocalRuntime:
     def __init__(self, device: torch.device | None = None):
         self.device = device or torch.device("cpu")
 
-    def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
+    def parallelize(
+        self, model: nn.Module, plan, parallel, recompute: str = "none", recompute_layers: int = -1
+    ) -> nn.Module:
+        """Recompute, compile and low-precision compute as `parallel` (the `cfg.parallel` section) and
+        `train.recompute` / `train.recompute_layers` ask; no sharding in one process."""
         from megagen.parallel.recompute import apply_recompute
 
-        apply_recompute(model, plan.blocks, cfg.train.recompute, layers=cfg.train.recompute_layers)
-        if cfg.parallel.compile:
+        apply_recompute(model, plan.blocks, recompute, layers=recompute_layers)
+        if parallel.compile:
             for block in model.get_submodule(plan.blocks):
-                block.compile(backend=cfg.parallel.compile_backend)
+                block.compile(backend=parallel.compile_backend)
         from megagen.parallel.precision import autocast_forward
 
-        autocast_forward(model, cfg.parallel.param_dtype, self.device)
+        autocast_forward(model, parallel.param_dtype, self.device)
         return model
 
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,47 +95,30 @@ class LocalRuntime:
         pass
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _replication(p: torch.Tensor, world_size: int) -> int:
-    """How many ranks hold an identical copy of this rank's piece of `p`."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.placement_types import Shard
-
-    if not isinstance(p, DTensor):
-        return world_size
-    mesh, distinct = p.device_mesh, 1
-    for axis, placement in enumerate(p.placements):
-        if isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard":
-            distinct *= mesh.size(axis)
-    return world_size // distinct
-
-
 class DistributedRuntime(LocalRuntime):
     """The runtime on a device mesh (torchrun / several processes): same hooks, real collectives."""
 
-    def __init__(self, cfg):
+    def __init__(self, parallel, *, launch=None, flight_recorder: bool = False):
+        """`parallel`: the `cfg.parallel` section. `launch`: a `preflight.LaunchCheck` every rank must agree
+        on (None skips the check). `flight_recorder`: record collectives so the step watchdog can name the
+        one a stuck rank waits for. `megagen.runtime_setup.distributed_runtime` fills these from a config."""
         import torch.distributed as dist
 
         from megagen.parallel.mesh import Mesh, ParallelDims, device_and_backend
 
         # FSDP2 warns that the root returns a view; nothing in megagen writes to the output in place.
         warnings.filterwarnings("ignore", message=r".*returned a view tensor.*")
-        device, backend = device_and_backend(cfg.parallel.backend)
+        device, backend = device_and_backend(parallel.backend)
         self._owns_group = not dist.is_initialized()
         if not dist.is_initialized():
-            if cfg.train.step_timeout_s != 0:
+            if flight_recorder:
                 from megagen.parallel.progress import enable_flight_recorder
 
-                enable_flight_recorder()  # the watchdog names the collective a stuck rank waits for
+                enable_flight_recorder()
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         super().__init__(device)
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
-        p = cfg.parallel
+        p = parallel
         self.dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, self.world_size)
         self.mesh = Mesh(self.dims, device.type)
         self.dp_rank, self.dp_size = self.mesh.local_rank("dp"), self.dims.dp
@@ -139,25 +126,29 @@ class DistributedRuntime(LocalRuntime):
         self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
         self.grad_sync = p.grad_sync
         self.state = None
-        from megagen.config.load import config_fingerprint
-        from megagen.parallel.preflight import preflight
+        self.preflight = None
+        if launch is not None:
+            from megagen.parallel.preflight import preflight
 
-        self.preflight = preflight(cfg, config_fingerprint(cfg), self.mesh.axis_groups(), device)
+            self.preflight = preflight(launch, self.mesh.axis_groups(), device)
 
-    def parallelize(self, model: nn.Module, plan, cfg) -> nn.Module:
+    def parallelize(
+        self, model: nn.Module, plan, parallel, recompute: str = "none", recompute_layers: int = -1
+    ) -> nn.Module:
         from megagen.parallel.parallelize import parallelize
 
-        self.state = parallelize(
-            model, plan, self.mesh, cfg.parallel, cfg.train.recompute, cfg.train.recompute_layers
-        )
+        self.state = parallelize(model, plan, self.mesh, parallel, recompute, recompute_layers)
         return model
 
     @property
     def loss_scale(self) -> float:
-        """Undo FSDP's averaging where this torch cannot be told to sum."""
-        if self.state is None or self.state.grads_summed or not self.state.fsdp:
+        """Undo FSDP's averaging where this torch cannot be told to sum (`grad_reduction` rule 3)."""
+        from megagen.parallel.grad_reduction import fsdp_average_undo
+
+        if self.state is None:
             return 1.0
-        return float(self.dims.fsdp * self.dims.dp_replicate)
+        fsdp_ranks = self.dims.fsdp * self.dims.dp_replicate
+        return fsdp_average_undo(fsdp_ranks, self.state.fsdp, self.state.grads_summed)
 
     def shard_targets(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.state.sharder.shard_targets(target)
@@ -168,47 +159,34 @@ class DistributedRuntime(LocalRuntime):
         set_gradient_sync(model, last_micro or self.grad_sync == "every_micro")
 
     def finish_grads(self, model: nn.Module) -> None:
-        """Sum the partial gradients FSDP does not sum, one all-reduce per axis (`grad_reduction.py`)."""
+        """Sum the partial gradients FSDP does not sum, one all-reduce per axis (`grad_reduction` rule 2)."""
         if not self.state.engine_sums:
             return
-        import torch.distributed as dist
+        from megagen.parallel.grad_reduction import sum_partial
 
-        from megagen.parallel.comm import comm_axis
-
-        params = dict(model.named_parameters())
-        for axis, names in self.state.engine_sums.items():
-            grads = [_local(params[n].grad) for n in names if params[n].grad is not None]
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            with comm_axis(axis):
-                dist.all_reduce(flat, group=self.mesh.group(axis))
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        sum_partial(model, self.state.engine_sums, self.mesh.group)
 
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """The global grad norm, each distinct element counted once (`grad_reduction` rule 4)."""
         import torch.distributed as dist
 
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for p in params:
-            if p.grad is not None:
-                sq = _local(p.grad).double().pow(2).sum()
-                total += sq / _replication(p.grad, self.world_size)
         from megagen.parallel.comm import comm_axis
+        from megagen.parallel.grad_reduction import grad_norm_squared
 
+        total = grad_norm_squared(params, self.world_size, self.device)
         with comm_axis("world"):
             dist.all_reduce(total)
         return total.sqrt().float()
 
     def clip_grads(self, params: list[nn.Parameter], max_norm: float) -> float:
+        from torch.distributed.tensor import DTensor
+
         norm = self.grad_norm(params)
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for p in params:
                 if p.grad is not None:
-                    g = _local(p.grad)
+                    g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                     g.mul_(coef.to(g.dtype))
         value = float(norm)
         return value if math.isfinite(value) else float("nan")
@@ -218,24 +196,24 @@ class DistributedRuntime(LocalRuntime):
         import torch.distributed as dist
 
         from megagen.parallel.comm import comm_axis
+        from megagen.parallel.grad_reduction import loss_copies
 
         total = local_sum.detach().clone().double()
         with comm_axis("world"):
             dist.all_reduce(total)
-        duplicates = 1 if self.sequence_parallel else self.dims.tp
-        return float(total) / duplicates / self.loss_scale
+        return float(total) / loss_copies(self.dims.tp, self.sequence_parallel) / self.loss_scale
 
     def sum_over_sequence_shards(self, local_sum: torch.Tensor) -> float:
         """Every dp rank computed the same samples: sum over all ranks, then count each replica once."""
         import torch.distributed as dist
 
         from megagen.parallel.comm import comm_axis
+        from megagen.parallel.grad_reduction import loss_copies
 
         total = local_sum.detach().clone().double()
         with comm_axis("world"):
             dist.all_reduce(total)
-        duplicates = self.dims.dp * (1 if self.sequence_parallel else self.dims.tp)
-        return float(total) / duplicates
+        return float(total) / (self.dims.dp * loss_copies(self.dims.tp, self.sequence_parallel))
 
     def comm_counter(self):
         """A collective counter keyed by mesh axis (FSDP's traffic is named by its process group)."""

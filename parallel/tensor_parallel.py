@@ -2,10 +2,11 @@
 
 Column-parallel linears keep their output features' shard, row-parallel ones their input features' shard;
 weights become DTensors with their true placement on the tp mesh (FSDP2 and DCP see the global layout)
-while compute runs on local shards. Where activations enter a region (`TPRegion`) a pre-hook gathers them
-over tp (SP) or marks them for a backward all-reduce (no SP); row-parallel outputs are reduce-scattered
-(SP) or all-reduced. Which parameters are left with tp-partial gradients (and summed by the runtime after
-backward) is the gradient rule of `grad_reduction.py`.
+while compute runs on local shards. Each region module becomes a `TensorParallel<Module>` whose forward
+first brings its declared inputs in (`RegionEntry`: all-gathered over tp under SP, else marked for a
+backward all-reduce); row-parallel outputs are reduce-scattered (SP) or all-reduced. Which parameters
+are left with tp-partial gradients (and summed by the runtime after backward) is the gradient rule of
+`grad_reduction.py`.
 
 The local GEMM is the replaced layer's own: a linear that carries a `gemm(x, weight, bias, amax_group=)`
 (e.g. `megagen.kernels.Linear`, FP8 through Transformer Engine under `train.fp8`) keeps it, called on the
@@ -19,12 +20,12 @@ import fnmatch
 import inspect
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from megagen.parallel.class_swap import swap_in
 from megagen.parallel.mappings import (
     copy_to_region,
     gather_along,
@@ -110,34 +111,65 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _region_hook(region: TPRegion, arg_names: list[str], group: dist.ProcessGroup, sequence_parallel: bool):
-    def enter(x: torch.Tensor, sequence: bool) -> torch.Tensor:
-        if sequence and sequence_parallel:
-            return gather_along(x, SEQ_DIM, group)
-        if sequence or not sequence_parallel:
-            return copy_to_region(x, group)
-        return x  # replicated input under SP: its gradient stays partial like every replicated param's
+class RegionEntry:
+    """How the inputs of one tensor-parallel region enter it, by argument name: a sequence-sharded
+    activation is all-gathered over tp under SP, else copied (identity forward, all-reduce backward); a
+    replicated one (text context) is copied without SP and passed as is under SP, where its gradient stays
+    partial like every replicated parameter's (the gradient rule of `grad_reduction.py`)."""
 
-    def hook(module, args, kwargs):
-        args = list(args)
-        for i, name in enumerate(arg_names[: len(args)]):
-            if name in region.seq_args or name in region.replicated_args:
-                if isinstance(args[i], torch.Tensor):
-                    args[i] = enter(args[i], name in region.seq_args)
-        for name in list(kwargs):
-            if (name in region.seq_args or name in region.replicated_args) and isinstance(
-                kwargs[name], torch.Tensor
-            ):
-                kwargs[name] = enter(kwargs[name], name in region.seq_args)
-        return tuple(args), kwargs
+    def __init__(self, region: TPRegion, arg_names: list[str], group, sequence_parallel: bool):
+        self.region, self.arg_names = region, arg_names
+        self.group, self.sequence_parallel = group, sequence_parallel
 
-    return hook
+    def __repr__(self) -> str:
+        seq = "gather" if self.sequence_parallel else "copy"
+        parts = [f"{n}: {seq}" for n in self.region.seq_args]
+        parts += [
+            f"{n}: {'as is' if self.sequence_parallel else 'copy'}" for n in self.region.replicated_args
+        ]
+        return "tp_inputs=(" + ", ".join(parts) + ")"
+
+    def _enter(self, name: str, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if name in self.region.seq_args:
+            return (
+                gather_along(x, SEQ_DIM, self.group)
+                if self.sequence_parallel
+                else copy_to_region(x, self.group)
+            )
+        if name in self.region.replicated_args and not self.sequence_parallel:
+            return copy_to_region(x, self.group)
+        return x
+
+    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The region's call arguments with every declared input brought into the region."""
+        args = (
+            tuple(self._enter(name, x) for name, x in zip(self.arg_names, args)) + args[len(self.arg_names) :]
+        )
+        return args, {name: self._enter(name, x) for name, x in kwargs.items()}
+
+
+class TensorParallelRegion:
+    """Region wrapper (swapped in as a subclass, `class_swap.py`): the module's forward on its inputs
+    brought into the region by its `region_entry`; parameter names are unchanged."""
+
+    prefix = "TensorParallel"
+    region_entry: RegionEntry
+
+    def forward(self, *args, **kwargs):
+        args, kwargs = self.region_entry.prepare(args, kwargs)
+        return super().forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        inner = super().extra_repr()
+        return repr(self.region_entry) + (f", {inner}" if inner else "")
 
 
 def apply_tensor_parallel(
     model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool
 ) -> None:
-    """Shard the plan's linears over the tp mesh and install region-entry hooks (in place)."""
+    """Shard the plan's linears over tp; each region module becomes a `TensorParallel<Module>`, in place."""
     col = _matching(model, plan.colwise)
     row = _matching(model, plan.rowwise)
     for pattern in (*plan.colwise, *plan.rowwise):
@@ -157,7 +189,6 @@ def apply_tensor_parallel(
         if not hits:
             raise ValueError(f"parallel plan region {pattern!r} matches no module")
         for _, module in hits:
-            names = list(inspect.signature(module.forward).parameters)
-            module.register_forward_pre_hook(
-                _region_hook(region, names, group, sequence_parallel), with_kwargs=True
-            )
+            names = list(inspect.signature(module.forward).parameters)  # positions of the declared inputs
+            swap_in(module, TensorParallelRegion)
+            module.region_entry = RegionEntry(region, names, group, sequence_parallel)

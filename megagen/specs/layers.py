@@ -42,12 +42,13 @@ class SelfAttention(nn.Module):
         self.k_norm = qk_norm_layer(self.head_dim, qk_norm, eps)
         self.core = AttentionCore()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_valid`: (S,) bool mask of real keys, given when the engine padded the sequence."""
         b, s, _ = x.shape
         q = self.q(x).view(b, s, -1, self.head_dim)
         k = self.k(x).view(b, s, -1, self.head_dim)
         v = self.v(x).view(b, s, -1, self.head_dim)
-        return self.o(self.core(self.q_norm(q), self.k_norm(k), v).reshape(b, s, -1))
+        return self.o(self.core(self.q_norm(q), self.k_norm(k), v, token_valid).reshape(b, s, -1))
 
 
 class CrossAttention(nn.Module):

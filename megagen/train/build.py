@@ -57,15 +57,15 @@ def build_model(cfg: Config, spec, runtime, weights: str = "replay", phases: dic
 
     `weights="draw"` (rehearsals): large tensors are drawn locally instead of replayed (`drawn_weights`).
     `phases` gets the seconds spent building on meta (`build`) and materialising (`init`)."""
-    from megagen.kernels import configure_from_config
+    from megagen.runtime_setup import configure_kernels
 
     start = time.perf_counter()
-    configure_from_config(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
+    configure_kernels(cfg)  # kernels.backend / kernels.attention / train.fp8 → the kernel registry
     torch.manual_seed(cfg.run.seed)
     model, record = record_model(cfg, spec)
     plan = spec.parallel_plan(cfg)
     check_plan(model, plan, cfg.parallel.tp, spec.name)
-    model = runtime.parallelize(model, plan, cfg)
+    model = runtime.parallelize(model, plan, cfg.parallel, cfg.train.recompute, cfg.train.recompute_layers)
     built = time.perf_counter()
     draw = drawn_weights(cfg) if weights == "draw" else None
     materialize(model, record.full_tensor, runtime.device, draw=draw)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from megagen.config import Config, save_config
+from megagen.parallel.grad_reduction import normalised_loss
 from megagen.specs import get_spec
 from megagen.train.build import build_model
 from megagen.train.cuda_graphs import check_cuda_graphs, enable_cuda_graphs
@@ -191,7 +192,7 @@ class Trainer:
             cfg, spec, self.model, batch, draws, runtime.shard_targets, sample_valid
         )
         scale = getattr(runtime, "loss_scale", 1.0)
-        loss = loss_sum * scale / (global_batch * tokens_per_sample)
+        loss = normalised_loss(loss_sum, global_batch * tokens_per_sample, scale)
         loss.backward()
         if sample_valid is not None:
             self.skipped_samples += int((~sample_valid).sum())

@@ -16,10 +16,11 @@ def launched_distributed() -> bool:
 
 def make_runtime(cfg: Config):
     """The single-process runtime, or the distributed one when launched by torchrun."""
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     if launched_distributed():
-        return DistributedRuntime(cfg)
+        return distributed_runtime(cfg)
     p = cfg.parallel
     if max(p.dp_replicate, p.cp, p.tp, p.dp_shard) > 1:
         raise ConfigError("parallel", "a mesh larger than 1 needs several processes: launch with torchrun")

@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from megagen.metrics.peak import measure_matmul_flops
 from megagen.parallel.planner.cluster import Cluster
 
 
@@ -31,9 +30,10 @@ def _allreduce_gbps(nbytes: int = 8 << 20, repeats: int = 5) -> tuple[float, flo
     return nbytes * 2 * (n - 1) / n / big / 1e9, lat * 1e6 / max(1, n - 1)
 
 
-def calibrate() -> Cluster:
-    """A cluster file for this machine: measured fp32 matmul peak and collective bandwidth."""
-    peak = measure_matmul_flops(1024, 1024, 1024, seconds=1.0)
+def calibrate(peak_flops: float) -> Cluster:
+    """A cluster file for this machine: the caller's measured fp32 matmul rate (`peak_flops`, FLOP/s; the
+    CLI measures it with `megagen.metrics.peak`) and the collective bandwidth measured here."""
+    peak = peak_flops
     gbps, lat_us = _allreduce_gbps()
     return Cluster(
         name="calibrated-cpu",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megagen.parallel.planner.cluster import Cluster
-from megagen.parallel.planner.cost import Cost, PlanPoint, step_cost
+from megagen.parallel.planner.plan_point import PlanPoint
+from megagen.parallel.planner.step_cost import Cost, step_cost
 from megagen.parallel.planner.workload import Workload
 
 

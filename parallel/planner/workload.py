@@ -120,78 +120,70 @@ def _match(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: int) -> Workload:
-    """Run `model(**inputs)` (meta tensors, batch size `batch`) and record what it does per sample."""
-    blocks_prefix = plan.blocks + "."
-    seq_name = next(iter(plan.sequence_inputs))
-    seq_dim = plan.sequence_inputs[seq_name]
-    work = Workload(tokens=int(inputs[seq_name].shape[seq_dim]), layers=len(model.get_submodule(plan.blocks)))
+def _per_sample_tokens(x: torch.Tensor, batch: int) -> int:
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n // batch
+
+
+def _linear_tracer(work: Workload, name: str, style: str, in_block: bool, batch: int):
+    def on_linear(mod, args, out):
+        tokens = _per_sample_tokens(args[0], batch)
+        work.linears.append(LinearUse(name, tokens, mod.in_features, mod.out_features, style, in_block))
+
+    return on_linear
+
+
+def _core_tracer(work: Workload, name: str, is_self: bool):
+    def on_core(mod, args, out):
+        q, k = args[0], args[1]
+        work.attention.append(AttentionUse(name, q.shape[1], k.shape[1], q.shape[2] * q.shape[3], is_self))
+
+    return on_core
+
+
+def _region_tracer(work: Workload, name: str, region, arg_names: list[str], batch: int):
+    def on_region(mod, args, kwargs):
+        bound = dict(zip(arg_names, args))
+        bound.update(kwargs)
+        seq = tuple(
+            (_per_sample_tokens(bound[a], batch), bound[a].shape[-1]) for a in region.seq_args if a in bound
+        )
+        rep = tuple(
+            (_per_sample_tokens(bound[a], batch), bound[a].shape[-1])
+            for a in region.replicated_args
+            if isinstance(bound.get(a), torch.Tensor)
+        )
+        work.regions.append(RegionUse(name, seq, rep))
+
+    return on_region
+
+
+def _install_tracers(model: nn.Module, plan: ParallelPlan, work: Workload, batch: int) -> list:
+    """Observation hooks on every linear, attention core and region; returns their handles."""
     hooks = []
-
-    def per_sample_tokens(x: torch.Tensor) -> int:
-        n = 1
-        for d in x.shape[:-1]:
-            n *= d
-        return n // batch
-
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             style = "col" if _match(name, plan.colwise) else "row" if _match(name, plan.rowwise) else "rep"
-
-            def on_linear(mod, args, out, name=name, style=style):
-                work.linears.append(
-                    LinearUse(
-                        name,
-                        per_sample_tokens(args[0]),
-                        mod.in_features,
-                        mod.out_features,
-                        style,
-                        name.startswith(blocks_prefix),
-                    )
-                )
-
-            hooks.append(module.register_forward_hook(on_linear))
+            in_block = name.startswith(plan.blocks + ".")
+            hooks.append(module.register_forward_hook(_linear_tracer(work, name, style, in_block, batch)))
         elif name.endswith(".core") or type(module).__name__.endswith("Core"):
-            is_self = _match(name, plan.self_attention)
-
-            def on_core(mod, args, out, name=name, is_self=is_self):
-                q, k = args[0], args[1]
-                work.attention.append(
-                    AttentionUse(name, q.shape[1], k.shape[1], q.shape[2] * q.shape[3], is_self)
-                )
-
-            hooks.append(module.register_forward_hook(on_core))
+            tracer = _core_tracer(work, name, _match(name, plan.self_attention))
+            hooks.append(module.register_forward_hook(tracer))
         for pattern, region in plan.regions.items():
             if fnmatch.fnmatchcase(name, pattern):
                 arg_names = list(inspect.signature(module.forward).parameters)
+                tracer = _region_tracer(work, name, region, arg_names, batch)
+                hooks.append(module.register_forward_pre_hook(tracer, with_kwargs=True))
+    return hooks
 
-                def on_region(mod, args, kwargs, name=name, region=region, arg_names=arg_names):
-                    bound = dict(zip(arg_names, args))
-                    bound.update(kwargs)
-                    seq = tuple(
-                        (per_sample_tokens(bound[a]), bound[a].shape[-1])
-                        for a in region.seq_args
-                        if a in bound
-                    )
-                    rep = tuple(
-                        (per_sample_tokens(bound[a]), bound[a].shape[-1])
-                        for a in region.replicated_args
-                        if isinstance(bound.get(a), torch.Tensor)
-                    )
-                    work.regions.append(RegionUse(name, seq, rep))
 
-                hooks.append(module.register_forward_pre_hook(on_region, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-
+def _record_params(model: nn.Module, plan: ParallelPlan, work: Workload) -> None:
+    """Each block's parameter shapes (an FSDP unit each), then the root's, with their tp dim and class."""
     classes = classify(model, plan)[0]
-    blocks = model.get_submodule(plan.blocks)
     block_ids = set()
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(model.get_submodule(plan.blocks)):
         shapes = []
         for pname, p in block.named_parameters():
             full = f"{plan.blocks}.{i}.{pname}"
@@ -202,6 +194,21 @@ def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: in
         if id(p) not in block_ids:
             shape = ParamShape(pname, tuple(p.shape), _tp_dim(pname, plan), classes.get(pname, ""))
             work.root_params.append(shape)
+
+
+def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: int) -> Workload:
+    """Run `model(**inputs)` (meta tensors, batch size `batch`) and record what it does per sample."""
+    seq_name = next(iter(plan.sequence_inputs))
+    seq_dim = plan.sequence_inputs[seq_name]
+    work = Workload(tokens=int(inputs[seq_name].shape[seq_dim]), layers=len(model.get_submodule(plan.blocks)))
+    hooks = _install_tracers(model, plan, work, batch)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    _record_params(model, plan, work)
     work.heads = max(plan.head_counts.values()) if plan.head_counts else 0
     work.hidden = max((r.seq[0][1] for r in work.regions if r.seq), default=0)
     return work
@@ -214,3 +221,11 @@ def _tp_dim(param_name: str, plan: ParallelPlan) -> int | None:
     if _match(module, plan.rowwise):
         return 1 if leaf == "weight" else None
     return None
+
+
+def cached(work: Workload, key: tuple, compute):
+    """`compute()` once per (workload, key): the search costs thousands of plans on one workload."""
+    cache = work.__dict__.setdefault("_cost_cache", {})
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]

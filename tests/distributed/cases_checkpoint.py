@@ -64,13 +64,14 @@ def train_with_checkpoints(
     `kill_rank_at=(rank, step)`: that rank SIGKILLs itself inside the writer of checkpoint `step`.
     """
     from megagen.checkpoint import attach_checkpointing
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     warnings.filterwarnings("ignore")
     if kill_rank_at is not None:
         _kill_rank_during_save(*kill_rank_at)
     cfg = config(overrides, run_dir)
-    runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
+    runtime = distributed_runtime(cfg) if dist.is_initialized() else LocalRuntime()
     trainer = Trainer(cfg, runtime)
     hook = attach_checkpointing(trainer)
     start = {"step": trainer.step, "sampler": trainer.sampler_state}

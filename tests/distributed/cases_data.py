@@ -10,10 +10,11 @@ from tests.distributed.cases_parity import BASE, EXAMPLE
 
 
 def train_from_shards(path: str, overrides: list[str]) -> dict:
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = load_config(EXAMPLE, [*BASE, f"data.path={path}", "train.steps=4", *overrides])
-    runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
+    runtime = distributed_runtime(cfg) if dist.is_initialized() else LocalRuntime()
     trainer = Trainer(cfg, runtime)
     result = trainer.run()
     samples = [(q.step, q.bucket, q.sample_ids) for q in trainer.data.plan]

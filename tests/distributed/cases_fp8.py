@@ -22,7 +22,7 @@ LINEARS = ("Linear", "ColumnParallelLinear", "RowParallelLinear")
 def gemm_paths(overrides: list[str]) -> dict:
     """{"paths": {module: {"type", "own_gemm", "fp8": [weight shape, amax ranks] or None}},
     "tp_ranks": this rank's tp group or None}."""
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
     from megagen.train import train
 
     calls: dict[int, tuple] = {}
@@ -40,7 +40,7 @@ def gemm_paths(overrides: list[str]) -> dict:
     try:
         with mock.patch("megagen.kernels.linear.fp8_usable", lambda x: True):
             cfg = config([*overrides, "train.fp8=true", "train.steps=1"], "/tmp/megagen-fp8")
-            runtime = DistributedRuntime(cfg)
+            runtime = distributed_runtime(cfg)
             model = train(cfg, runtime).model
     finally:
         if real_te is None:

@@ -18,10 +18,11 @@ from tests.distributed.cases_parity import config
 
 
 def _runtime(cfg):
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    return DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
+    return distributed_runtime(cfg) if dist.is_initialized() else LocalRuntime()
 
 
 def _build(cfg):

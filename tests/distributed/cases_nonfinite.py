@@ -39,11 +39,12 @@ def run_poisoned(
 ) -> dict:
     """Train with `steps` poisoned; every step's full params (rank 0), losses, metrics records and the
     NonFiniteStepError message if the run stopped."""
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = load_config(EXAMPLE, [*BASE, f"run.dir={run_dir or '/tmp/megagen-nonfinite'}", *overrides])
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
+    runtime = distributed_runtime(cfg) if dist.is_initialized() else LocalRuntime()
     trainer = Trainer(cfg, runtime)
     poison(trainer, set(steps), kind, rank)
     snapshots = [full_tensors(list(trainer.model.named_parameters()))]

@@ -45,11 +45,12 @@ def config(overrides: list[str], run_dir: str):
 
 def run_training(overrides: list[str], run_dir: str = "/tmp/megagen-parity") -> dict:
     """Train on the current process group (or alone); gather full params/grads on every rank."""
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = config(overrides, run_dir)
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-    runtime = DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime()
+    runtime = distributed_runtime(cfg) if dist.is_initialized() else LocalRuntime()
     result = train(cfg, runtime, capture_grads=True)
     params = full_tensors(list(result.model.named_parameters()))
     out = {"losses": result.losses, "grad_norms": result.grad_norms}
@@ -113,10 +114,11 @@ def state_bytes(overrides: list[str]) -> dict[str, int]:
     """
     from torch.distributed.tensor import DTensor
 
-    from megagen.parallel.runtime import DistributedRuntime, LocalRuntime
+    from megagen.parallel.runtime import LocalRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = config([*overrides, "train.steps=1"], "/tmp/megagen-mem")
-    result = train(cfg, DistributedRuntime(cfg) if dist.is_initialized() else LocalRuntime())
+    result = train(cfg, distributed_runtime(cfg) if dist.is_initialized() else LocalRuntime())
 
     def nbytes(t):
         t = t.to_local() if isinstance(t, DTensor) else t
@@ -130,13 +132,13 @@ def state_bytes(overrides: list[str]) -> dict[str, int]:
 def mesh_error(overrides: list[str]) -> str:
     """Build spec checks + runtime with a bad mesh; return the error text this rank raised."""
     from megagen.config import ConfigError
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
     from megagen.specs import get_spec
 
     cfg = config(overrides, "/tmp/megagen-mesh")
     try:
         get_spec(cfg.model.spec).validate(cfg)
-        DistributedRuntime(cfg)
+        distributed_runtime(cfg)
     except ConfigError as exc:
         return str(exc)
     return ""
@@ -144,10 +146,10 @@ def mesh_error(overrides: list[str]) -> str:
 
 def comm_of_one_step(overrides: list[str]) -> dict:
     """{axis: {kind: {bytes, calls}}} counted during one optimizer step (one micro-batch)."""
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = config([*overrides, "train.steps=1", "metrics.comm=true"], "/tmp/megagen-comm")
-    result = train(cfg, DistributedRuntime(cfg))
+    result = train(cfg, distributed_runtime(cfg))
     return result.comm[0]
 
 
@@ -156,11 +158,11 @@ def comm_and_state(overrides: list[str]) -> dict:
     every micro-batch boundary: before each micro-batch and after the last backward), rank-local."""
     from torch.distributed.tensor import DTensor
 
-    from megagen.parallel.planner.validate import watch_gradient_peak
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.plan_validate import watch_gradient_peak
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = config([*overrides, "train.steps=1", "metrics.comm=true"], "/tmp/megagen-plan")
-    runtime = DistributedRuntime(cfg)
+    runtime = distributed_runtime(cfg)
     grad_peak = watch_gradient_peak(runtime)
     result = train(cfg, runtime)
 
@@ -176,11 +178,11 @@ def comm_and_state(overrides: list[str]) -> dict:
 def preflight_case(overrides_by_rank: dict) -> str:
     """Build the runtime with per-rank overrides; return the pre-flight error text ('' if accepted)."""
     from megagen.config import ConfigError
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     cfg = config(overrides_by_rank.get(dist.get_rank(), []), "/tmp/megagen-preflight")
     try:
-        DistributedRuntime(cfg)
+        distributed_runtime(cfg)
     except ConfigError as exc:
         return str(exc)
     return ""

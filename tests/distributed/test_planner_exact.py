@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from megagen.config import load_config
-from megagen.parallel.planner.cost import communication, state_memory
+from megagen.parallel.planner.comm_cost import communication
+from megagen.parallel.planner.memory import state_memory
 from megagen.planning import plan_point_for_config, workload_for_config
 from tests.distributed.cases_parity import BASE, EXAMPLE
 from tests.distributed.test_parity import MESHES

@@ -30,7 +30,7 @@ LOSS_RTOL = 5e-2
 def _train(fp8: bool) -> tuple[list[float], dict]:
     from megagen.config import load_config
     from megagen.kernels import backend as registry
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
     from megagen.train.loop import Trainer
 
     cfg = load_config(
@@ -39,7 +39,7 @@ def _train(fp8: bool) -> tuple[list[float], dict]:
          "kernels.backend=torch", f"run.dir=/tmp/megagen-gpu-fp8tp-{int(fp8)}"],
     )  # fmt: skip
     registry.reset_usage()
-    trainer = Trainer(cfg, DistributedRuntime(cfg))
+    trainer = Trainer(cfg, distributed_runtime(cfg))
     trainer.run()
     losses = [r["loss"] for r in trainer.history]
     tp_linears = [m for m in trainer.model.modules() if type(m).__name__.endswith("ParallelLinear")]

@@ -59,10 +59,10 @@ def _one_rank_group() -> None:
 
 
 def _runtime(cfg):
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
 
     _one_rank_group()
-    return DistributedRuntime(cfg)
+    return distributed_runtime(cfg)
 
 
 def _free() -> None:

@@ -160,12 +160,12 @@ FAKE_RANK = textwrap.dedent(
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from megagen.config import load_config
-    from megagen.parallel.runtime import DistributedRuntime
+    from megagen.runtime_setup import distributed_runtime
     from megagen.specs import get_spec
     from megagen.train.build import build_model, record_model
     cfg = load_config("examples/configs/video_tiny.yaml", ["model.init=live", *overrides])
     spec = get_spec("video")
-    model = build_model(cfg, spec, DistributedRuntime(cfg))
+    model = build_model(cfg, spec, distributed_runtime(cfg))
     _, record = record_model(cfg, spec)
     wrong, sharded = [], 0
     for name, p in [*model.named_parameters(), *model.named_buffers()]:

@@ -12,6 +12,7 @@ import torch
 from megagen import kernels as K
 from megagen.config import ConfigError, load_config
 from megagen.kernels import backend as registry
+from megagen.runtime_setup import configure_kernels
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
 OPS = (
@@ -87,7 +88,7 @@ def test_unknown_backend_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="parallel.compile_backend"):
         load_config(EXAMPLE, ["parallel.compile_backend=tvm"])
     cfg = load_config(EXAMPLE, ["kernels.backend=torch", "kernels.attention=math", "train.fp8=true"])
-    assert K.configure_from_config(cfg) == registry.KernelSettings("torch", "math", True)
+    assert configure_kernels(cfg) == registry.KernelSettings("torch", "math", True)
     with pytest.raises(ValueError, match="kernels.backend"):
         K.configure("fast")
 
@@ -152,7 +153,7 @@ def test_fast_backends_requested_on_cpu_import_nothing_and_match_torch():
     base = load_config(EXAMPLE)
     model, inputs = _tiny_forward(base)
     want = model(**inputs)
-    K.configure_from_config(
+    configure_kernels(
         load_config(EXAMPLE, ["kernels.backend=triton", "kernels.attention=te", "train.fp8=true"])
     )
     assert torch.equal(model(**inputs), want)

@@ -11,16 +11,12 @@ import pytest
 
 from megagen.cli import main
 from megagen.parallel.planner.cluster import load_cluster
-from megagen.parallel.planner.cost import (
-    PlanPoint,
-    communication,
-    local_shape,
-    padded_tokens,
-    state_memory,
-    step_cost,
-)
+from megagen.parallel.planner.comm_cost import communication
+from megagen.parallel.planner.memory import local_shape, state_memory
+from megagen.parallel.planner.plan_point import PlanPoint, padded_tokens
 from megagen.parallel.planner.reference import LLAMA3, decoder_lm_workload
 from megagen.parallel.planner.search import search
+from megagen.parallel.planner.step_cost import step_cost
 
 EXAMPLE = "examples/configs/video_tiny.yaml"
 

@@ -71,13 +71,14 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.core = core()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         # `-1` heads: the full head count in one process, heads/tp on a tensor-parallel rank.
         q = self.q(x).view(b, s, -1, self.head_dim)
         k = self.k(x).view(b, s, -1, self.head_dim)
         v = self.v(x).view(b, s, -1, self.head_dim)
-        return self.o(self.core(q, k, v).reshape(b, s, -1))
+        # `token_valid`: the mask of real keys when the engine padded the sequence (ParallelPlan.token_mask)
+        return self.o(self.core(q, k, v, token_valid).reshape(b, s, -1))
 
 
 class CrossAttention(nn.Module):
@@ -122,10 +123,15 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(d, 6 * d)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: torch.Tensor,
+        context_valid: torch.Tensor | None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, token_valid)
         x = x + self.cross_attn(self.norm2(x), context, context_valid)
         x = x + gate2 * self.mlp(self.norm3(x) * (1 + scale2) + shift2)
         return x
@@ -177,6 +183,7 @@ class VideoDiT(nn.Module):
         text: torch.Tensor,
         text_valid: torch.Tensor | None = None,
         text_drop: torch.Tensor | None = None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.patch_embed(tokens)
         x = x + self.pos_t(pos_ids[..., 0]) + self.pos_h(pos_ids[..., 1]) + self.pos_w(pos_ids[..., 2])
@@ -186,6 +193,6 @@ class VideoDiT(nn.Module):
             null = self.text_null.to(context.dtype).expand_as(context)
             context = torch.where(text_drop.view(-1, 1, 1), null, context)
         for block in self.blocks:
-            x = block(x, c, context, text_valid)
+            x = block(x, c, context, text_valid, token_valid)
         shift, scale = self.out_ada(c).unsqueeze(1).chunk(2, dim=-1)
         return self.out_proj(self.out_norm(x) * (1 + scale) + shift)

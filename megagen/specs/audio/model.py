@@ -79,10 +79,11 @@ class AudioBlock(nn.Module):
         t_mod: torch.Tensor,
         context: torch.Tensor,
         context_valid: torch.Tensor | None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mod = t_mod.view(t_mod.shape[0], 6, -1) + self.mod_table
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.attn_norm(x), shift1, scale1))
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.attn_norm(x), shift1, scale1), token_valid)
         x = x + self.cross_attn(self.cross_norm(x), context, context_valid)
         x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.mlp_norm(x), shift2, scale2))
         return x
@@ -130,7 +131,9 @@ class AudioTransformer(nn.Module):
         text: dict[str, torch.Tensor],
         text_valid: dict[str, torch.Tensor] | None = None,
         drop: dict[str, torch.Tensor] | None = None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`token_valid`: (S,) bool mask of real tokens when the engine pads the sequence (see video)."""
         v = self.video_proj(video)
         if drop is not None and "video" in drop:
             v = torch.where(drop["video"].view(-1, 1, 1), self.video_null.to(v.dtype).expand_as(v), v)
@@ -139,6 +142,6 @@ class AudioTransformer(nn.Module):
         t_emb = self.t_embed(t)
         t_mod = self.t_mod(nn.functional.silu(t_emb))
         for blk in self.blocks:
-            x = blk(x, t_mod, context, context_valid)
+            x = blk(x, t_mod, context, context_valid, token_valid)
         shift, scale = (t_emb.unsqueeze(1) + self.out_table).unbind(1)
         return self.out_proj(modulate(self.out_norm(x), shift, scale))

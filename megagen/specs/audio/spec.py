@@ -104,6 +104,7 @@ class AudioSpec(ModelSpec):
             },
             self_attention=("blocks.*.attn.core",),
             sequence_inputs={"tokens": 1, "video": 1, "pos_ids": 1},
+            token_mask="token_valid",
             sequence_output_dim=1,
             head_counts={"self-attention": arch.heads},
         )

@@ -65,11 +65,12 @@ class VideoBlock(nn.Module):
         t_mod: torch.Tensor,
         context: torch.Tensor,
         context_valid: torch.Tensor | None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mod = t_mod.view(t_mod.shape[0], 6, -1) + self.mod_table
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
         x = x + pos
-        x = gated_residual(x, gate1, self.attn(self.attn_norm.modulated(x, shift1, scale1)))
+        x = gated_residual(x, gate1, self.attn(self.attn_norm.modulated(x, shift1, scale1), token_valid))
         x = x + self.cross_attn(self.cross_norm(x), context, context_valid)
         x = gated_residual(x, gate2, self.mlp(self.mlp_norm.modulated(x, shift2, scale2)))
         return x
@@ -163,13 +164,16 @@ class VideoTransformer(nn.Module):
         text: dict[str, torch.Tensor],
         text_valid: dict[str, torch.Tensor] | None = None,
         text_drop: dict[str, torch.Tensor] | None = None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`token_valid`: (S,) bool mask of real tokens, which the engine passes when it pads the sequence
+        for context/sequence parallelism (`ParallelPlan.token_mask`); self-attention masks the rest."""
         x = self.patch_embed(tokens)
         pos = factorized_position(pos_ids, self.pos_t.weight, self.pos_h.weight, self.pos_w.weight)
         context, context_valid = project_text(self.text, text, text_valid, text_drop)
         t_emb = self.t_embed(t)
         t_mod = self.t_mod(nn.functional.silu(t_emb))
         for blk in self.blocks:
-            x = blk(x, pos, t_mod, context, context_valid)
+            x = blk(x, pos, t_mod, context, context_valid, token_valid)
         shift, scale = (t_emb.unsqueeze(1) + self.out_table).unbind(1)
         return self.out_proj(self.out_norm.modulated(x, shift, scale))

@@ -76,6 +76,7 @@ class VideoSpec(ModelSpec):
             },
             self_attention=("blocks.*.attn.core",),
             sequence_inputs={"tokens": 1, "pos_ids": 1},
+            token_mask="token_valid",
             sequence_output_dim=1,
             head_counts={"self-attention": arch.heads},
         )

@@ -1,0 +1,85 @@
+"""One plan's whole prediction: bytes, memory, FLOPs, and step time with the overlaps the engine performs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megagen.parallel.planner.cluster import Cluster
+from megagen.parallel.planner.comm_cost import collective_seconds, communication
+from megagen.parallel.planner.compute_cost import elementwise_seconds, flops_per_rank, recomputed_flops
+from megagen.parallel.planner.cost import activation_bytes
+from megagen.parallel.planner.memory import fsdp_buffer_bytes, state_memory
+from megagen.parallel.planner.plan_point import PlanPoint
+from megagen.parallel.planner.workload import Workload
+
+
+@dataclass
+class Cost:
+    """Everything the planner predicts for one plan."""
+
+    comm: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """{axis: {kind: {"bytes": int, "calls": int}}} for one optimizer step on rank 0."""
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    activation_bytes: float = 0.0
+    transient_bytes: float = 0.0
+    model_flops_per_rank: float = 0.0
+    hardware_flops_per_rank: float = 0.0
+    compute_s: float = 0.0
+    comm_s: dict[str, float] = field(default_factory=dict)
+    exposed_comm_s: float = 0.0
+    step_s: float = 0.0
+    duplicated_activation_bytes: float = 0.0
+
+    @property
+    def peak_memory_bytes(self) -> float:
+        return (
+            self.param_bytes
+            + self.grad_bytes
+            + self.optimizer_bytes
+            + self.activation_bytes
+            + self.transient_bytes
+        )
+
+    def bytes_by_axis(self) -> dict[str, int]:
+        return {a: sum(v["bytes"] for v in kinds.values()) for a, kinds in self.comm.items()}
+
+
+def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
+    """Bytes, memory, FLOPs and predicted step time of one optimizer step."""
+    cost = Cost()
+    cost.comm = communication(work, plan)
+    cost.param_bytes, cost.grad_bytes, cost.optimizer_bytes = state_memory(work, plan)
+    cost.activation_bytes, cost.duplicated_activation_bytes = activation_bytes(work, plan)
+    cost.transient_bytes = fsdp_buffer_bytes(work, plan)
+    mm, attn, model = flops_per_rank(work, plan)
+    re_mm, re_attn = recomputed_flops(work, plan)
+    cost.model_flops_per_rank = model
+    cost.hardware_flops_per_rank = model + re_mm + re_attn
+    eff_mm = cluster.peak_flops * cluster.matmul_efficiency
+    eff_attn = cluster.peak_flops * cluster.attention_efficiency
+    cost.compute_s = (
+        (mm + re_mm) / eff_mm + (attn + re_attn) / eff_attn + elementwise_seconds(work, plan, cluster)
+    )
+    overlappable = 0.0
+    exposed = 0.0
+    for axis, kinds in cost.comm.items():
+        t_axis = 0.0
+        for kind, v in kinds.items():
+            t_axis += collective_seconds(kind, v["bytes"], v["calls"], axis, plan, cluster)
+        cost.comm_s[axis] = t_axis
+        if axis in ("dp_shard_cp", "dp_replicate"):
+            overlappable += t_axis  # FSDP prefetches the next unit while this one computes
+        else:
+            exposed += t_axis  # TP/SP and CP collectives sit on the critical path in this engine
+    # FSDP: each micro-batch's first all-gathers (the root, then block 0) and each gradient sync's last
+    # reduce-scatters (block 0, then the root) cannot hide: two units' share of every micro-batch's gathers
+    # and of every sync's reductions, i.e. 2/units of the step's FSDP traffic; the rest hides behind compute
+    units = max(1, work.layers + 1)
+    fsdp_edge = overlappable * 2 / units
+    hidden_budget = cost.compute_s
+    exposed += fsdp_edge + max(0.0, overlappable - fsdp_edge - hidden_budget)
+    cost.exposed_comm_s = exposed
+    cost.step_s = cost.compute_s + exposed
+    return cost
