@@ -93,8 +93,8 @@ def gradient_bytes(work: Workload, plan: PlanPoint, shard: int = 0) -> int:
 
 
 def fsdp_buffer_bytes(work: Workload, plan: PlanPoint) -> float:
-    """FSDP's communication buffers at their peak: two gathered block units (current + prefetched) in the
-    compute dtype, and one unit's unsharded gradient in the reduce dtype before its reduce-scatter."""
-    blocks = work.block_params[0] if work.block_params else []
-    unit = cached(work, ("unit", plan.tp), lambda: sum(math.prod(local_shape(p, plan.tp)) for p in blocks))
+    """FSDP's communication buffers at their peak: the largest block unit's all-gather output (every
+    parameter's dim 0 padded to the shard group) twice, current and prefetched, in the compute dtype, and
+    once in the reduce dtype (the unsharded gradient its reduce-scatter sends)."""
+    unit = max(unit_padded_numels(work, plan.tp, plan.fsdp)[:-1], default=0)  # blocks; the root is last
     return unit * (2 * DTYPE_BYTES[plan.param_dtype] + DTYPE_BYTES[plan.reduce_dtype])
