@@ -154,7 +154,7 @@ def measure(path: str, steps: int, dp: int, resume_step: int, warm: bool) -> dic
     }
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=100_000_000)
     ap.add_argument("--samples-per-shard", type=int, default=1000)
@@ -171,7 +171,32 @@ def main() -> None:
         "child first does what a trainer does before build_data, one memory fit of a tiny shape",
     )
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # the child process
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def _measure_in_child(args, out: str, resume: int) -> dict:
+    """The measurement in a fresh interpreter, so its baseline holds no manifest-writing leftovers."""
+    cmd = [
+        args.python,
+        os.path.abspath(__file__),
+        "--measure",
+        out,
+        "--steps",
+        str(args.steps),
+        "--dp",
+        str(args.dp),
+        "--resume-step",
+        str(resume),
+    ] + (["--cold"] if args.cold else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
+    if proc.returncode:
+        sys.exit(f"measurement failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = _arguments()
     resume = args.resume_step if args.resume_step is not None else args.steps // 2
     if args.measure:
         print(json.dumps(measure(args.measure, args.steps, args.dp, resume, not args.cold)))
@@ -185,23 +210,7 @@ def main() -> None:
             f"manifest: {args.samples:,} samples, {shards:,} shards, {size_mb:.1f} MB "
             f"(written in {time.perf_counter() - t:.1f} s, no shard data)"
         )
-        cmd = [
-            args.python,
-            os.path.abspath(__file__),
-            "--measure",
-            out,
-            "--steps",
-            str(args.steps),
-            "--dp",
-            str(args.dp),
-            "--resume-step",
-            str(resume),
-        ] + (["--cold"] if args.cold else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd())
-        if proc.returncode:
-            sys.exit(f"measurement failed:\n{proc.stderr[-4000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = _measure_in_child(args, out, resume)
     result["manifest_mb"] = size_mb
     result["python"] = args.python
     reader_s = result["of_which_manifest_and_reader_s"]
