@@ -218,10 +218,13 @@ class BucketedPartialSum:
     value: the all-reduce sums element by element."""
 
     def __init__(
-        self, model: nn.Module, reductions: dict[str, list[str]], group_of, bucket_bytes=BUCKET_BYTES
+        self, model: nn.Module, reductions: dict[str, list[str]], group_of, bucket_bytes: int | None = None
     ):
         params = dict(model.named_parameters())
+        bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
         self._group_of = group_of
+        self.launched_in_backward = 0
+        """Buckets whose all-reduce a hook issued (the ones that overlapped), over the run."""
         self.buckets: list[tuple[str, list[nn.Parameter]]] = []
         for axis, names in reductions.items():
             bucket, size = [], 0
@@ -256,6 +259,7 @@ class BucketedPartialSum:
         self._arrived[i].add(id(p))
         if len(self._arrived[i]) == len(self.buckets[i][1]) and self._issued[i] is None:
             self._launch(i)
+            self.launched_in_backward += 1
 
     def _launch(self, i: int) -> None:
         axis, ps = self.buckets[i]
