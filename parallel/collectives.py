@@ -8,6 +8,10 @@ on gloo (CPU) and NCCL (CUDA).
 
 With a group of one rank (or no initialised process group) every function is a no-op that may return its
 input itself. Sizes that do not split evenly raise ValueError with the numbers.
+
+Every wait goes through `_wait` (or `Pending.wait`, which calls it): `wait_tensor` is where the
+communication accounting (`parallel/comm.py`) times exposed communication, so overlapping code issues
+early, holds a `Pending`, and waits where the result is needed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = [
     "reduce_scatter_along",
     "all_reduce_sum",
     "all_to_all_along",
+    "all_reduce_sum_async",
+    "Pending",
 ]
 
 # Functional (out-of-place) collectives: selective activation checkpointing can keep their outputs instead
@@ -33,7 +39,21 @@ def _name(group: dist.ProcessGroup | None) -> str:
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
+    """Block until the functional collective producing `t` is done (timed as exposed by CommCounter)."""
     return _F.wait_tensor(t)
+
+
+class Pending:
+    """An issued collective whose result is not needed yet: `wait()` blocks once and returns it, so the
+    compute between issue and wait hides the communication."""
+
+    def __init__(self, result: torch.Tensor, done: bool = False):
+        self._result, self._done = result, done
+
+    def wait(self) -> torch.Tensor:
+        if not self._done:
+            self._result, self._done = _wait(self._result), True
+        return self._result
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -97,6 +117,13 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     if group_size(group) == 1:
         return x
     return _wait(_F.all_reduce(x.contiguous(), "sum", _name(group)))
+
+
+def all_reduce_sum_async(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> Pending:
+    """Issue the sum of `x` over the group (into a new tensor) and return at once; `.wait()` gives it."""
+    if group_size(group) == 1:
+        return Pending(x, done=True)
+    return Pending(_F.all_reduce(x.contiguous(), "sum", _name(group)))
 
 
 def all_to_all_along(

@@ -8,6 +8,12 @@ every op through unchanged. `seconds` is the time the calling thread spent issui
 for functional ones (`wait_tensor`): the communication the step did not overlap with compute (waits on
 `Work` handles, as FSDP2 uses them, are not dispatcher ops and are not timed).
 
+Exposed time per axis and kind (`exposed()`, `exposed_by_axis()`) exists so overlap can be measured: a
+functional collective's issue call plus the `wait_tensor` on its result is attributed to the axis and kind
+it was issued under, and the span from issue to the end of its wait is its "issued" time (an upper bound
+on its link time). A kind that ran any c10d op (FSDP2's, `dist.all_reduce`) reports None for both: their
+waits happen on `Work` handles this mode cannot see, so their exposed time is unknown.
+
     axes = mesh_axis_groups(mesh, {"dp_shard_cp": mesh["dp_shard", "cp"]._flatten("dp_shard_cp")})
     with CommCounter(axes) as comm:
         loss.backward()
@@ -34,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CommCounter", "CommRecord", "comm_axis", "mesh_axis_groups"]
+__all__ = ["CommCounter", "CommRecord", "CommTiming", "comm_axis", "mesh_axis_groups"]
 
 _SCOPE = threading.local()
 
@@ -120,6 +126,21 @@ class CommRecord:
     op: str  # the dispatcher op, e.g. "c10d._allgather_base_"
 
 
+@dataclass
+class CommTiming:
+    """Seconds of one (axis, kind): `exposed` = the caller blocked (issue + wait); `issued` = from issue to
+    the end of the wait. `timed` turns False once an op of the kind ran whose wait is invisible (c10d)."""
+
+    exposed: float = 0.0
+    issued: float = 0.0
+    timed: bool = True
+
+    def as_dict(self) -> dict[str, float | None]:
+        if not self.timed:
+            return {"exposed_s": None, "issued_s": None}
+        return {"exposed_s": self.exposed, "issued_s": self.issued}
+
+
 def _nbytes(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
@@ -174,12 +195,32 @@ class CommCounter(TorchDispatchMode):
         """Wall time inside collective calls: blocking collectives (gloo) in full; async ones (NCCL) only
         their launch — an estimate of exposed communication, not a measurement of link time."""
         self._totals: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+        self._timing: dict[str, dict[str, CommTiming]] = defaultdict(lambda: defaultdict(CommTiming))
+        self._in_flight: dict[int, tuple] = {}
+        """id(result of a functional collective) -> (the result, its timing, issue time), until waited."""
 
     # ------------------------------------------------------------------ results
     def reset(self) -> None:
         self.seconds = 0.0
         self.records.clear()
         self._totals.clear()
+        self._timing.clear()
+        self._in_flight.clear()
+
+    def exposed(self) -> dict[str, dict[str, dict[str, float | None]]]:
+        """{axis: {kind: {"exposed_s": float | None, "issued_s": float | None}}} (None: not measurable)."""
+        return {
+            axis: {kind: timing.as_dict() for kind, timing in kinds.items()}
+            for axis, kinds in self._timing.items()
+        }
+
+    def exposed_by_axis(self) -> dict[str, float | None]:
+        """{axis: seconds the caller waited on its collectives}, None where some kind was not measurable."""
+        out: dict[str, float | None] = {}
+        for axis, kinds in self._timing.items():
+            timings = list(kinds.values())
+            out[axis] = sum(t.exposed for t in timings) if all(t.timed for t in timings) else None
+        return out
 
     def summary(self) -> dict[str, dict[str, dict[str, int]]]:
         """{axis: {kind: {"bytes": int, "calls": int}}}."""
@@ -208,7 +249,7 @@ class CommCounter(TorchDispatchMode):
             return "world"
         return f"other:{group_name}"
 
-    def _record(self, func, spec, args, kwargs, out) -> None:
+    def _record(self, func, spec, args, kwargs, out, start: float, end: float) -> None:
         kind, payload = spec
         bound = dict(zip((a.name for a in func._schema.arguments), args))
         bound.update(kwargs)
@@ -221,6 +262,26 @@ class CommCounter(TorchDispatchMode):
         total = self._totals[axis][kind]
         total[0] += nbytes
         total[1] += 1
+        self._time_issue(func.namespace == "c10d", self._timing[axis][kind], out, start, end)
+
+    def _time_issue(self, c10d: bool, timing: CommTiming, out, start: float, end: float) -> None:
+        timing.exposed += end - start
+        if c10d:
+            timing.timed = False  # waited on a Work handle, out of sight
+        else:
+            results = [out] if isinstance(out, torch.Tensor) else list(out or ())
+            for t in results:  # a coalesced op returns one tensor per input, each waited on its own
+                if isinstance(t, torch.Tensor):
+                    self._in_flight[id(t)] = (t, timing, start)
+
+    def _time_wait(self, waited, start: float, end: float) -> None:
+        self.seconds += end - start
+        entry = self._in_flight.pop(id(waited), None)
+        if entry is None or entry[0] is not waited:
+            return  # issued before this counter was entered (or reset): bytes were not counted either
+        _, timing, issued_at = entry
+        timing.exposed += end - start
+        timing.issued += end - issued_at
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -232,13 +293,14 @@ class CommCounter(TorchDispatchMode):
         if func.namespace == "_c10d_functional" and func._opname == "wait_tensor":
             start = time.perf_counter()  # blocked on an async functional collective: communication time
             out = func(*args, **kwargs)
-            self.seconds += time.perf_counter() - start
+            self._time_wait(args[0] if args else kwargs.get("tensor"), start, time.perf_counter())
             return out
         spec = _OPS.get((func.namespace, func._opname)) if func.namespace in _NAMESPACES else None
         if spec is None:
             return func(*args, **kwargs)
         start = time.perf_counter()
         out = func(*args, **kwargs)
-        self.seconds += time.perf_counter() - start
-        self._record(func, spec, args, kwargs, out)
+        end = time.perf_counter()
+        self.seconds += end - start
+        self._record(func, spec, args, kwargs, out, start, end)
         return out

@@ -3,7 +3,9 @@
 1. partial over: the data axes (dp_replicate, dp_shard: other samples) and cp (other tokens), always;
    tp when its class says so (`partial_over_tp`: IN_REGION always, BETWEEN under sequence parallelism).
 2. summed by: FSDP's reduce-scatter / all-reduce over the axes of its mesh, told to SUM (`fsdp_sums`);
-   the runtime all-reduces every other partial axis once after backward (`engine_reductions` → `sum_partial`).
+   the runtime all-reduces every other partial axis once after backward (`engine_reductions` → `sum_partial`),
+   or, with `parallel.overlap` and no FSDP, in buckets launched during the step's last backward as their
+   gradients become final (`BucketedPartialSum`) — the same all-reduce of the same values, only earlier.
 3. the loss is normalised by the global count of valid tokens (`normalised_loss`), times the FSDP
    group size where an old torch can only average (`fsdp_average_undo`): the sum then equals one process's.
 4. the grad norm counts each distinct element once: a rank divides its squared norm by the number of
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from megagen.parallel.collectives import Pending, all_reduce_sum_async
 from megagen.parallel.comm import comm_axis
 from megagen.parallel.plan import ParallelPlan
 
@@ -190,10 +193,94 @@ def sum_partial(model: nn.Module, reductions: dict[str, list[str]], group_of) ->
         flat = torch.cat([g.reshape(-1) for g in grads])
         with comm_axis(axis):
             dist.all_reduce(flat, group=group_of(axis))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _copy_back(grads, flat)
+
+
+BUCKET_BYTES = 25 * 2**20
+"""Bucket size of the overlapped path: big enough to amortise a collective's latency, small enough that
+the first buckets launch early in backward."""
+
+
+def _copy_back(grads: list[torch.Tensor], flat: torch.Tensor) -> None:
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class BucketedPartialSum:
+    """`sum_partial` overlapped with backward: the partial gradients of each axis are grouped in buckets of
+    about `bucket_bytes`, in reverse registration order (roughly the order backward finishes them); a
+    bucket's all-reduce is issued from the post-accumulate-grad hook of its last parameter to get its
+    gradient, and waited only in `finish` (before clipping). Only an armed backward (the step's last
+    micro-batch: `arm(True)`) launches, so accumulated gradients are summed once, as `sum_partial` does;
+    a bucket whose gradients never all arrived is launched in `finish`. Flattening does not change a
+    value: the all-reduce sums element by element."""
+
+    def __init__(
+        self, model: nn.Module, reductions: dict[str, list[str]], group_of, bucket_bytes: int | None = None
+    ):
+        params = dict(model.named_parameters())
+        bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+        self._group_of = group_of
+        self.launched_in_backward = 0
+        """Buckets whose all-reduce a hook issued (the ones that overlapped), over the run."""
+        self.buckets: list[tuple[str, list[nn.Parameter]]] = []
+        for axis, names in reductions.items():
+            bucket, size = [], 0
+            for name in reversed(names):
+                p = params[name]
+                bucket.append(p)
+                size += _local(p).numel() * p.element_size()
+                if size >= bucket_bytes:
+                    self.buckets.append((axis, bucket))
+                    bucket, size = [], 0
+            if bucket:
+                self.buckets.append((axis, bucket))
+        self._bucket_of = {id(p): i for i, (_, ps) in enumerate(self.buckets) for p in ps}
+        self.armed = False
+        self._reset()
+        for _, ps in self.buckets:
+            for p in ps:
+                p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _reset(self) -> None:
+        self._arrived: list[set[int]] = [set() for _ in self.buckets]
+        self._issued: list[tuple[list[torch.Tensor], Pending] | None] = [None] * len(self.buckets)
+
+    def arm(self, syncing: bool) -> None:
+        """Whether the coming backward is the step's last (its gradients are final once accumulated)."""
+        self.armed = syncing
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if not self.armed:
+            return
+        i = self._bucket_of[id(p)]
+        self._arrived[i].add(id(p))
+        if len(self._arrived[i]) == len(self.buckets[i][1]) and self._issued[i] is None:
+            self._launch(i)
+            self.launched_in_backward += 1
+
+    def _launch(self, i: int) -> None:
+        axis, ps = self.buckets[i]
+        grads = [_local(p.grad) for p in ps if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with comm_axis(axis):
+            self._issued[i] = (grads, all_reduce_sum_async(flat, self._group_of(axis)))
+
+    def finish(self) -> None:
+        """Wait for every bucket (launching the ones backward did not) and write the sums into the grads."""
+        for i, issued in enumerate(self._issued):
+            if issued is None:
+                self._launch(i)
+        for issued in self._issued:
+            if issued is not None:
+                grads, pending = issued
+                _copy_back(grads, pending.wait())  # the wait is timed under the axis it was issued on
+        self._reset()
+        self.armed = False
 
 
 def replication(p: torch.Tensor, world_size: int) -> int:

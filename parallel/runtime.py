@@ -125,7 +125,10 @@ class DistributedRuntime(LocalRuntime):
         self.is_logging_rank = self.rank == 0
         self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
         self.grad_sync = p.grad_sync
+        self.overlap = p.overlap
         self.state = None
+        self.partial_sum = None
+        """`BucketedPartialSum` when `parallel.overlap` launches the engine's gradient sums in backward."""
         self.preflight = None
         if launch is not None:
             from megagen.parallel.preflight import preflight
@@ -157,10 +160,22 @@ class DistributedRuntime(LocalRuntime):
         from megagen.parallel.fsdp import set_gradient_sync
 
         set_gradient_sync(model, last_micro or self.grad_sync == "every_micro")
+        if self.partial_sum is None and self.overlap and self.state.engine_sums and not self.state.fsdp:
+            from megagen.parallel.grad_reduction import BucketedPartialSum
+
+            # Made here, not in parallelize: the model is materialised (new parameters) in between. Under
+            # FSDP the sharded gradients appear only in its post-backward, so they are summed after it.
+            self.partial_sum = BucketedPartialSum(model, self.state.engine_sums, self.mesh.group)
+        if self.partial_sum is not None:
+            self.partial_sum.arm(last_micro)  # the engine sums accumulated gradients once, as sum_partial
 
     def finish_grads(self, model: nn.Module) -> None:
-        """Sum the partial gradients FSDP does not sum, one all-reduce per axis (`grad_reduction` rule 2)."""
+        """Sum the partial gradients FSDP does not sum, one all-reduce per axis (`grad_reduction` rule 2);
+        with overlap, wait for the buckets backward launched."""
         if not self.state.engine_sums:
+            return
+        if self.partial_sum is not None:
+            self.partial_sum.finish()
             return
         from megagen.parallel.grad_reduction import sum_partial
 

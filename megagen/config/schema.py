@@ -98,6 +98,7 @@ class ParallelConfig:
         "inductor", "torch.compile backend for parallel.compile", choices=("inductor", "aot_eager", "eager")
     )
     backend: str = opt("auto", "process-group backend", choices=("auto", "gloo", "nccl"))
+    overlap: bool = opt(True, "switches every overlap at once so one run can A/B them (docs/parallelism.md)")
 
 
 @dataclass

@@ -20,6 +20,17 @@ def resolved_mesh(cfg: Config, runtime) -> dict:
     return {**sizes, "cp_kind": cfg.parallel.cp_kind}
 
 
+def exposed_comm_per_axis(timed: list[dict]) -> dict[str, float | None]:
+    """{axis: median seconds per step waited on its collectives}; None where a step could not measure it
+    (FSDP2's waits on Work handles are invisible to the accounting)."""
+    axes = sorted({axis for r in timed for axis in r.get("comm_exposed_s", {})})
+    out: dict[str, float | None] = {}
+    for axis in axes:
+        values = [r.get("comm_exposed_s", {}).get(axis, 0.0) for r in timed]
+        out[axis] = None if any(v is None for v in values) else statistics.median(values)
+    return out
+
+
 def run_bench(cfg: Config, steps: int, warmup: int, runtime=None) -> dict:
     """Train `warmup + steps` steps and summarise the timed ones (medians)."""
     from megagen.train.loop import Trainer
@@ -60,6 +71,7 @@ def run_bench(cfg: Config, steps: int, warmup: int, runtime=None) -> dict:
         "data_wait_share": statistics.median(r["data_wait_s"] / r["step_time_s"] for r in timed),
         "comm_share": statistics.median(r.get("comm_s", 0.0) / r["step_time_s"] for r in timed),
         "comm_bytes_per_step": timed[-1].get("comm_bytes", {}),
+        "exposed_comm_s": exposed_comm_per_axis(timed),
     }
     return result
 

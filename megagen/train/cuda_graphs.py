@@ -2,11 +2,14 @@
 
 Buckets give every micro-batch of a bucket the same shapes, so each bucket's block stack is captured once:
 on the first training call of block 0 with a new (shapes, dtypes, mask) key, all blocks are warmed up on
-a side stream and captured together (forward in order, backward in reverse, one memory pool per bucket)
-by `torch.cuda.make_graphed_callables`; later micro-batches of that bucket copy their inputs into the
-static buffers and replay. A new bucket is a new key: it is captured on first sight (re-capture per
-bucket). Evaluation and no-grad calls run eagerly. Everything outside the blocks (embeddings, loss) stays
-eager; it is small and shape-light.
+a side stream and captured together (forward in order, backward in reverse) by
+`torch.cuda.make_graphed_callables`, every bucket into the one memory pool the stack shares (buckets run
+one at a time, so their graphs can reuse each other's memory instead of each holding its own); later
+micro-batches of that bucket copy their inputs into the static buffers and replay. A new bucket is a new
+key: it is captured on first sight (re-capture per bucket). Evaluation and no-grad calls run eagerly.
+Everything outside the blocks (embeddings, loss) stays eager; it is small and shape-light. Capture runs
+with autocast's weight-cast cache off: torch refuses to capture with it on, since a cached cast would be
+baked into the graph and go stale when the weights change.
 
 How the blocks reach their graphs: each block's class is swapped for `CudaGraphed<Block>`, a subclass whose
 forward asks the stack's `BlockGraphs` (no patched `forward` attribute), so `print(model)` shows it and the
@@ -109,6 +112,14 @@ class _Call(nn.Module):
         return self.block.eager_forward(*(next(it) if here else None for here in self.present))
 
 
+def _autocast_without_cache():
+    """The autocast state of the calling region (on or off, same dtype) with its cast cache disabled."""
+    enabled = torch.is_autocast_enabled("cuda")
+    return torch.autocast(
+        "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=enabled, cache_enabled=False
+    )
+
+
 class BlockGraphs:
     """Per-bucket CUDA graphs of a stack of blocks, each called as `block(x, *tensors_or_None)` with the same
     argument shapes in and x's shape out (transformer blocks). Each block's class becomes
@@ -122,6 +133,8 @@ class BlockGraphs:
         self.warmup_iters = warmup_iters
         self.graphs: dict[tuple, list] = {}
         self.captures = 0
+        self.pool = None
+        """The graph memory pool every bucket's capture shares (made at the first capture)."""
         for i, block in enumerate(self.blocks):
             block.__class__ = graphed_class(type(block))
             block.block_graphs, block.block_index = self, i
@@ -141,9 +154,15 @@ class BlockGraphs:
 
         log.info("cuda graphs: capturing %d blocks for shapes %s", len(callables), [k and k[0] for k in key])
         torch.cuda.synchronize()
-        graphed = torch.cuda.make_graphed_callables(
-            callables, tuple(sample() for _ in callables), num_warmup_iters=self.warmup_iters
-        )
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with _autocast_without_cache():
+            graphed = torch.cuda.make_graphed_callables(
+                callables,
+                tuple(sample() for _ in callables),
+                num_warmup_iters=self.warmup_iters,
+                pool=self.pool,
+            )
         torch.cuda.synchronize()
         self.captures += 1
         return list(graphed)

@@ -141,7 +141,8 @@ class Watchdog(SideJob):
 
 
 class CountCollectives(SideJob):
-    """`metrics.comm`: bytes, calls and seconds of the collectives each step issues, per mesh axis."""
+    """`metrics.comm`: bytes, calls and seconds of the collectives each step issues, per mesh axis; the
+    seconds spent waiting per axis (`comm_exposed_s`, None where unmeasurable) show what overlap hid."""
 
     def __init__(self, counter):
         self.counter = counter
@@ -157,6 +158,7 @@ class CountCollectives(SideJob):
         self.counting.close()
         report.metrics["comm_bytes"] = self.counter.bytes_by_axis()
         report.metrics["comm_s"] = self.counter.seconds
+        report.metrics["comm_exposed_s"] = self.counter.exposed_by_axis()
         self.per_step.append(self.counter.summary())
 
     def close(self) -> None:  # a step that raised left the counter on

@@ -17,6 +17,7 @@ FIELDS = (
     "peak_memory_gb",
     "data_wait_share",
     "comm_share",
+    "exposed_comm_s",
     "step_time_s",
 )
 

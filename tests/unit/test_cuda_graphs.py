@@ -60,11 +60,12 @@ def test_per_bucket_capture_plumbing_with_a_fake_capture(tmp_path, monkeypatch):
     eager = train(_cfg(tmp_path / "eager", "train.steps=3"))
     captured = []
 
-    def fake_make_graphed_callables(callables, samples, num_warmup_iters):
+    def fake_make_graphed_callables(callables, samples, num_warmup_iters, pool=None):
         captured.append([tuple(t.shape) for t in samples[0]])
         return callables  # the _Call wrappers run the blocks' own forward
 
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool",))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(cg, "check_cuda_graphs", lambda cfg, runtime: None)
     monkeypatch.setattr("megagen.train.loop.check_cuda_graphs", lambda cfg, runtime: None, raising=False)
@@ -98,3 +99,22 @@ def test_graphed_blocks_show_in_the_model_and_keep_their_parameter_names(tmp_pat
     assert [n for n, _ in model.named_parameters()] == names and graphs.blocks[0] is block
     assert list(model.state_dict()) == list(eager.state_dict())
     assert type(model.blocks[1]) is type(block), "one graphed class per block class"
+
+
+def test_every_bucket_captures_into_one_pool_with_autocast_caching_off(monkeypatch):
+    """torch refuses capture with autocast's cast cache on; buckets share one graph memory pool."""
+    seen, pools = [], []
+
+    def fake_make_graphed_callables(callables, samples, num_warmup_iters, pool=None):
+        seen.append((pool, torch.is_autocast_cache_enabled()))
+        return callables
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_make_graphed_callables)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pools.append(object()) or pools[-1])
+    monkeypatch.setattr(cg.BlockGraphs, "capturable", staticmethod(lambda x: True))
+    graphs = cg.BlockGraphs(torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]))
+    for rows in (2, 3):  # two buckets
+        graphs.call(0, (torch.zeros(rows, 4, requires_grad=True),))
+    assert graphs.captures == 2 and len(pools) == 1
+    assert seen == [(pools[0], False), (pools[0], False)]

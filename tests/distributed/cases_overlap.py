@@ -1,0 +1,42 @@
+"""Per-rank bodies of tests/distributed/test_overlap.py (run through the worker pool)."""
+
+from __future__ import annotations
+
+import warnings
+from unittest import mock
+
+import torch.distributed as dist
+
+from megagen.parallel import grad_reduction
+from megagen.train import train
+from megagen.train.gather import full_tensors
+from tests.distributed.cases_parity import config
+
+
+def _train(overrides: list[str], run_dir: str) -> dict:
+    from megagen.runtime_setup import distributed_runtime
+
+    cfg = config(overrides, run_dir)
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    runtime = distributed_runtime(cfg)
+    result = train(cfg, runtime, capture_grads=True)
+    params = full_tensors(list(result.model.named_parameters()))
+    partial_sum = runtime.partial_sum
+    out = {
+        "losses": result.losses,
+        "grad_norms": result.grad_norms,
+        "buckets": None if partial_sum is None else len(partial_sum.buckets),
+        "launched_in_backward": None if partial_sum is None else partial_sum.launched_in_backward,
+    }
+    if dist.get_rank() == 0:
+        out.update(params=params, grads=result.last_grads)
+    return out
+
+
+def overlap_on_and_off(overrides: list[str], bucket_bytes: int) -> dict:
+    """The same training with `parallel.overlap` false then true (small buckets, so there are several)."""
+    with mock.patch.object(grad_reduction, "BUCKET_BYTES", bucket_bytes):
+        return {
+            flag: _train([*overrides, f"parallel.overlap={flag}"], f"/tmp/megagen-overlap-{flag}")
+            for flag in ("false", "true")
+        }
