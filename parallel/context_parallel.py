@@ -30,9 +30,7 @@ SEQ_DIM, HEAD_DIM = 1, 2
 class ContextParallelAttention(nn.Module):
     """Wraps a model's attention core; `inner` still does the attention math (any kernel backend)."""
 
-    def __init__(
-        self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None, overlap: bool = False
-    ):
+    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None, overlap: bool = False):
         super().__init__()
         if kind not in ("allgather_kv", "ulysses"):
             raise ValueError(f"parallel.cp_kind: {kind!r}; allowed: allgather_kv, ulysses")

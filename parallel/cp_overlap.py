@@ -56,10 +56,10 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _bias_slices(
-    kv_valid: torch.Tensor | None, rank: int, n: int, chunk: int
+    kv_valid: torch.Tensor | None, rank: int, chunk: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Bias of the local key chunk and of the remote ones (in rank order, local left out)."""
-    bias = key_bias(kv_valid, torch.float32)
+    bias = key_bias(kv_valid, dtype)
     if bias is None:
         return None, None
     local = bias[..., rank * chunk : (rank + 1) * chunk]
@@ -82,7 +82,7 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         chunk = k.shape[2]
         kv = torch.stack([k, v]).contiguous()
         pending = _F.all_gather_into_tensor(kv, n, _name(group))  # runs while the local chunk attends
-        b_local, b_remote = _bias_slices(kv_valid, rank, n, chunk)
+        b_local, b_remote = _bias_slices(kv_valid, rank, chunk, q.dtype)
         out_l, lse_l = chunk_attention(q, k, v, b_local)
         gathered = _wait(pending).view(n, *kv.shape)
         rk, rv = _remote(gathered, rank)
@@ -98,7 +98,7 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         group, n = ctx.group, gathered.shape[0]
         k_all = gathered[:, 0].permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, H, n·S, D) in rank order
         v_all = gathered[:, 1].permute(1, 2, 0, 3, 4).flatten(2, 3)
-        bias = key_bias(kv_valid, torch.float32) if ctx.has_mask else None
+        bias = key_bias(kv_valid, q.dtype) if ctx.has_mask else None
         p = torch.exp(chunk_scores(q, k_all, bias) - _finite(lse).unsqueeze(-1))
         d_v = p.transpose(-1, -2) @ grad_out
         delta = (grad_out * out).sum(-1, keepdim=True)

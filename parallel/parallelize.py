@@ -74,9 +74,7 @@ def parallelize(
             _replace(
                 model,
                 name,
-                ContextParallelAttention(
-                    model.get_submodule(name), parallel_cfg.cp_kind, group, overlap
-                ),
+                ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group, overlap),
             )
         sharder.install(model)
 

@@ -10,7 +10,10 @@ from tests.norms import rel_diff
 
 pytestmark = pytest.mark.slow
 
-TOL = 1e-6
+# 3 AdamW steps amplify fp32 reordering: merely reordering the one-process run's own sums moves step-3
+# QK-norm gradients by 1.3e-6 (cases_parity.py, LIVE). The merge itself is exact (tests/unit/
+# test_cp_overlap_merge.py, 1e-12 in fp64); here the largest drift measured is 1.01e-6 (qknorm grads).
+TOL = 2e-6
 PADDED = ["data.latent_frames=3", "data.latent_height=6", "data.latent_width=10"]  # 45 tokens
 QK = "model.qk_norm=true"
 CASE = "tests.distributed.cases_cp_overlap:run_with_overlap"
@@ -18,9 +21,10 @@ CASE = "tests.distributed.cases_cp_overlap:run_with_overlap"
 CASES = {
     (2, "cp2-allgather-padded-qknorm"): (["parallel.cp=2", QK, *PADDED], TOL),
     (2, "cp2-ulysses-padded-qknorm"): (["parallel.cp=2", "parallel.cp_kind=ulysses", QK, *PADDED], 0.0),
-    (4, "cp2xtp2-allgather-padded"): ([
-        "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1", *PADDED
-    ], TOL),
+    (4, "cp2xtp2-allgather-padded"): (
+        ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1", *PADDED],
+        TOL,
+    ),
 }
 
 
