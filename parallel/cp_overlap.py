@@ -15,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megagen.parallel.collectives import _F, _name, _wait
+from megagen.parallel.comm import comm_axis
+
+AXIS = "cp"  # counted (and timed) as cp traffic even where cp shares its group with dp_shard_cp
 
 
 def key_bias(kv_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -81,10 +84,12 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         n, rank = dist.get_world_size(group), dist.get_rank(group)
         chunk = k.shape[2]
         kv = torch.stack([k, v]).contiguous()
-        pending = _F.all_gather_into_tensor(kv, n, _name(group))  # runs while the local chunk attends
+        with comm_axis(AXIS):  # runs while the local chunk attends
+            pending = _F.all_gather_into_tensor(kv, n, _name(group))
         b_local, b_remote = _bias_slices(kv_valid, rank, chunk, q.dtype)
         out_l, lse_l = chunk_attention(q, k, v, b_local)
-        gathered = _wait(pending).view(n, *kv.shape)
+        with comm_axis(AXIS):
+            gathered = _wait(pending).view(n, *kv.shape)
         rk, rv = _remote(gathered, rank)
         out_r, lse_r = chunk_attention(q, rk, rv, b_remote)
         out, lse = merge_chunks([out_l, out_r], [lse_l, lse_r])
@@ -105,9 +110,11 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         d_s = p * (grad_out @ v_all.transpose(-1, -2) - delta) * (q.shape[-1] ** -0.5)
         d_k = d_s.transpose(-1, -2) @ q
         d_kv = torch.stack([d_k, d_v]).unflatten(3, (n, -1)).permute(3, 0, 1, 2, 4, 5).contiguous()
-        pending = _F.reduce_scatter_tensor(d_kv.flatten(0, 1), "sum", n, _name(group))
+        with comm_axis(AXIS):
+            pending = _F.reduce_scatter_tensor(d_kv.flatten(0, 1), "sum", n, _name(group))
         d_q = d_s @ k_all  # computed while the reduce-scatter runs
-        d_k_local, d_v_local = _wait(pending).view(2, *d_kv.shape[2:])
+        with comm_axis(AXIS):
+            d_k_local, d_v_local = _wait(pending).view(2, *d_kv.shape[2:])
         return d_q, d_k_local, d_v_local, None, None
 
 
