@@ -9,6 +9,10 @@ each rank's queries see every key, behind the attention-core interface `(q, k, v
 The engine also pads sequences to a multiple of the shard count; the model passes the mask of real keys
 over the whole padded sequence (its `ParallelPlan.token_mask` input) to each core as `kv_valid`, so padded
 keys are masked out of attention. Nothing is stored between calls.
+
+With `overlap` on (parallel.overlap), `allgather_kv` runs parallel/cp_overlap.py (the gather hides under
+the local chunk's attention; fp32 reference math) and Ulysses sends q, k, v in one stacked all-to-all.
+With it off, both are the original unoverlapped paths.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megagen.parallel.cp_overlap import overlapped_allgather_attention
 from megagen.parallel.mappings import all_to_all, gather_along
 
 SEQ_DIM, HEAD_DIM = 1, 2
@@ -25,14 +30,14 @@ SEQ_DIM, HEAD_DIM = 1, 2
 class ContextParallelAttention(nn.Module):
     """Wraps a model's attention core; `inner` still does the attention math (any kernel backend)."""
 
-    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None):
+    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None, overlap: bool = False):
         super().__init__()
         if kind not in ("allgather_kv", "ulysses"):
             raise ValueError(f"parallel.cp_kind: {kind!r}; allowed: allgather_kv, ulysses")
-        self.inner, self.kind, self.group = inner, kind, group
+        self.inner, self.kind, self.group, self.overlap = inner, kind, group, overlap
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}"
+        return f"kind={self.kind}, overlap={self.overlap}"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_valid=None) -> torch.Tensor:
         """q, k, v: this rank's sequence chunk (B, S/shards, H, D); `kv_valid`: (padded S,) bool mask of
@@ -40,10 +45,16 @@ class ContextParallelAttention(nn.Module):
         mask = kv_valid
         if self.group is None:
             return self.inner(q, k, v, mask)
+        if self.kind == "allgather_kv" and self.overlap:
+            return overlapped_allgather_attention(q, k, v, mask, self.group)
         if self.kind == "allgather_kv":
             k = gather_along(k, SEQ_DIM, self.group, "cp")
             v = gather_along(v, SEQ_DIM, self.group, "cp")
             return self.inner(q, k, v, mask)
-        q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group, "cp") for x in (q, k, v))
+        if self.overlap:  # one stacked all-to-all instead of three; pure data movement, so bitwise
+            qkv = all_to_all(torch.stack([q, k, v]), HEAD_DIM + 1, SEQ_DIM + 1, self.group, "cp")
+            q, k, v = qkv.unbind(0)
+        else:
+            q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group, "cp") for x in (q, k, v))
         out = self.inner(q, k, v, mask)
         return all_to_all(out, SEQ_DIM, HEAD_DIM, self.group, "cp")

@@ -69,11 +69,12 @@ def parallelize(
                 "parallel plan declares no self-attention core, so the sequence cannot be sharded"
             )
         group = mesh.group("cp") if dims.cp > 1 else None
+        overlap = getattr(parallel_cfg, "overlap", True)  # schema key added by the overlap config work
         for name in cores:
             _replace(
                 model,
                 name,
-                ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group),
+                ContextParallelAttention(model.get_submodule(name), parallel_cfg.cp_kind, group, overlap),
             )
         sharder.install(model)
 

@@ -66,6 +66,7 @@ def _activation_collectives_uncached(work: Workload, plan: PlanPoint, recomputed
                     comm.add("tp", "all_reduce", nbytes, repeats)
 
     # context parallel, per self-attention call
+    overlap = getattr(plan, "overlap", True)  # parallel.overlap: stacked K/V (and q/k/v) collectives
     if plan.cp > 1:
         for layer in range(work.layers):
             repeats = 2 if layer < recomputed else 1
@@ -73,12 +74,30 @@ def _activation_collectives_uncached(work: Workload, plan: PlanPoint, recomputed
                 width = att.width // plan.tp
                 if plan.cp_kind == "allgather_kv":
                     nbytes = b * s_pad * width * fa
-                    comm.add("cp", "all_gather", nbytes, 2 * repeats)
-                    comm.add("cp", "reduce_scatter", nbytes, 2)
+                    _add_allgather_kv(comm, nbytes, repeats, overlap)
                 else:
                     nbytes = b * s_cp * width * fa
-                    comm.add("cp", "all_to_all", nbytes, 4 * repeats + 4)
+                    _add_ulysses(comm, nbytes, repeats, overlap)
     return {(a, k): (v[0], v[1]) for a, kinds in comm.table.items() for k, v in kinds.items()}
+
+
+def _add_allgather_kv(comm: _Comm, nbytes: int, repeats: int, overlap: bool) -> None:
+    """K and V gathered (and dK, dV reduce-scattered) separately, or stacked in one call with overlap."""
+    if overlap:
+        comm.add("cp", "all_gather", 2 * nbytes, repeats)
+        comm.add("cp", "reduce_scatter", 2 * nbytes, 1)
+    else:
+        comm.add("cp", "all_gather", nbytes, 2 * repeats)
+        comm.add("cp", "reduce_scatter", nbytes, 2)
+
+
+def _add_ulysses(comm: _Comm, nbytes: int, repeats: int, overlap: bool) -> None:
+    """q, k, v and the output each way: four all-to-alls, or stacked q/k/v plus the output with overlap."""
+    if overlap:
+        comm.add("cp", "all_to_all", 3 * nbytes, repeats + 1)
+        comm.add("cp", "all_to_all", nbytes, repeats + 1)
+    else:
+        comm.add("cp", "all_to_all", nbytes, 4 * repeats + 4)
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -107,14 +107,18 @@ def test_context_parallel(dist_pool, kind):
     arch, s, lc, model = shapes()
     got = run(dist_pool, ["parallel.cp=2", f"parallel.cp_kind={kind}", f"train.global_batch_size={B}"])
     full = B * s * arch.dim * F  # K or V over the whole sequence (all local heads)
+    # parallel.overlap (on unless configured off) stacks K/V, and Ulysses' q/k/v, into one collective each
+    stacked = getattr(load_config(EXAMPLE, BASE).parallel, "overlap", True)
     if kind == "allgather_kv":
+        calls = arch.layers * (1 if stacked else 2)
         assert got["cp"] == {
-            "all_gather": {"bytes": arch.layers * 2 * full, "calls": arch.layers * 2},  # K, V forward
-            "reduce_scatter": {"bytes": arch.layers * 2 * full, "calls": arch.layers * 2},  # dK, dV
+            "all_gather": {"bytes": arch.layers * 2 * full, "calls": calls},  # K, V forward
+            "reduce_scatter": {"bytes": arch.layers * 2 * full, "calls": calls},  # dK, dV
         }
     else:
         # q, k, v and the output each way, on the local half of the sequence
-        assert got["cp"] == {"all_to_all": {"bytes": arch.layers * 8 * full // 2, "calls": arch.layers * 8}}
+        calls = arch.layers * (4 if stacked else 8)
+        assert got["cp"] == {"all_to_all": {"bytes": arch.layers * 8 * full // 2, "calls": calls}}
     # parameters are replicated over cp, so FSDP shards over dp_shard×cp = 2 ranks
     assert got["dp_shard_cp"] == fsdp_expected(model, 2)
     assert got["world"] == WORLD_SCALARS
