@@ -55,6 +55,7 @@ def plan_point_for_config(
         reduce_dtype=p.reduce_dtype,
         reshard_after_forward=p.reshard_after_forward,
         grad_sync=p.grad_sync,
+        overlap=p.overlap,
     )
 
 

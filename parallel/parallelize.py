@@ -69,7 +69,7 @@ def parallelize(
                 "parallel plan declares no self-attention core, so the sequence cannot be sharded"
             )
         group = mesh.group("cp") if dims.cp > 1 else None
-        overlap = getattr(parallel_cfg, "overlap", True)  # schema key added by the overlap config work
+        overlap = parallel_cfg.overlap
         for name in cores:
             _replace(
                 model,

@@ -98,7 +98,13 @@ class ParallelConfig:
         "inductor", "torch.compile backend for parallel.compile", choices=("inductor", "aot_eager", "eager")
     )
     backend: str = opt("auto", "process-group backend", choices=("auto", "gloo", "nccl"))
-    overlap: bool = opt(True, "switches every overlap at once so one run can A/B them (docs/parallelism.md)")
+    overlap: bool = opt(
+        False,
+        "communication/compute overlap, every kind at once (docs/parallelism.md): CP all-gather K/V behind "
+        "local attention with a log-sum-exp merge, stacked Ulysses all-to-all, tp-partial gradient sums in "
+        "backward; off by default until the merged attention has a fused kernel (today it runs reference "
+        "math, slower than SDPA: benchmarks/overlap_cp.py)",
+    )
 
 
 @dataclass

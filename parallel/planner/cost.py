@@ -26,6 +26,7 @@ def _activation_collectives(work: Workload, plan: PlanPoint) -> dict[tuple[str, 
         plan.micro_batch,
         plan.param_dtype,
         recomputed,
+        plan.overlap,
     )
     return _cached(work, key, lambda: _activation_collectives_uncached(work, plan, recomputed))
 
@@ -66,7 +67,7 @@ def _activation_collectives_uncached(work: Workload, plan: PlanPoint, recomputed
                     comm.add("tp", "all_reduce", nbytes, repeats)
 
     # context parallel, per self-attention call
-    overlap = getattr(plan, "overlap", True)  # parallel.overlap: stacked K/V (and q/k/v) collectives
+    overlap = plan.overlap  # parallel.overlap: stacked K/V (and q/k/v) collectives
     if plan.cp > 1:
         for layer in range(work.layers):
             repeats = 2 if layer < recomputed else 1

@@ -28,6 +28,8 @@ class PlanPoint:
     grad_sync: str = "last_micro"
     """FSDP with accumulation: reduce every micro-batch (every_micro) or keep unsharded gradients until the
     last (last_micro, FSDP2 no-sync)."""
+    overlap: bool = False
+    """parallel.overlap: CP collectives stacked (one K/V all-gather, one q/k/v all-to-all)."""
 
     @property
     def world(self) -> int:

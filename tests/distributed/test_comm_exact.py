@@ -107,8 +107,8 @@ def test_context_parallel(dist_pool, kind):
     arch, s, lc, model = shapes()
     got = run(dist_pool, ["parallel.cp=2", f"parallel.cp_kind={kind}", f"train.global_batch_size={B}"])
     full = B * s * arch.dim * F  # K or V over the whole sequence (all local heads)
-    # parallel.overlap (on unless configured off) stacks K/V, and Ulysses' q/k/v, into one collective each
-    stacked = getattr(load_config(EXAMPLE, BASE).parallel, "overlap", True)
+    # parallel.overlap (off unless configured on) stacks K/V, and Ulysses' q/k/v, into one collective each
+    stacked = load_config(EXAMPLE, BASE).parallel.overlap
     if kind == "allgather_kv":
         calls = arch.layers * (1 if stacked else 2)
         assert got["cp"] == {
