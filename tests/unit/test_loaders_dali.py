@@ -15,22 +15,8 @@ from megagen.data.shard_reader import ShardReader
 from tests.unit.data_helpers import (
     assert_same,
     collect,
-    read_directly,
     request_plan,
-    write_dataset,
 )
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("shards"))
-
-
-@pytest.fixture(scope="module")
-def reference(dataset):
-    """Every request of the plan read directly, one by one, from a fresh reader."""
-    return read_directly(dataset, request_plan())
-
 
 NO_DALI = "nvidia.dali is not installed (pip install nvidia-dali-cuda120)"
 
