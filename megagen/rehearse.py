@@ -71,7 +71,7 @@ def fsdp_buffer_bytes(model, param_dtype: str, reduce_dtype: str) -> int | None:
     in the reduce dtype (the unsharded gradient its reduce-scatter sends). None without FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
-    size = {"fp32": 4, "bf16": 2}
+    from megagen.parallel.planner.plan_point import DTYPE_BYTES as size
     units = []
     for m in model.modules():
         group = m._get_fsdp_state()._fsdp_param_group if isinstance(m, FSDPModule) else None
@@ -88,15 +88,14 @@ def _micro_batch(sampler) -> int:
     return min(b.micro_batch for b in sampler.buckets.values())
 
 
-def predicted_bytes(cfg, world_size: int, micro_batch: int, shard: int = 0) -> dict[str, float]:
+def predicted_bytes(cfg, work, world_size: int, micro_batch: int, shard: int = 0) -> dict[str, float]:
     """The planner's bytes for this config's layout at the rehearsed sequence and micro-batch, on the ranks
     of FSDP shard index `shard` (the rank's place on the flattened dp_shard × cp axis)."""
     from megagen.parallel.planner.cost import activation_bytes
     from megagen.parallel.planner.memory import fsdp_buffer_bytes as fsdp_buffer_bytes_predicted
     from megagen.parallel.planner.memory import state_memory
-    from megagen.planning import plan_point_for_config, workload_for_config
+    from megagen.planning import plan_point_for_config
 
-    work = workload_for_config(cfg)
     plan = plan_point_for_config(cfg, world_size, micro_batch=micro_batch)
     params, grads, optimizer = state_memory(work, plan, shard)
     return {
@@ -116,6 +115,7 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
     from megagen.data.pipeline import build_data
     from megagen.metrics.activation_meter import ActivationMeter, measures
     from megagen.plan_validate import watch_gradient_peak
+    from megagen.planning import workload_for_config
     from megagen.runtime_setup import distributed_runtime
     from megagen.train.loop import Trainer
 
@@ -149,15 +149,16 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
         "comm_buffers": fsdp_buffer_bytes(trainer.model, cfg.parallel.param_dtype, cfg.parallel.reduce_dtype),
     }
     dims = runtime.dims
+    work = workload_for_config(cfg)  # the planner's trace of this config, once
     report = {
         "world_size": world_size,
         "rank": rank,
         "mesh": {a: getattr(dims, a) for a in ("dp_replicate", "dp_shard", "cp", "tp")},
         "model": f"{cfg.model.spec}/{cfg.model.preset}",
-        "tokens": _tokens(cfg),
+        "tokens": work.tokens,
         "micro_batch": micro,
         "bytes": measured,
-        "predicted": predicted_bytes(cfg, world_size, micro, runtime.mesh.local_rank("dp_shard_cp")),
+        "predicted": predicted_bytes(cfg, work, world_size, micro, runtime.mesh.local_rank("dp_shard_cp")),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "phases_s": {k: round(phases[k], 3) for k in ("build", "init", "data_plan", "first_step")},
     }
@@ -165,12 +166,6 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
         k: _relative(measured[k], report["predicted"][k]) for k in CATEGORIES
     }
     return report
-
-
-def _tokens(cfg) -> int:
-    from megagen.planning import workload_for_config
-
-    return workload_for_config(cfg).tokens
 
 
 def _relative(measured: float | None, predicted: float | None) -> float | None:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from megagen.parallel.fsdp import DTYPES
+
 BETWEEN, REGION_INPUT, REGION = "between", "region_input", "region"
 
 
@@ -131,7 +133,7 @@ class _Tracer:
 
 def trace_saved(model: nn.Module, plan, inputs: dict, tokens: int, dtype: str) -> SavedProfile:
     """Run `model(**inputs)` (meta, batch 1) with autograd on at `dtype` and record what it saves."""
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     model = model.to(torch_dtype)
     inputs = tree_map(
         lambda v: v.to(torch_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, inputs
@@ -158,12 +160,17 @@ def trace_saved(model: nn.Module, plan, inputs: dict, tokens: int, dtype: str) -
     return tracer.profile
 
 
+def between_share(plan, pad: float) -> float:
+    """The share of a sequence tensor between TP regions one rank keeps: cp's chunk, and tp's with SP."""
+    return pad / (plan.cp * (plan.tp if plan.sp else 1))
+
+
 def _share(s: SavedTensor, plan, pad: float) -> float:
     """The fraction of a traced storage one rank of `plan` keeps."""
     if not s.sequence:
         return 1.0 / plan.tp if s.place == REGION else 1.0
     if s.place == BETWEEN:
-        return pad / (plan.cp * (plan.tp if plan.sp else 1))
+        return between_share(plan, pad)
     return pad / plan.cp / (plan.tp if s.place == REGION else 1)
 
 

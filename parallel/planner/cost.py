@@ -6,7 +6,7 @@ convention of parallel/comm.py; `comm_cost.communication` adds them up per step.
 
 from __future__ import annotations
 
-from megagen.parallel.planner.activations import saved_bytes_by_layer
+from megagen.parallel.planner.activations import between_share, saved_bytes_by_layer
 from megagen.parallel.planner.comm_table import CommTable as _Comm
 from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, padded_tokens
 from megagen.parallel.planner.workload import Workload
@@ -159,7 +159,7 @@ def _traced_activation_bytes(work: Workload, plan: PlanPoint) -> tuple[float, fl
     kept = by_layer.get(None, 0.0)
     k = plan.recomputed_blocks(work.layers)
     if k:
-        block_input = work.tokens * pad / (plan.cp * (plan.tp if plan.sp else 1)) * (work.hidden or 1) * fa
+        block_input = work.tokens * between_share(plan, pad) * (work.hidden or 1) * fa
         kept += k * block_input + sum(blocks[k:]) + max(blocks[:k])
     else:
         kept += sum(blocks)

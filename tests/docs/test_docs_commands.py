@@ -23,8 +23,8 @@ NOT_RUN = {
     "python3 -m venv .venv": "installs the project: exactly what .ci/run does before this suite",
     "python -m pip install -e examples/plugin_spec": "installs into this venv: done by the plug-in fixture",
     "--rdzv_id demo": "two nodes in two shells: tests/distributed/test_multinode.py runs this launch",
-    "--world-size 6144": "minutes and 12 GB of memory: tests/unit/test_rehearse.py rehearses 512–1,024-rank "
-    "layouts of the same path",
+    "--world-size 6144": "two minutes and 3.6 GB of memory: tests/unit/test_rehearse.py rehearses "
+    "512–1,024-rank layouts of the same path",
 }
 
 COMMANDS = doc_commands()
