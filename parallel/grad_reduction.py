@@ -39,11 +39,10 @@ from __future__ import annotations
 import fnmatch
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from megagen.parallel.collectives import Pending, all_reduce_sum_async
+from megagen.parallel.collectives import Pending, all_reduce_sum, all_reduce_sum_async
 from megagen.parallel.comm import comm_axis
 from megagen.parallel.plan import ParallelPlan
 
@@ -191,8 +190,8 @@ def sum_partial(model: nn.Module, reductions: dict[str, list[str]], group_of) ->
         if not grads:
             continue
         flat = torch.cat([g.reshape(-1) for g in grads])
-        with comm_axis(axis):
-            dist.all_reduce(flat, group=group_of(axis))
+        with comm_axis(axis):  # functional, so the accounting times its wait (exposed) as well
+            flat = all_reduce_sum(flat, group_of(axis))
         _copy_back(grads, flat)
 
 
