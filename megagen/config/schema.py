@@ -61,7 +61,7 @@ class ModelConfig:
     """Which registered spec to build, and at which size."""
 
     spec: str = opt("video", "registered spec name (`megagen specs`) or a dotted path `pkg.module:SPEC`")
-    preset: str = opt("tiny", "size preset defined by the spec (video: tiny, 1b, 5b, 30b)")
+    preset: str = opt("tiny", "size preset defined by the spec (video: tiny, small, 1b, 5b, 30b)")
     init_std: float = opt(0.02, "std of the normal init of linear weights", min=0.0)
     qk_norm: bool = opt(False, "learned RMSNorm of queries and keys over head_dim (video, upsampler, audio)")
     init: str = opt(

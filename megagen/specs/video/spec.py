@@ -20,6 +20,10 @@ VIDEO_PRESETS: dict[str, VideoArch] = {
     "tiny": VideoArch(
         layers=2, dim=64, ffn=128, heads=8, max_latent_thw=(16, 32, 32), text_encoders=TINY_TEXT
     ),
+    # CPU benchmarks (benchmarks/overlap.py): wide enough that GEMMs, not call overheads, set the step time
+    "small": VideoArch(
+        layers=2, dim=512, ffn=1536, heads=8, max_latent_thw=(16, 32, 32), text_encoders=TINY_TEXT
+    ),
     "1b": VideoArch(layers=24, dim=1536, ffn=4096, heads=16),
     "5b": VideoArch(layers=32, dim=3072, ffn=8192, heads=24),
     "30b": VideoArch(layers=48, dim=6144, ffn=16384, heads=48),
