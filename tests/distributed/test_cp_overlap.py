@@ -12,7 +12,10 @@ pytestmark = pytest.mark.slow
 
 # 3 AdamW steps amplify fp32 reordering: merely reordering the one-process run's own sums moves step-3
 # QK-norm gradients by 1.3e-6 (cases_parity.py, LIVE). The merge itself is exact (tests/unit/
-# test_cp_overlap_merge.py, 1e-12 in fp64); here the largest drift measured is 1.01e-6 (qknorm grads).
+# test_cp_overlap_merge.py, 1e-12 in fp64). Largest drift measured with the fused LSE kernels
+# (parallel/attention_lse.py): 9.9e-7 cp2-allgather-padded-qknorm, 1.73e-6 cp2xtp2-allgather-padded (step-3
+# q/k weight grads; the fp32 reference math it replaced gave 1.01e-6 and 1.92e-6), so the issue's 1e-6 bar
+# is not met on every case and the tolerance stays 2e-6.
 TOL = 2e-6
 PADDED = ["data.latent_frames=3", "data.latent_height=6", "data.latent_width=10"]  # 45 tokens
 QK = "model.qk_norm=true"
@@ -28,17 +31,22 @@ CASES = {
 }
 
 
-def _compare(on: dict, off: dict, tol: float, name: str) -> None:
+def _compare(on: dict, off: dict, tol: float, name: str) -> float:
+    """Assert on vs off within `tol` (bitwise when 0); returns the worst relative difference seen."""
+    worst = 0.0
     for kind in ("losses", "grad_norms"):
         for a, b in zip(on[kind], off[kind]):
+            worst = max(worst, abs(a - b) / abs(b) if b else abs(a - b))
             assert abs(a - b) <= tol * abs(b), f"{name}: {kind} {a} vs {b}"
     for kind in ("params", "grads"):
         for pname, b in off[kind].items():
             a = on[kind][pname]
+            worst = max(worst, rel_diff(a, b))
             if tol == 0.0:
                 assert torch.equal(a, b), f"{name}: {kind} {pname} not bitwise"
             else:
                 assert rel_diff(a, b) <= tol, f"{name}: {kind} {pname} {rel_diff(a, b):.2e}"
+    return worst
 
 
 @pytest.mark.parametrize(("world", "name"), list(CASES), ids=[n for _, n in CASES])
@@ -47,4 +55,4 @@ def test_overlap_on_matches_off(dist_pool, world, name):
     on = dist_pool(world).run(CASE, overrides=overrides, overlap=True)[0]
     off = dist_pool(world).run(CASE, overrides=overrides, overlap=False)[0]
     assert len(on["losses"]) == 3
-    _compare(on, off, tol, name)
+    print(f"{name}: worst relative difference on vs off {_compare(on, off, tol, name):.2e}")
