@@ -24,10 +24,16 @@ BACKENDS = ("cpu_flash", "cuda_efficient", "reference")
 
 
 def lse_backend(q: torch.Tensor) -> str:
-    """The kernel `attention_with_lse` uses for q: CPU flash, CUDA memory-efficient, else reference."""
+    """The kernel `attention_with_lse` uses for q: CPU flash, CUDA memory-efficient, else reference.
+    The CUDA path follows torch's own SDPA call of that kernel but has not run on a GPU here."""
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return "cpu_flash"
-    if q.device.type == "cuda" and hasattr(_ATEN, "_scaled_dot_product_efficient_attention"):
+    if (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and q.shape[-1] % 8 == 0  # the kernel's head-dim alignment (SDPA pads; this call does not)
+        and hasattr(_ATEN, "_scaled_dot_product_efficient_attention")
+    ):
         return "cuda_efficient"
     return "reference"
 

@@ -76,7 +76,7 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         with comm_axis(AXIS):  # runs while the local chunk attends
             pending = _F.all_gather_into_tensor(kv, n, _name(group))
-        b_local, b_remote = _bias_slices(kv_valid, rank, k.shape[2], torch.float32)
+        b_local, b_remote = _bias_slices(kv_valid, rank, k.shape[2], q.dtype)
         out_l, lse_l = attention_with_lse(q, k, v, b_local)
         with comm_axis(AXIS):
             gathered = _wait(pending).view(n, *kv.shape)
@@ -91,7 +91,7 @@ class _OverlappedGatherAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, gathered, out, lse, kv_valid = ctx.saved_tensors
         group, n, rank = ctx.group, gathered.shape[0], dist.get_rank(ctx.group)
-        b_local, b_remote = _bias_slices(kv_valid if ctx.has_mask else None, rank, q.shape[2], torch.float32)
+        b_local, b_remote = _bias_slices(kv_valid if ctx.has_mask else None, rank, q.shape[2], q.dtype)
         rk, rv = _remote(gathered, rank)
         dq_r, dk_r, dv_r = attention_chunk_backward(grad_out, q, rk, rv, out, lse, b_remote)
         d_kv = _stack_remote_grads(dk_r, dv_r, rank, q.shape[2])
