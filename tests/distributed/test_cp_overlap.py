@@ -33,7 +33,11 @@ CASES = {
 
 
 # The tiny model has 8 heads, 4 per rank on cp2: 2 head groups of 2 pipelined (the rule would pick 1 here).
-PIPELINED = {"cp2-ulysses-2groups": ULYSSES, "cp2-ulysses-2groups-padded": [*ULYSSES, *PADDED]}
+PIPELINED = {
+    "cp2-ulysses-2groups": ULYSSES,
+    "cp2-ulysses-2groups-padded": [*ULYSSES, *PADDED],
+    "cp2-ulysses-2groups-padded-selective-recompute": [*ULYSSES, *PADDED, "train.recompute=selective"],
+}
 
 
 def _compare(on: dict, off: dict, tol: float, name: str) -> float:
