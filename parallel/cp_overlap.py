@@ -32,12 +32,18 @@ def key_bias(kv_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor 
 
 
 def merge_chunks(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Online-softmax merge in fp32 (fp64 stays fp64): lse = logsumexp_i(lse_i), out = Σ_i exp(lse_i − lse)
-    · out_i; out comes back in the chunks' dtype. A chunk with lse −inf weighs 0."""
-    lse = torch.logsumexp(torch.stack(lses), dim=0)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    out = sum(torch.exp(li - safe).unsqueeze(-1) * oi.to(lse.dtype) for oi, li in zip(outs, lses))
-    return out.to(outs[0].dtype), lse
+    """Online-softmax merge in fp32 (fp64 stays fp64): with m = max_i lse_i and w_i = exp(lse_i − m),
+    out = Σ w_i·out_i / Σ w_i and lse = m + log Σ w_i. Normalising by Σ w_i (rather than weighing by
+    exp(lse_i − lse)) keeps the weights summing to 1 to rounding, as accurate as one kernel over all keys.
+    A chunk with lse −inf weighs 0; out comes back in the chunks' dtype."""
+    stacked = torch.stack(lses)
+    top = stacked.max(0).values
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = torch.exp(stacked - top)
+    total = weights.sum(0)
+    out = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outs))
+    out = out / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
+    return out.to(outs[0].dtype), top + torch.log(total)
 
 
 def _bias_slices(
