@@ -46,35 +46,17 @@ def merge_chunks(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[to
     return out.to(outs[0].dtype), top + torch.log(total)
 
 
-def _bias_slices(
-    kv_valid: torch.Tensor | None, rank: int, chunk: int, dtype: torch.dtype
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Bias of the local key chunk and of the remote ones (in rank order, local left out)."""
+def _chunk_biases(kv_valid: torch.Tensor | None, n: int, chunk: int, dtype: torch.dtype) -> list:
+    """The key bias of each rank's chunk, in rank order (all None when nothing is padded)."""
     bias = key_bias(kv_valid, dtype)
     if bias is None:
-        return None, None
-    local = bias[..., rank * chunk : (rank + 1) * chunk]
-    remote = torch.cat([bias[..., : rank * chunk], bias[..., (rank + 1) * chunk :]], dim=-1)
-    return local, remote
-
-
-def _remote(gathered: torch.Tensor, rank: int) -> torch.Tensor:
-    """(n, 2, B, H, S, D) gathered K/V → (2, B, H, (n−1)·S, D), the other ranks' chunks in rank order."""
-    others = torch.cat([gathered[:rank], gathered[rank + 1 :]])
-    return others.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
-
-
-def _stack_remote_grads(d_k: torch.Tensor, d_v: torch.Tensor, rank: int, chunk: int) -> torch.Tensor:
-    """Remote chunks' (B, H, (n−1)·chunk, D) dK, dV → reduce-scatter input (n·2, B, H, chunk, D) in rank
-    order, this rank's own slot zero (its local gradient is added after the reduce-scatter)."""
-    remote = torch.stack([d_k, d_v]).unflatten(3, (-1, chunk)).permute(3, 0, 1, 2, 4, 5)
-    slots = list(remote.unbind(0))
-    slots.insert(rank, torch.zeros_like(slots[0]))
-    return torch.stack(slots).flatten(0, 1)
+        return [None] * n
+    return [bias[..., j * chunk : (j + 1) * chunk] for j in range(n)]
 
 
 class _OverlappedGatherAttention(torch.autograd.Function):
-    """q, k, v: (B, H, S_local, D) in the compute dtype. Output (B, H, S_local, D)."""
+    """q, k, v: (B, H, S_local, D) in the compute dtype. Output (B, H, S_local, D). Each remote chunk is
+    attended (and differentiated) on its own slice of the gathered buffer, so nothing is copied out of it."""
 
     @staticmethod
     def forward(ctx, q, k, v, kv_valid, group):
@@ -82,13 +64,12 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         with comm_axis(AXIS):  # runs while the local chunk attends
             pending = _F.all_gather_into_tensor(kv, n, _name(group))
-        b_local, b_remote = _bias_slices(kv_valid, rank, k.shape[2], q.dtype)
-        out_l, lse_l = attention_with_lse(q, k, v, b_local)
+        biases = _chunk_biases(kv_valid, n, k.shape[2], q.dtype)
+        parts = [attention_with_lse(q, k, v, biases[rank])]
         with comm_axis(AXIS):
             gathered = _wait(pending).view(n, *kv.shape)
-        rk, rv = _remote(gathered, rank)
-        out_r, lse_r = attention_with_lse(q, rk, rv, b_remote)
-        out, lse = merge_chunks([out_l, out_r], [lse_l, lse_r])
+        parts += [attention_with_lse(q, *gathered[j], biases[j]) for j in range(n) if j != rank]
+        out, lse = merge_chunks(*zip(*parts))
         ctx.save_for_backward(q, gathered, out, lse, kv_valid if kv_valid is not None else torch.empty(0))
         ctx.has_mask, ctx.group = kv_valid is not None, group
         return out
@@ -97,17 +78,22 @@ class _OverlappedGatherAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, gathered, out, lse, kv_valid = ctx.saved_tensors
         group, n, rank = ctx.group, gathered.shape[0], dist.get_rank(ctx.group)
-        b_local, b_remote = _bias_slices(kv_valid if ctx.has_mask else None, rank, q.shape[2], q.dtype)
-        rk, rv = _remote(gathered, rank)
-        dq_r, dk_r, dv_r = attention_chunk_backward(grad_out, q, rk, rv, out, lse, b_remote)
-        d_kv = _stack_remote_grads(dk_r, dv_r, rank, q.shape[2])
+        biases = _chunk_biases(kv_valid if ctx.has_mask else None, n, q.shape[2], q.dtype)
+        d_q = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)  # dQ summed over chunks in fp32
+        slots = []  # reduce-scatter input: (dK, dV) of chunk j in slot j; this rank's own slot zero
+        for j in range(n):
+            if j == rank:
+                slots.append(torch.zeros_like(gathered[j]))
+                continue
+            dq_j, dk_j, dv_j = attention_chunk_backward(grad_out, q, *gathered[j], out, lse, biases[j])
+            d_q += dq_j
+            slots.append(torch.stack([dk_j, dv_j]))
         with comm_axis(AXIS):  # in flight while the local chunk's backward runs
-            pending = _F.reduce_scatter_tensor(d_kv, "sum", n, _name(group))
-        k_l, v_l = gathered[rank]
-        dq_l, dk_l, dv_l = attention_chunk_backward(grad_out, q, k_l, v_l, out, lse, b_local)
+            pending = _F.reduce_scatter_tensor(torch.stack(slots).flatten(0, 1), "sum", n, _name(group))
+        dq_l, dk_l, dv_l = attention_chunk_backward(grad_out, q, *gathered[rank], out, lse, biases[rank])
         with comm_axis(AXIS):
             dk_sum, dv_sum = _wait(pending).view(2, *dk_l.shape)
-        return dq_l + dq_r, dk_sum + dk_l, dv_sum + dv_l, None, None
+        return (d_q + dq_l).to(q.dtype), dk_sum + dk_l, dv_sum + dv_l, None, None
 
 
 def overlapped_allgather_attention(

@@ -49,3 +49,23 @@ def ulysses_pipeline_bitwise(head_chunks: list[int]) -> dict:
             got = _forward_backward(core, q, k, v, kv_valid)
             result[(chunks, kv_valid is not None)] = all(torch.equal(a, b) for a, b in zip(got, want))
     return result
+
+
+def allgather_overlap_error() -> float:
+    """Largest relative difference, output and q/k/v grads, of one overlapped all-gather attention against
+    the unoverlapped one, on the whole group (with more than one remote chunk when it has > 2 ranks)."""
+    from tests.norms import rel_diff
+
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    q, k, v = (torch.randn(2, 5, 4, 16, generator=gen) for _ in range(3))
+    padded = torch.arange(5 * dist.get_world_size()) < 5 * dist.get_world_size() - 7  # last chunk all pad
+    group = dist.group.WORLD
+    worst = 0.0
+    for kv_valid in (None, padded):
+        want = _forward_backward(
+            ContextParallelAttention(AttentionCore(), "allgather_kv", group), q, k, v, kv_valid
+        )
+        core = ContextParallelAttention(AttentionCore(), "allgather_kv", group, True)
+        got = _forward_backward(core, q, k, v, kv_valid)
+        worst = max([worst, *(rel_diff(a, b) for a, b in zip(got, want))])
+    return worst

@@ -80,3 +80,10 @@ def test_one_ulysses_attention_pipelined_is_bitwise(dist_pool):
         "tests.distributed.cases_cp_overlap:ulysses_pipeline_bitwise", head_chunks=[1, 2, 4]
     ):
         assert all(rank_result.values()), rank_result
+
+
+def test_one_overlapped_allgather_attention_on_four_ranks(dist_pool):
+    """Three remote chunks (one of them all padding) land in the right reduce-scatter slots."""
+    errors = dist_pool(4).run("tests.distributed.cases_cp_overlap:allgather_overlap_error")
+    print(f"four ranks: worst relative difference {max(errors):.2e}")
+    assert max(errors) <= 1e-6, errors
