@@ -87,14 +87,13 @@ def attention_chunk_backward(
 
 
 def _cuda_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
-    """The bias in q's dtype, expanded to (B, H, Sq, Sk) over storage whose rows are 16-aligned."""
+    """The bias in q's dtype, copied into fresh storage whose rows start 16-aligned (a chunk's slice of the
+    whole sequence's bias is not), expanded to (B, H, Sq, Sk) as torch's own SDPA call does."""
     if bias is None:
         return None
     sk = k.shape[2]
-    b = bias.to(q.dtype)
-    if sk % BIAS_ALIGN_CUDA:
-        b = F.pad(b, (0, -sk % BIAS_ALIGN_CUDA))[..., :sk]
-    return b.expand(q.shape[0], q.shape[1], q.shape[2], sk)
+    aligned = F.pad(bias.to(q.dtype), (0, -sk % BIAS_ALIGN_CUDA)).contiguous()[..., :sk]
+    return aligned.expand(q.shape[0], q.shape[1], q.shape[2], sk)
 
 
 def _mark_dead_rows(

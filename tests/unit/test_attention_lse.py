@@ -81,3 +81,14 @@ def test_bf16_runs_in_bf16_with_fp32_lse():
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=0)
+
+
+def test_cuda_bias_is_a_16_aligned_copy_of_a_chunks_slice():
+    """The CUDA kernel needs 16-aligned bias rows; checked on CPU, since no GPU runs here."""
+    from megagen.parallel.attention_lse import _cuda_bias
+
+    q = torch.zeros(2, 3, 23, 8)
+    whole = key_bias(torch.arange(46) < 40, torch.float32)
+    got = _cuda_bias(whole[..., 23:], q, q)
+    assert got.shape == (2, 3, 23, 23) and got.stride(0) % 16 == 0 and got.stride(-1) == 1
+    assert torch.equal(got[:, :1, :1], whole[..., 23:].expand(2, 1, 1, 23))
