@@ -2,7 +2,7 @@
 
 Why: with `allgather_kv` the gather of the full K/V sits on the critical path before any attention starts.
 Here one all-gather of the stacked K/V is launched asynchronously, the local queries attend to the local
-K/V chunk meanwhile, then to the remote chunks once they arrive; the two partial results are merged
+K/V chunk meanwhile, then to each remote chunk once they arrive; the partial results are merged
 exactly by their log-sum-exp (online softmax). In backward the remote chunks' gradients come first, so the
 reduce-scatter of the stacked dK/dV is in flight while the local chunk's backward runs under it.
 
