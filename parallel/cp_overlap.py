@@ -70,14 +70,19 @@ class _OverlappedGatherAttention(torch.autograd.Function):
             gathered = _wait(pending).view(n, *kv.shape)
         parts += [attention_with_lse(q, *gathered[j], biases[j]) for j in range(n) if j != rank]
         out, lse = merge_chunks(*zip(*parts))
-        ctx.save_for_backward(q, gathered, out, lse, kv_valid if kv_valid is not None else torch.empty(0))
+        # The collective's own output is saved, not the waited view of it: torch.compile cannot save a
+        # tensor that aliases another out of an autograd.Function's forward.
+        ctx.save_for_backward(q, pending, out, lse, kv_valid if kv_valid is not None else torch.empty(0))
+        ctx.kv_shape = kv.shape
         ctx.has_mask, ctx.group = kv_valid is not None, group
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, gathered, out, lse, kv_valid = ctx.saved_tensors
-        group, n, rank = ctx.group, gathered.shape[0], dist.get_rank(ctx.group)
+        q, pending_kv, out, lse, kv_valid = ctx.saved_tensors
+        group, rank = ctx.group, dist.get_rank(ctx.group)
+        gathered = pending_kv.view(-1, *ctx.kv_shape)
+        n = gathered.shape[0]
         biases = _chunk_biases(kv_valid if ctx.has_mask else None, n, q.shape[2], q.dtype)
         d_q = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)  # dQ summed over chunks in fp32
         slots = []  # reduce-scatter input: (dK, dV) of chunk j in slot j; this rank's own slot zero

@@ -37,6 +37,7 @@ PIPELINED = {
     "cp2-ulysses-2groups": ULYSSES,
     "cp2-ulysses-2groups-padded": [*ULYSSES, *PADDED],
     "cp2-ulysses-2groups-padded-selective-recompute": [*ULYSSES, *PADDED, "train.recompute=selective"],
+    "cp2-ulysses-2groups-compiled": [*ULYSSES, "parallel.compile=true", "parallel.compile_backend=aot_eager"],
 }
 
 
