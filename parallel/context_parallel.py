@@ -11,8 +11,9 @@ over the whole padded sequence (its `ParallelPlan.token_mask` input) to each cor
 keys are masked out of attention. Nothing is stored between calls.
 
 With `overlap` on (parallel.overlap), `allgather_kv` runs parallel/cp_overlap.py (the gather hides under
-the local chunk's attention; fp32 reference math) and Ulysses sends q, k, v in one stacked all-to-all.
-With it off, both are the original unoverlapped paths.
+the local chunk's attention, fused LSE kernels) and Ulysses sends q, k, v stacked, pipelined over head
+groups (parallel/ulysses_pipeline.py; one stacked all-to-all when the group count is 1). With it off, both
+are the original unoverlapped paths.
 """
 
 from __future__ import annotations
@@ -23,18 +24,31 @@ from torch import nn
 
 from megagen.parallel.cp_overlap import overlapped_allgather_attention
 from megagen.parallel.mappings import all_to_all, gather_along
+from megagen.parallel.overlap_schedule import ulysses_head_chunks
+from megagen.parallel.ulysses_pipeline import pipelined_ulysses
 
 SEQ_DIM, HEAD_DIM = 1, 2
 
 
 class ContextParallelAttention(nn.Module):
-    """Wraps a model's attention core; `inner` still does the attention math (any kernel backend)."""
+    """Wraps a model's attention core; `inner` still does the attention math (any kernel backend).
 
-    def __init__(self, inner: nn.Module, kind: str, group: dist.ProcessGroup | None, overlap: bool = False):
+    `head_chunks` pins the Ulysses head-group count with overlap (tests); None asks
+    `overlap_schedule.ulysses_head_chunks`, the rule the planner uses too."""
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        kind: str,
+        group: dist.ProcessGroup | None,
+        overlap: bool = False,
+        head_chunks: int | None = None,
+    ):
         super().__init__()
         if kind not in ("allgather_kv", "ulysses"):
             raise ValueError(f"parallel.cp_kind: {kind!r}; allowed: allgather_kv, ulysses")
         self.inner, self.kind, self.group, self.overlap = inner, kind, group, overlap
+        self.head_chunks = head_chunks
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, overlap={self.overlap}"
@@ -51,10 +65,14 @@ class ContextParallelAttention(nn.Module):
             k = gather_along(k, SEQ_DIM, self.group, "cp")
             v = gather_along(v, SEQ_DIM, self.group, "cp")
             return self.inner(q, k, v, mask)
-        if self.overlap:  # one stacked all-to-all instead of three; pure data movement, so bitwise
-            qkv = all_to_all(torch.stack([q, k, v]), HEAD_DIM + 1, SEQ_DIM + 1, self.group, "cp")
-            q, k, v = qkv.unbind(0)
-        else:
-            q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group, "cp") for x in (q, k, v))
+        if self.overlap:
+            return pipelined_ulysses(self.inner, q, k, v, mask, self.group, self._chunks(q))
+        q, k, v = (all_to_all(x, HEAD_DIM, SEQ_DIM, self.group, "cp") for x in (q, k, v))
         out = self.inner(q, k, v, mask)
         return all_to_all(out, SEQ_DIM, HEAD_DIM, self.group, "cp")
+
+    def _chunks(self, q: torch.Tensor) -> int:
+        if self.head_chunks is not None:
+            return self.head_chunks
+        _, tokens_local, heads, head_dim = q.shape
+        return ulysses_head_chunks(heads, dist.get_world_size(self.group), tokens_local, head_dim)
