@@ -1,0 +1,29 @@
+"""How many sequence pieces a token-wise tensor-parallel region is pipelined in under SP + overlap.
+
+Why a rule at all: with c pieces, only the first piece's all-gather and the last piece's reduce-scatter
+stay exposed (1/c of the traffic); the rest hides behind the other pieces' GEMMs. More pieces hide more
+but each collective gets smaller, and a collective small enough to be latency-bound costs about as much
+as a large one. The engine (`parallel/sp_pipeline.py`) and the planner's cost model both call `sp_pieces`,
+so they agree on the chunking.
+
+Rule: the most pieces, at most `MAX_PIECES`, that divide the local token count evenly and leave each
+piece's gathered message (tokens_local / c rows from each of the tp ranks, `dim` features) at least
+`MIN_PIECE_ELEMENTS` elements; 1 (no pipelining) when tp is 1 or no count qualifies.
+"""
+
+from __future__ import annotations
+
+MAX_PIECES = 4
+"""Beyond 4 pieces the exposed share (1/c) shrinks by under 5 points per extra piece."""
+MIN_PIECE_ELEMENTS = 1 << 16
+"""Smallest gathered piece worth its own collective (256 KiB in fp32): below it latency dominates."""
+
+
+def sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
+    """Pieces for a region whose rank-local input is (·, tokens_local, dim) sharded over `tp` ranks."""
+    if tp <= 1 or tokens_local <= 1:
+        return 1
+    for pieces in range(min(MAX_PIECES, tokens_local), 1, -1):
+        if tokens_local % pieces == 0 and (tokens_local // pieces) * tp * dim >= MIN_PIECE_ELEMENTS:
+            return pieces
+    return 1
