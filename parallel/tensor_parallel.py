@@ -33,6 +33,8 @@ from megagen.parallel.mappings import (
     reduce_scatter_along_dim,
 )
 from megagen.parallel.plan import ParallelPlan, TPRegion
+from megagen.parallel.sp_pipeline import run_in_pieces
+from megagen.parallel.tp_overlap_schedule import sp_pieces
 
 SEQ_DIM = 1  # activations inside blocks are (batch, sequence, features)
 
@@ -93,8 +95,16 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.gemm = gemm_of(linear)
 
+    deferred: torch.Tensor | None = None
+    defer_sum = False
+    """Set by a pipelining region wrapper (`sp_pipeline.py`) around its body: return the partial sum
+    without bias, which the wrapper reduces piece by piece and then adds the bias to."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gemm(x, _local(self.weight), None, amax_group=self.group)
+        if self.defer_sum:
+            self.deferred = y
+            return y
         if self.sequence_parallel:
             y = reduce_scatter_along_dim(y, SEQ_DIM, self.group)
         else:
@@ -117,6 +127,10 @@ class RegionEntry:
     replicated one (text context) is copied without SP and passed as is under SP, where its gradient stays
     partial like every replicated parameter's (the gradient rule of `grad_reduction.py`)."""
 
+    row_output: RowParallelLinear | None = None
+    """The region's one row-parallel linear when it is pipelined in sequence pieces (token-wise, SP,
+    overlap on): its partial output is what the pieces reduce-scatter (`sp_pipeline.py`)."""
+
     def __init__(self, region: TPRegion, arg_names: list[str], group, sequence_parallel: bool):
         self.region, self.arg_names = region, arg_names
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -127,7 +141,8 @@ class RegionEntry:
         parts += [
             f"{n}: {'as is' if self.sequence_parallel else 'copy'}" for n in self.region.replicated_args
         ]
-        return "tp_inputs=(" + ", ".join(parts) + ")"
+        pipelined = ", sp_pipelined" if self.row_output is not None else ""
+        return "tp_inputs=(" + ", ".join(parts) + ")" + pipelined
 
     def _enter(self, name: str, x):
         if not isinstance(x, torch.Tensor):
@@ -149,6 +164,59 @@ class RegionEntry:
         )
         return args, {name: self._enter(name, x) for name, x in kwargs.items()}
 
+    def _seq_inputs(self, args: tuple, kwargs: dict) -> dict:
+        """The declared sequence inputs present in a call, keyed by position (int) or keyword (str)."""
+        seq = self.region.seq_args
+        found = {i: x for i, (name, x) in enumerate(zip(self.arg_names, args)) if name in seq}
+        found.update({name: x for name, x in kwargs.items() if name in seq})
+        return found
+
+    def pieces(self, args: tuple, kwargs: dict) -> int:
+        """How many sequence pieces this call runs in: 1 (the plain path) unless the region is pipelined,
+        every sequence input is a tensor and `sp_pieces` finds a split that pays."""
+        if self.row_output is None or torch.compiler.is_compiling():
+            return 1
+        inputs = list(self._seq_inputs(args, kwargs).values())
+        if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in inputs):
+            return 1
+        x = inputs[0]
+        if any(t.shape[SEQ_DIM] != x.shape[SEQ_DIM] for t in inputs):
+            return 1
+        return sp_pieces(x.shape[SEQ_DIM], x.shape[-1], self.group.size())
+
+    def run_pipelined(self, forward, args: tuple, kwargs: dict, pieces: int) -> torch.Tensor:
+        """`forward` run piece by piece on the gathered sequence pieces, its row-parallel output reduced
+        per piece (`sp_pipeline.run_in_pieces`); the bias is added once to the whole local shard."""
+        linear = self.row_output
+        args, kwargs = self.prepare_others(args, kwargs)
+
+        def body(gathered: dict) -> torch.Tensor:
+            a = tuple(gathered.get(i, x) for i, x in enumerate(args))
+            k = {name: gathered.get(name, x) for name, x in kwargs.items()}
+            linear.defer_sum = True
+            try:
+                out = forward(*a, **k)
+            finally:
+                linear.defer_sum = False
+            partial, linear.deferred = linear.deferred, None
+            if out is not partial:
+                raise RuntimeError(
+                    f"token_wise region {self.region} must return its row-parallel linear's output as is"
+                )
+            return out
+
+        out = run_in_pieces(body, self._seq_inputs(args, kwargs), pieces, self.group)
+        return out if linear.bias is None else out + linear.bias
+
+    def prepare_others(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Every input but the sequence ones brought into the region (those enter piece by piece)."""
+        seq = self.region.seq_args
+        args = (
+            tuple(x if name in seq else self._enter(name, x) for name, x in zip(self.arg_names, args))
+            + args[len(self.arg_names) :]
+        )
+        return args, {name: x if name in seq else self._enter(name, x) for name, x in kwargs.items()}
+
 
 class TensorParallelRegion:
     """Region wrapper (swapped in as a subclass, `class_swap.py`): the module's forward on its inputs
@@ -158,7 +226,11 @@ class TensorParallelRegion:
     region_entry: RegionEntry
 
     def forward(self, *args, **kwargs):
-        args, kwargs = self.region_entry.prepare(args, kwargs)
+        entry = self.region_entry
+        pieces = entry.pieces(args, kwargs)
+        if pieces > 1:
+            return entry.run_pipelined(super().forward, args, kwargs, pieces)
+        args, kwargs = entry.prepare(args, kwargs)
         return super().forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -166,10 +238,19 @@ class TensorParallelRegion:
         return repr(self.region_entry) + (f", {inner}" if inner else "")
 
 
+def _row_output(name: str, module: nn.Module) -> RowParallelLinear:
+    """The one row-parallel linear of a token-wise region, whose partial output its pieces reduce."""
+    rows = [m for m in module.modules() if isinstance(m, RowParallelLinear)]
+    if len(rows) != 1:
+        raise ValueError(f"token_wise region {name} has {len(rows)} row-parallel linears; it needs exactly 1")
+    return rows[0]
+
+
 def apply_tensor_parallel(
-    model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool
+    model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool, overlap: bool = False
 ) -> None:
-    """Shard the plan's linears over tp; each region module becomes a `TensorParallel<Module>`, in place."""
+    """Shard the plan's linears over tp; each region module becomes a `TensorParallel<Module>`, in place.
+    With `overlap` (parallel.overlap) and SP, token-wise regions run pipelined in sequence pieces."""
     col = _matching(model, plan.colwise)
     row = _matching(model, plan.rowwise)
     for pattern in (*plan.colwise, *plan.rowwise):
@@ -188,7 +269,9 @@ def apply_tensor_parallel(
         hits = _matching(model, [pattern])
         if not hits:
             raise ValueError(f"parallel plan region {pattern!r} matches no module")
-        for _, module in hits:
+        for name, module in hits:
             names = list(inspect.signature(module.forward).parameters)  # positions of the declared inputs
             swap_in(module, TensorParallelRegion)
             module.region_entry = RegionEntry(region, names, group, sequence_parallel)
+            if region.token_wise and sequence_parallel and overlap:
+                module.region_entry.row_output = _row_output(name, module)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from megagen.parallel import grad_reduction
 from megagen.train import train
 from megagen.train.gather import full_tensors
-from tests.distributed.cases_parity import config
+from tests.distributed.cases_parity import config, run_training
 
 
 def _train(overrides: list[str], run_dir: str) -> dict:
@@ -40,3 +40,27 @@ def overlap_on_and_off(overrides: list[str], bucket_bytes: int) -> dict:
             flag: _train([*overrides, f"parallel.overlap={flag}"], f"/tmp/megagen-overlap-{flag}")
             for flag in ("false", "true")
         }
+
+
+def tp_pipelined(overrides: list[str], overlap: bool) -> dict:
+    """A parity run with `parallel.overlap` set; the piece floor is lowered so the tiny model's token-wise
+    regions really run in pieces, and the pieces counted (per call) are returned beside the results."""
+    from megagen.parallel import tensor_parallel, tp_overlap_schedule
+
+    calls: list[int] = []
+    real = tensor_parallel.run_in_pieces
+
+    def counting(body, inputs, pieces, group):
+        calls.append(pieces)
+        return real(body, inputs, pieces, group)
+
+    with (
+        mock.patch.object(tp_overlap_schedule, "MIN_PIECE_ELEMENTS", 1),
+        mock.patch.object(tensor_parallel, "run_in_pieces", counting),
+    ):
+        out = run_training(
+            [*overrides, f"parallel.overlap={str(overlap).lower()}"], f"/tmp/megagen-tp-{overlap}"
+        )
+    out["pieces"] = sorted(set(calls))
+    out["pipelined_calls"] = len(calls)
+    return out
