@@ -10,7 +10,13 @@ that order harmless, and the reduce-scatter hands each rank exactly its own rows
 
 Autograd: `_IssueGather` / `_IssueReduceScatter` return a collective's result before it is complete and
 `_Wait` completes it (every wait goes through `collectives._wait`, so the accounting times it); their
-backwards are each other's collective, waited at once (the backward is synchronous per piece).
+backwards are each other's collective. Backward overlaps too, relying on autograd running later-created
+nodes first: `_JoinPieces` issues every piece's output-gradient all-gather as soon as the gradient arrives
+(each piece's `_IssueReduceScatter` backward waits its own); `_WaitGather`'s backward issues a piece's
+input-gradient reduce-scatter as soon as that piece's backward is done, and it stays in flight until
+`_WaitInBackward`, created before the pipeline, runs after all the pieces' backward. A collective handed
+between two nodes travels in a `_Slot`. Where the order differs, a wait only comes earlier; the results
+are the same.
 """
 
 from __future__ import annotations
@@ -55,30 +61,72 @@ def rank_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unflatten(SEQ_DIM, (n, -1)).movedim(SEQ_DIM, 0).flatten(0, 1).contiguous()
 
 
+class _Slot:
+    """A collective one backward node issues early for another to wait on."""
+
+    pending: torch.Tensor | None = None
+
+
 class _IssueGather(torch.autograd.Function):
-    """x (B, p, ...) → pending (n·B, p, ...); backward: reduce-scatter of the gradient, waited."""
+    """x (B, p, ...) → pending (n·B, p, ...); backward: hands on, un-waited, the gradient's reduce-scatter
+    that `_WaitGather` issued into `slot` (`_WaitInBackward` completes it after the other pieces)."""
 
     @staticmethod
-    def forward(ctx, x, n, group):
-        ctx.n, ctx.group = n, group
+    def forward(ctx, x, n, group, slot):
+        ctx.n, ctx.group, ctx.slot = n, group, slot
         return _gather_rows(x, n, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _wait_tp(_scatter_rows(grad, ctx.n, ctx.group)), None, None
+        pending, ctx.slot.pending = ctx.slot.pending, None
+        if pending is None:
+            pending = _scatter_rows(grad, ctx.n, ctx.group)
+        return pending, None, None, None
+
+
+class _WaitGather(torch.autograd.Function):
+    """Completes a pending all-gather; backward issues the gradient's reduce-scatter into `slot` at once:
+    this node runs as soon as its piece's backward is done, `_IssueGather`'s only after earlier pieces."""
+
+    @staticmethod
+    def forward(ctx, pending, n, group, slot):
+        ctx.n, ctx.group, ctx.slot = n, group, slot
+        return _wait_tp(pending)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.slot.pending = _scatter_rows(grad, ctx.n, ctx.group)
+        return grad, None, None, None
+
+
+class _WaitInBackward(torch.autograd.Function):
+    """Identity forward; backward waits the gradient's pending collective. Applied to every piece before
+    the pipeline starts, so autograd (which runs later-created nodes first) reaches it last."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _wait_tp(grad)
 
 
 class _IssueReduceScatter(torch.autograd.Function):
-    """partial (n·B, p, ...) → pending summed (B, p, ...); backward: all-gather of the gradient, waited."""
+    """partial (n·B, p, ...) → pending summed (B, p, ...); backward: the all-gather of the gradient that
+    `_JoinPieces` issued into `slot` (issued here if it did not), waited."""
 
     @staticmethod
-    def forward(ctx, x, n, group):
-        ctx.n, ctx.group = n, group
+    def forward(ctx, x, n, group, slot):
+        ctx.n, ctx.group, ctx.slot = n, group, slot
         return _scatter_rows(x, n, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _wait_tp(_gather_rows(grad, ctx.n, ctx.group)), None, None
+        pending, ctx.slot.pending = ctx.slot.pending, None
+        if pending is None:
+            pending = _gather_rows(grad, ctx.n, ctx.group)
+        return _wait_tp(pending), None, None, None
 
 
 class _Wait(torch.autograd.Function):
@@ -93,6 +141,24 @@ class _Wait(torch.autograd.Function):
         return grad
 
 
+class _JoinPieces(torch.autograd.Function):
+    """Concatenates the output pieces; backward issues every piece's gradient all-gather at once, last
+    piece first (the order backward needs them), so each hides behind the later pieces' backward."""
+
+    @staticmethod
+    def forward(ctx, n, group, slots, *pieces):
+        ctx.n, ctx.group, ctx.slots = n, group, slots
+        ctx.sizes = [p.shape[SEQ_DIM] for p in pieces]
+        return torch.cat(pieces, dim=SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = grad.split(ctx.sizes, dim=SEQ_DIM)
+        for slot, g in reversed(list(zip(ctx.slots, grads))):
+            slot.pending = _gather_rows(g, ctx.n, ctx.group)
+        return (None, None, None, *grads)
+
+
 Body = Callable[[dict], torch.Tensor]
 """Runs the region on one gathered piece of each sequence input (by key) and returns its partial sum."""
 
@@ -101,19 +167,28 @@ def run_in_pieces(body: Body, inputs: dict, pieces: int, group: dist.ProcessGrou
     """The region's summed, sequence-sharded output, computed piece by piece with the gather of the next
     piece and the reduce-scatter of the previous one in flight (module docstring)."""
     n = dist.get_world_size(group)
-    slices = {key: x.chunk(pieces, dim=SEQ_DIM) for key, x in inputs.items()}
+    slices = {
+        key: [_WaitInBackward.apply(s) for s in x.chunk(pieces, dim=SEQ_DIM)] for key, x in inputs.items()
+    }
+    slots = [_Slot() for _ in range(pieces)]  # output-gradient all-gathers
+    entering = {key: [_Slot() for _ in range(pieces)] for key in inputs}  # input-gradient reduce-scatters
 
     def issue(i: int) -> dict:
-        return {key: _IssueGather.apply(s[i], n, group) for key, s in slices.items()}
+        return {key: _IssueGather.apply(s[i], n, group, entering[key][i]) for key, s in slices.items()}
+
+    def arrived(i: int, pending: dict) -> dict:
+        return {
+            key: rank_major(_WaitGather.apply(t, n, group, entering[key][i]), n) for key, t in pending.items()
+        }
 
     arriving, leaving, outs = issue(0), None, []
     for i in range(pieces):
         current = arriving
         if i + 1 < pieces:
             arriving = issue(i + 1)  # in flight while piece i computes
-        partial = body({key: rank_major(_Wait.apply(t), n) for key, t in current.items()})
+        partial = body(arrived(i, current))
         if leaving is not None:
             outs.append(_Wait.apply(leaving))
-        leaving = _IssueReduceScatter.apply(rank_blocks(partial, n), n, group)  # under piece i+1
+        leaving = _IssueReduceScatter.apply(rank_blocks(partial, n), n, group, slots[i])  # under piece i+1
     outs.append(_Wait.apply(leaving))
-    return torch.cat(outs, dim=SEQ_DIM)
+    return _JoinPieces.apply(n, group, slots, *outs)
