@@ -1,5 +1,6 @@
 """Per-rank bodies of tests/distributed/test_sp_pipeline.py: `run_in_pieces` on a small token-wise body
-(a column- then row-parallel pair of GEMMs) against the plain gather → body → reduce-scatter path."""
+(a column- then row-parallel pair of GEMMs) against the plain gather → body → reduce-scatter path, and a
+token-wise region through `apply_tensor_parallel`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
-from megagen.parallel import sp_pipeline
+from megagen.parallel import sp_pipeline, tp_overlap_schedule
 from megagen.parallel.mappings import gather_along, reduce_scatter_along_dim
+from megagen.parallel.plan import ParallelPlan, TPRegion
+from megagen.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def _weights(rank: int, dim: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,4 +99,75 @@ def pieces_vs_plain(batch: int, tokens_local: int, pieces: int) -> dict:
         "piece_shapes": [tuple(s) for s in seen],
         "events": list(events),
         "in_flight_after": in_flight_after,
+    }
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int = 8, hidden: int = 16, scale_output: bool = False, rowwise: int = 1):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=True)
+        self.w4 = nn.Linear(dim, dim, bias=False) if rowwise == 2 else None
+        self.scale_output = scale_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.w2(torch.tanh(self.w1(x)))
+        return 2 * y if self.scale_output else y
+
+
+class _Net(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = _Mlp(**kwargs)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def _plan(rowwise: int) -> ParallelPlan:
+    rows = ("mlp.w2", "mlp.w4") if rowwise == 2 else ("mlp.w2",)
+    return ParallelPlan(
+        blocks="", colwise=("mlp.w1",), rowwise=rows, regions={"mlp": TPRegion(token_wise=True)}
+    )
+
+
+def region_errors() -> dict:
+    """What a misdeclared token-wise region raises: at set-up (two rowwise linears) and on its first call
+    (it does not return its rowwise linear's output as is)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    out = {}
+    try:
+        apply_tensor_parallel(_Net(rowwise=2), _plan(2), mesh, sequence_parallel=True, overlap=True)
+    except ValueError as exc:
+        out["setup"] = str(exc)
+    net = _Net(scale_output=True)
+    apply_tensor_parallel(net, _plan(1), mesh, sequence_parallel=True, overlap=True)
+    with mock.patch.object(tp_overlap_schedule, "MIN_PIECE_ELEMENTS", 1):
+        try:
+            net(torch.randn(2, 4, 8))
+        except RuntimeError as exc:
+            out["call"] = str(exc)
+    return out
+
+
+def region_on_and_off() -> dict:
+    """A token-wise region with a rowwise bias, through `apply_tensor_parallel` with overlap on and off."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    results = {}
+    for overlap in (False, True):
+        net = _Net()
+        apply_tensor_parallel(net, _plan(1), mesh, sequence_parallel=True, overlap=overlap)
+        xi = x.clone().requires_grad_()
+        with mock.patch.object(tp_overlap_schedule, "MIN_PIECE_ELEMENTS", 1):
+            y = net(xi)
+        y.square().sum().backward()
+        results[overlap] = (y.detach(), xi.grad, net.mlp.w2.bias.grad, repr(net.mlp))
+    (y0, g0, b0, _), (y1, g1, b1, text) = results[False], results[True]
+    return {
+        "out": float((y1 - y0).abs().max()),
+        "grad": float((g1 - g0).abs().max()),
+        "bias_grad": float((b1 - b0).abs().max()),
+        "repr": text,
     }

@@ -23,3 +23,15 @@ def test_pieces_equal_the_plain_path_and_overlap(dist_pool, world, batch, tokens
         # (first and last: one of them); backward: other pieces' collectives are in flight at every piece
         assert forward[0] == 1 and forward[-1] == 1 and all(f == 2 for f in forward[1:-1]), forward
         assert all(b >= 1 for b in backward), backward
+
+
+def test_region_with_bias_matches_overlap_off(dist_pool):
+    for r in dist_pool(2).run("tests.distributed.cases_sp_pipeline:region_on_and_off"):
+        assert r["out"] < 1e-6 and r["grad"] < 1e-6 and r["bias_grad"] < 1e-5, r
+        assert "sp_pipelined" in r["repr"], r["repr"]
+
+
+def test_misdeclared_token_wise_region_is_refused(dist_pool):
+    r = dist_pool(2).run("tests.distributed.cases_sp_pipeline:region_errors")[0]
+    assert "has 2 row-parallel linears; it needs exactly 1" in r["setup"], r
+    assert "must return its row-parallel linear's output as is" in r["call"], r
