@@ -15,7 +15,7 @@ nodes first: `_JoinPieces` issues every piece's output-gradient all-gather as so
 (each piece's `_IssueReduceScatter` backward waits its own); `_WaitGather`'s backward issues a piece's
 input-gradient reduce-scatter as soon as that piece's backward is done, and it stays in flight until
 `_WaitInBackward`, created before the pipeline, runs after all the pieces' backward. A collective handed
-between two nodes travels in a `_Slot`. Where the order differs, a wait only comes earlier; the results
+between two nodes travels in a `Slot`. Where the order differs, a wait only comes earlier; the results
 are the same.
 """
 
@@ -61,7 +61,7 @@ def rank_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unflatten(SEQ_DIM, (n, -1)).movedim(SEQ_DIM, 0).flatten(0, 1).contiguous()
 
 
-class _Slot:
+class Slot:
     """A collective one backward node issues early for another to wait on."""
 
     pending: torch.Tensor | None = None
@@ -159,6 +159,21 @@ class _JoinPieces(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+def issue_gather(x: torch.Tensor, n: int, group, slot: Slot) -> torch.Tensor:
+    """Issue the all-gather of x (B, p, ...); `wait_gather` with the same `slot` completes it."""
+    return _IssueGather.apply(x, n, group, slot)
+
+
+def wait_gather(pending: torch.Tensor, n: int, group, slot: Slot) -> torch.Tensor:
+    """The issued all-gather, completed and rank-major: (B, n·p, ...)."""
+    return rank_major(_WaitGather.apply(pending, n, group, slot), n)
+
+
+def wait_in_backward(x: torch.Tensor) -> torch.Tensor:
+    """x itself; in backward, its gradient's pending reduce-scatter is waited here."""
+    return _WaitInBackward.apply(x)
+
+
 Body = Callable[[dict], torch.Tensor]
 """Runs the region on one gathered piece of each sequence input (by key) and returns its partial sum."""
 
@@ -167,19 +182,15 @@ def run_in_pieces(body: Body, inputs: dict, pieces: int, group: dist.ProcessGrou
     """The region's summed, sequence-sharded output, computed piece by piece with the gather of the next
     piece and the reduce-scatter of the previous one in flight (module docstring)."""
     n = dist.get_world_size(group)
-    slices = {
-        key: [_WaitInBackward.apply(s) for s in x.chunk(pieces, dim=SEQ_DIM)] for key, x in inputs.items()
-    }
-    slots = [_Slot() for _ in range(pieces)]  # output-gradient all-gathers
-    entering = {key: [_Slot() for _ in range(pieces)] for key in inputs}  # input-gradient reduce-scatters
+    slices = {key: [wait_in_backward(s) for s in x.chunk(pieces, dim=SEQ_DIM)] for key, x in inputs.items()}
+    slots = [Slot() for _ in range(pieces)]  # output-gradient all-gathers
+    entering = {key: [Slot() for _ in range(pieces)] for key in inputs}  # input-gradient reduce-scatters
 
     def issue(i: int) -> dict:
-        return {key: _IssueGather.apply(s[i], n, group, entering[key][i]) for key, s in slices.items()}
+        return {key: issue_gather(s[i], n, group, entering[key][i]) for key, s in slices.items()}
 
     def arrived(i: int, pending: dict) -> dict:
-        return {
-            key: rank_major(_WaitGather.apply(t, n, group, entering[key][i]), n) for key, t in pending.items()
-        }
+        return {key: wait_gather(t, n, group, entering[key][i]) for key, t in pending.items()}
 
     arriving, leaving, outs = issue(0), None, []
     for i in range(pieces):

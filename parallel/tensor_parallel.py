@@ -33,8 +33,9 @@ from megagen.parallel.mappings import (
     reduce_scatter_along_dim,
 )
 from megagen.parallel.plan import ParallelPlan, TPRegion
+from megagen.parallel.sp_local_first import gather_local_first, release
 from megagen.parallel.sp_pipeline import run_in_pieces
-from megagen.parallel.tp_overlap_schedule import sp_pieces
+from megagen.parallel.tp_overlap_schedule import local_first_pays, sp_pieces
 
 SEQ_DIM = 1  # activations inside blocks are (batch, sequence, features)
 
@@ -72,7 +73,14 @@ class ColumnParallelLinear(nn.Module):
         self.group = mesh.get_group()
         self.gemm = gemm_of(linear)
 
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(input, output) computed ahead by a local-first region wrapper (`sp_local_first.py`): a call on
+    exactly that input returns that output."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precomputed is not None and self.precomputed[0] is x:
+            out, self.precomputed = self.precomputed[1], None
+            return out
         return self.gemm(x, _local(self.weight), _local(self.bias), amax_group=self.group)
 
 
@@ -131,6 +139,10 @@ class RegionEntry:
     """The region's one row-parallel linear when it is pipelined in sequence pieces (token-wise, SP,
     overlap on): its partial output is what the pieces reduce-scatter (`sp_pipeline.py`)."""
 
+    local_first: list[ColumnParallelLinear] = []
+    """The region's column-parallel linears, run on the local rows under the input's all-gather when
+    the region is not token-wise (SP, overlap on; `sp_local_first.py`)."""
+
     def __init__(self, region: TPRegion, arg_names: list[str], group, sequence_parallel: bool):
         self.region, self.arg_names = region, arg_names
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -142,6 +154,7 @@ class RegionEntry:
             f"{n}: {'as is' if self.sequence_parallel else 'copy'}" for n in self.region.replicated_args
         ]
         pipelined = ", sp_pipelined" if self.row_output is not None else ""
+        pipelined += ", local_first" if self.local_first else ""
         return "tp_inputs=(" + ", ".join(parts) + ")" + pipelined
 
     def _enter(self, name: str, x):
@@ -208,6 +221,31 @@ class RegionEntry:
         out = run_in_pieces(body, self._seq_inputs(args, kwargs), pieces, self.group)
         return out if linear.bias is None else out + linear.bias
 
+    def local_first_input(self, args: tuple, kwargs: dict):
+        """The key of the one sequence input when this call runs local-first (`sp_local_first.py`)."""
+        if not self.local_first or torch.compiler.is_compiling():
+            return None
+        inputs = self._seq_inputs(args, kwargs)
+        if len(inputs) != 1:
+            return None
+        key, x = next(iter(inputs.items()))
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return None
+        return key if local_first_pays(x.shape[SEQ_DIM], x.shape[-1], self.group.size()) else None
+
+    def run_local_first(self, forward, args: tuple, kwargs: dict, key) -> torch.Tensor:
+        """`forward` on the gathered input, its column-parallel GEMMs on that input done local rows first."""
+        args, kwargs = self.prepare_others(args, kwargs)
+        x = args[key] if isinstance(key, int) else kwargs[key]
+        linears = [lin for lin in self.local_first if lin.in_features == x.shape[-1]]
+        gathered = gather_local_first(x, linears, self.group)
+        args = tuple(gathered if i == key else v for i, v in enumerate(args))
+        kwargs = {name: gathered if name == key else v for name, v in kwargs.items()}
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            release(linears, str(self.region))
+
     def prepare_others(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Every input but the sequence ones brought into the region (those enter piece by piece)."""
         seq = self.region.seq_args
@@ -230,6 +268,9 @@ class TensorParallelRegion:
         pieces = entry.pieces(args, kwargs)
         if pieces > 1:
             return entry.run_pipelined(super().forward, args, kwargs, pieces)
+        key = entry.local_first_input(args, kwargs)
+        if key is not None:
+            return entry.run_local_first(super().forward, args, kwargs, key)
         args, kwargs = entry.prepare(args, kwargs)
         return super().forward(*args, **kwargs)
 
@@ -273,5 +314,8 @@ def apply_tensor_parallel(
             names = list(inspect.signature(module.forward).parameters)  # positions of the declared inputs
             swap_in(module, TensorParallelRegion)
             module.region_entry = RegionEntry(region, names, group, sequence_parallel)
-            if region.token_wise and sequence_parallel and overlap:
+            if sequence_parallel and overlap and region.token_wise:
                 module.region_entry.row_output = _row_output(name, module)
+            elif sequence_parallel and overlap:
+                cols = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
+                module.region_entry.local_first = cols

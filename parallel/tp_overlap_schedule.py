@@ -1,4 +1,4 @@
-"""How many sequence pieces a token-wise tensor-parallel region is pipelined in under SP + overlap.
+"""How a tensor-parallel region overlaps its SP collectives under parallel.overlap: pieces, or local first.
 
 Why a rule at all: with c pieces, only the first piece's all-gather and the last piece's reduce-scatter
 stay exposed (1/c of the traffic); the rest hides behind the other pieces' GEMMs. More pieces hide more
@@ -6,9 +6,13 @@ but each collective gets smaller, and a collective small enough to be latency-bo
 as a large one. The engine (`parallel/sp_pipeline.py`) and the planner's cost model both call `sp_pieces`,
 so they agree on the chunking.
 
-Rule: the most pieces, at most `MAX_PIECES`, that divide the local token count evenly and leave each
-piece's gathered message (tokens_local / c rows from each of the tp ranks, `dim` features) at least
-`MIN_PIECE_ELEMENTS` elements; 1 (no pipelining) when tp is 1 or no count qualifies.
+Rule (`sp_pieces`, token-wise regions): the most pieces, at most `MAX_PIECES`, that divide the local
+token count evenly and leave each piece's gathered message (tokens_local / c rows from each of the tp
+ranks, `dim` features) at least `MIN_PIECE_ELEMENTS` elements; 1 (no pipelining) when tp is 1 or no
+count qualifies.
+Rule (`local_first_pays`, other regions such as self-attention, `parallel/sp_local_first.py`): the
+whole gathered input is at least `MIN_PIECE_ELEMENTS` elements, so splitting each column-parallel GEMM
+into local and remote rows hides a gather that is not mere latency.
 """
 
 from __future__ import annotations
@@ -30,3 +34,8 @@ def sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
         if tokens_local % pieces == 0 and (tokens_local // pieces) * tp * dim >= MIN_PIECE_ELEMENTS:
             return pieces
     return 1
+
+
+def local_first_pays(tokens_local: int, dim: int, tp: int) -> bool:
+    """Whether a non-token-wise region with rank-local input (·, tokens_local, dim) runs local-first."""
+    return tp > 1 and tokens_local * tp * dim >= MIN_PIECE_ELEMENTS

@@ -43,24 +43,31 @@ def overlap_on_and_off(overrides: list[str], bucket_bytes: int) -> dict:
 
 
 def tp_pipelined(overrides: list[str], overlap: bool) -> dict:
-    """A parity run with `parallel.overlap` set; the piece floor is lowered so the tiny model's token-wise
-    regions really run in pieces, and the pieces counted (per call) are returned beside the results."""
+    """A parity run with `parallel.overlap` set; the message floor is lowered so the tiny model's regions
+    really overlap (token-wise ones in pieces, self-attention local-first), and those calls are counted."""
     from megagen.parallel import tensor_parallel, tp_overlap_schedule
 
-    calls: list[int] = []
-    real = tensor_parallel.run_in_pieces
+    pieces: list[int] = []
+    local_first: list[int] = []
+    real_pieces, real_local_first = tensor_parallel.run_in_pieces, tensor_parallel.gather_local_first
 
-    def counting(body, inputs, pieces, group):
-        calls.append(pieces)
-        return real(body, inputs, pieces, group)
+    def counting_pieces(body, inputs, count, group):
+        pieces.append(count)
+        return real_pieces(body, inputs, count, group)
+
+    def counting_local_first(x, linears, group):
+        local_first.append(len(linears))
+        return real_local_first(x, linears, group)
 
     with (
         mock.patch.object(tp_overlap_schedule, "MIN_PIECE_ELEMENTS", 1),
-        mock.patch.object(tensor_parallel, "run_in_pieces", counting),
+        mock.patch.object(tensor_parallel, "run_in_pieces", counting_pieces),
+        mock.patch.object(tensor_parallel, "gather_local_first", counting_local_first),
     ):
         out = run_training(
             [*overrides, f"parallel.overlap={str(overlap).lower()}"], f"/tmp/megagen-tp-{overlap}"
         )
-    out["pieces"] = sorted(set(calls))
-    out["pipelined_calls"] = len(calls)
+    out["pieces"] = sorted(set(pieces))
+    out["pipelined_calls"] = len(pieces)
+    out["local_first_linears"] = sorted(set(local_first))
     return out

@@ -34,7 +34,8 @@ def test_bucketed_partial_sum_is_bitwise_the_sum_after_backward(dist_pool, name)
 
 
 # TP + SP with overlap: token-wise regions (MLP, cross-attention) run in sequence pieces whose all-gather /
-# reduce-scatter hide behind the other pieces' GEMMs (parallel/sp_pipeline.py). Same math on other GEMM
+# reduce-scatter hide behind the other pieces' GEMMs (parallel/sp_pipeline.py); self-attention runs its
+# q/k/v GEMMs on the local rows under the gather (parallel/sp_local_first.py). Same math on other GEMM
 # shapes, so parity with one process (test_parity.py tolerance) and a small, reported drift from overlap
 # off.
 PADDED_76 = [
@@ -67,12 +68,13 @@ def test_tp_sequence_pieces_match_one_process(dist_pool, world, name):
         "tests.distributed.cases_overlap:tp_pipelined", overrides=overrides, overlap=True
     )
     assert on[0]["pipelined_calls"] > 0 and max(on[0]["pieces"]) > 1, f"{name}: nothing ran in pieces"
+    assert on[0]["local_first_linears"] == [3], f"{name}: self-attention q/k/v not run local-first"
     for rank, r in enumerate(on):
         assert r["losses"] == on[0]["losses"], f"{name}: rank {rank} logged a different loss"
     assert_parity(on[0], reference(overrides), name)
     off = dist_pool(world).run(
         "tests.distributed.cases_overlap:tp_pipelined", overrides=overrides, overlap=False
     )
-    assert off[0]["pipelined_calls"] == 0, f"{name}: overlap off ran pieces"
+    assert off[0]["pipelined_calls"] == 0 and not off[0]["local_first_linears"], f"{name}: overlap off"
     drift = max(rel_diff(on[0][k][p], t) for k in ("params", "grads") for p, t in off[0][k].items())
     print(f"\n{name}: pieces {on[0]['pieces']}, largest relative difference from overlap off {drift:.2e}")

@@ -1,8 +1,8 @@
-"""The SP pipelining piece count: one pure rule shared by the engine and the planner."""
+"""The SP overlap rules (piece count, local-first): pure functions shared by the engine and the planner."""
 
 from __future__ import annotations
 
-from megagen.parallel.tp_overlap_schedule import MAX_PIECES, MIN_PIECE_ELEMENTS, sp_pieces
+from megagen.parallel.tp_overlap_schedule import MAX_PIECES, MIN_PIECE_ELEMENTS, local_first_pays, sp_pieces
 
 
 def test_one_piece_without_tensor_parallelism():
@@ -30,3 +30,10 @@ def test_every_count_divides_and_respects_the_floor():
             c = sp_pieces(tokens, 512, tp)
             assert 1 <= c <= MAX_PIECES and tokens % c == 0
             assert c == 1 or (tokens // c) * tp * 512 >= MIN_PIECE_ELEMENTS
+
+
+def test_local_first_needs_tensor_parallelism_and_a_real_message():
+    assert not local_first_pays(8192, 4096, 1)
+    assert local_first_pays(8192, 4096, 2)
+    assert not local_first_pays(32, 64, 2)  # the tiny test model: 4K elements, latency-bound
+    assert local_first_pays(MIN_PIECE_ELEMENTS // 128, 64, 2)
