@@ -171,3 +171,42 @@ def region_on_and_off() -> dict:
         "bias_grad": float((b1 - b0).abs().max()),
         "repr": text,
     }
+
+
+def local_first_vs_plain(batch: int, tokens_local: int) -> dict:
+    """q/k/v-like column-parallel linears on the gathered input, local-first against the plain gather:
+    outputs and gradients, and the collectives in flight at each GEMM."""
+    from megagen.parallel.sp_local_first import gather_local_first, release
+    from megagen.parallel.tensor_parallel import ColumnParallelLinear
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    group = mesh.get_group()
+    torch.manual_seed(0)
+    linears = [ColumnParallelLinear(nn.Linear(8, 12).double(), mesh) for _ in range(3)]
+    x = torch.randn(batch, tokens_local, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    x = x.double().requires_grad_()
+    params = [x, *(p for lin in linears for p in lin.parameters())]
+
+    plain = [lin(gather_along(x, 1, group)) for lin in linears]
+    plain_grads = torch.autograd.grad(sum(o.square().sum() for o in plain), params)
+
+    watch = _Watch()
+    in_flight: list[int] = []
+    for lin in linears:
+        real = lin.gemm
+        lin.gemm = lambda *a, real=real, **k: in_flight.append(len(watch.pending)) or real(*a, **k)
+    with (
+        mock.patch.object(sp_pipeline, "_gather_rows", watch.issuing(sp_pipeline._gather_rows)),
+        mock.patch.object(sp_pipeline, "_scatter_rows", watch.issuing(sp_pipeline._scatter_rows)),
+        mock.patch.object(sp_pipeline, "_wait_tp", watch.wait),
+    ):
+        gathered = gather_local_first(x, linears, group)
+        outs = [lin(gathered) for lin in linears]
+        release(linears, "test")
+        grads = torch.autograd.grad(sum(o.square().sum() for o in outs), params)
+    return {
+        "out_diff": max(float((a - b).detach().abs().max()) for a, b in zip(outs, plain)),
+        "grad_diff": max(float((a - b).abs().max()) for a, b in zip(grads, plain_grads)),
+        "in_flight": in_flight,
+        "in_flight_after": len(watch.pending),
+    }

@@ -35,3 +35,16 @@ def test_misdeclared_token_wise_region_is_refused(dist_pool):
     r = dist_pool(2).run("tests.distributed.cases_sp_pipeline:region_errors")[0]
     assert "has 2 row-parallel linears; it needs exactly 1" in r["setup"], r
     assert "must return its row-parallel linear's output as is" in r["call"], r
+
+
+@pytest.mark.parametrize(("world", "batch", "tokens"), [(2, 2, 5), (4, 1, 3)])
+def test_local_first_equals_the_plain_gather(dist_pool, world, batch, tokens):
+    for rank, r in enumerate(
+        dist_pool(world).run(
+            "tests.distributed.cases_sp_pipeline:local_first_vs_plain", batch=batch, tokens_local=tokens
+        )
+    ):
+        assert r["out_diff"] < 1e-12 and r["grad_diff"] < 1e-12, (rank, r)
+        # three GEMMs on the local rows under the gather, then three on the remote rows
+        assert r["in_flight"] == [1, 1, 1, 0, 0, 0], (rank, r["in_flight"])
+        assert r["in_flight_after"] == 0, f"rank {rank}: a collective was never waited"
