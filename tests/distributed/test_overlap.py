@@ -54,6 +54,7 @@ TP_CASES = {
     (2, "tp2+sp-full-recompute"): ["parallel.tp=2", "train.recompute=full"],
     (2, "tp2+sp-selective-recompute"): ["parallel.tp=2", "train.recompute=selective"],
     (4, "fsdp2xtp2+sp"): ["parallel.tp=2"],
+    (4, "cp2xtp2+sp"): ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
 }
 
 
