@@ -55,6 +55,8 @@ TP_CASES = {
     (2, "tp2+sp-selective-recompute"): ["parallel.tp=2", "train.recompute=selective"],
     (4, "fsdp2xtp2+sp"): ["parallel.tp=2"],
     (4, "cp2xtp2+sp"): ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
+    (4, "audio-fsdp2xtp2+sp"): ["model.spec=audio", "data.latent_frames=20", "parallel.tp=2"],
+    (4, "upsampler-fsdp2xtp2+sp"): ["model.spec=upsampler", "parallel.tp=2"],
 }
 
 
