@@ -77,11 +77,21 @@ class ColumnParallelLinear(nn.Module):
     """(input, output) computed ahead by a local-first region wrapper (`sp_local_first.py`): a call on
     exactly that input returns that output."""
 
+    once: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    """While a region runs in pieces (`sp_pipeline.py`): id → (input, its output) for the inputs that are
+    the same tensor in every piece (the replicated text context), so their GEMM runs once, not per piece."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.precomputed is not None and self.precomputed[0] is x:
             out, self.precomputed = self.precomputed[1], None
             return out
-        return self.gemm(x, _local(self.weight), _local(self.bias), amax_group=self.group)
+        kept = None if self.once is None else self.once.get(id(x))
+        if kept is not None and kept[0] is x and kept[1] is not None:
+            return kept[1]
+        out = self.gemm(x, _local(self.weight), _local(self.bias), amax_group=self.group)
+        if kept is not None and kept[0] is x:
+            self.once[id(x)] = (x, out)
+        return out
 
 
 class RowParallelLinear(nn.Module):
@@ -139,6 +149,9 @@ class RegionEntry:
     """The region's one row-parallel linear when it is pipelined in sequence pieces (token-wise, SP,
     overlap on): its partial output is what the pieces reduce-scatter (`sp_pipeline.py`)."""
 
+    columns: list[ColumnParallelLinear] = []
+    """The region's column-parallel linears (set with `row_output`): their GEMMs on an input shared by
+    all pieces run once per call (`ColumnParallelLinear.once`)."""
     local_first: list[ColumnParallelLinear] = []
     """The region's column-parallel linears, run on the local rows under the input's all-gather when
     the region is not token-wise (SP, overlap on; `sp_local_first.py`)."""
@@ -218,7 +231,16 @@ class RegionEntry:
                 )
             return out
 
-        out = run_in_pieces(body, self._seq_inputs(args, kwargs), pieces, self.group)
+        shared = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+        seq = self._seq_inputs(args, kwargs)
+        shared = [x for x in shared if not any(x is t for t in seq.values())]
+        for col in self.columns:
+            col.once = {id(x): (x, None) for x in shared}
+        try:
+            out = run_in_pieces(body, seq, pieces, self.group)
+        finally:
+            for col in self.columns:
+                col.once = None
         return out if linear.bias is None else out + linear.bias
 
     def local_first_input(self, args: tuple, kwargs: dict):
@@ -314,8 +336,9 @@ def apply_tensor_parallel(
             names = list(inspect.signature(module.forward).parameters)  # positions of the declared inputs
             swap_in(module, TensorParallelRegion)
             module.region_entry = RegionEntry(region, names, group, sequence_parallel)
+            cols = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
             if sequence_parallel and overlap and region.token_wise:
                 module.region_entry.row_output = _row_output(name, module)
+                module.region_entry.columns = cols
             elif sequence_parallel and overlap:
-                cols = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
                 module.region_entry.local_first = cols

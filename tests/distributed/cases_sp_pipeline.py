@@ -210,3 +210,42 @@ def local_first_vs_plain(batch: int, tokens_local: int) -> dict:
         "in_flight": in_flight,
         "in_flight_after": len(watch.pending),
     }
+
+
+class _CrossMix(nn.Module):
+    """Token-wise with a replicated context: each token's query scaled by the mean projected context."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.q, self.k = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.o(self.q(x) * self.k(context).mean(1, keepdim=True))
+
+
+def context_projected_once() -> dict:
+    """GEMM calls of the context projection per region call, in pieces, and the result against overlap off."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
+    plan = ParallelPlan(
+        blocks="",
+        colwise=("mix.q", "mix.k"),
+        rowwise=("mix.o",),
+        regions={"mix": TPRegion(seq_args=("x",), replicated_args=("context",), token_wise=True)},
+    )
+    g = torch.Generator().manual_seed(dist.get_rank())
+    x, context = (
+        torch.randn(2, 6, 8, generator=g),
+        torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(9)),
+    )
+    outs, calls = {}, []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        net = nn.Module()
+        net.mix = _CrossMix()
+        apply_tensor_parallel(net, plan, mesh, sequence_parallel=True, overlap=overlap)
+        real = net.mix.k.gemm
+        net.mix.k.gemm = lambda *a, real=real, flag=overlap, **k: calls.append(flag) or real(*a, **k)
+        with mock.patch.object(tp_overlap_schedule, "MIN_PIECE_ELEMENTS", 1):
+            outs[overlap] = net.mix(x, context=context)
+    return {"k_calls_on": calls.count(True), "diff": float((outs[True] - outs[False]).detach().abs().max())}

@@ -48,3 +48,8 @@ def test_local_first_equals_the_plain_gather(dist_pool, world, batch, tokens):
         # three GEMMs on the local rows under the gather, then three on the remote rows
         assert r["in_flight"] == [1, 1, 1, 0, 0, 0], (rank, r["in_flight"])
         assert r["in_flight_after"] == 0, f"rank {rank}: a collective was never waited"
+
+
+def test_replicated_context_is_projected_once_per_call(dist_pool):
+    for r in dist_pool(2).run("tests.distributed.cases_sp_pipeline:context_projected_once"):
+        assert r["k_calls_on"] == 1 and r["diff"] < 1e-6, r
