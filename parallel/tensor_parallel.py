@@ -3,10 +3,11 @@
 Column-parallel linears keep their output features' shard, row-parallel ones their input features' shard;
 weights become DTensors with their true placement on the tp mesh (FSDP2 and DCP see the global layout)
 while compute runs on local shards. Each region module becomes a `TensorParallel<Module>` whose forward
-first brings its declared inputs in (`RegionEntry`: all-gathered over tp under SP, else marked for a
-backward all-reduce); row-parallel outputs are reduce-scattered (SP) or all-reduced. Which parameters
-are left with tp-partial gradients (and summed by the runtime after backward) is the gradient rule of
-`grad_reduction.py`.
+first brings its declared inputs in (`region_entry.py`: all-gathered over tp under SP, else marked for a
+backward all-reduce); row-parallel outputs are reduce-scattered (SP) or all-reduced. Under SP with
+parallel.overlap the entry overlaps those collectives with the region's GEMMs (`region_overlap.py`).
+Which parameters are left with tp-partial gradients (and summed by the runtime after backward) is the
+gradient rule of `grad_reduction.py`.
 
 The local GEMM is the replaced layer's own: a linear that carries a `gemm(x, weight, bias, amax_group=)`
 (e.g. `megagen.kernels.Linear`, FP8 through Transformer Engine under `train.fp8`) keeps it, called on the
@@ -26,18 +27,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from megagen.parallel.class_swap import swap_in
-from megagen.parallel.mappings import (
-    copy_to_region,
-    gather_along,
-    reduce_from_region,
-    reduce_scatter_along_dim,
-)
-from megagen.parallel.plan import ParallelPlan, TPRegion
-from megagen.parallel.sp_local_first import gather_local_first, release
-from megagen.parallel.sp_pipeline import run_in_pieces
-from megagen.parallel.tp_overlap_schedule import local_first_pays, sp_pieces
-
-SEQ_DIM = 1  # activations inside blocks are (batch, sequence, features)
+from megagen.parallel.mappings import reduce_from_region, reduce_scatter_along_dim
+from megagen.parallel.plan import ParallelPlan
+from megagen.parallel.region_entry import SEQ_DIM, RegionEntry
+from megagen.parallel.region_overlap import OverlappedRegionEntry
 
 
 def _local(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -139,145 +132,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-class RegionEntry:
-    """How the inputs of one tensor-parallel region enter it, by argument name: a sequence-sharded
-    activation is all-gathered over tp under SP, else copied (identity forward, all-reduce backward); a
-    replicated one (text context) is copied without SP and passed as is under SP, where its gradient stays
-    partial like every replicated parameter's (the gradient rule of `grad_reduction.py`)."""
-
-    row_output: RowParallelLinear | None = None
-    """The region's one row-parallel linear when it is pipelined in sequence pieces (token-wise, SP,
-    overlap on): its partial output is what the pieces reduce-scatter (`sp_pipeline.py`)."""
-
-    columns: list[ColumnParallelLinear] = []
-    """The region's column-parallel linears (set with `row_output`): their GEMMs on an input shared by
-    all pieces run once per call (`ColumnParallelLinear.once`)."""
-    local_first: list[ColumnParallelLinear] = []
-    """The region's column-parallel linears, run on the local rows under the input's all-gather when
-    the region is not token-wise (SP, overlap on; `sp_local_first.py`)."""
-
-    def __init__(self, region: TPRegion, arg_names: list[str], group, sequence_parallel: bool):
-        self.region, self.arg_names = region, arg_names
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-    def __repr__(self) -> str:
-        seq = "gather" if self.sequence_parallel else "copy"
-        parts = [f"{n}: {seq}" for n in self.region.seq_args]
-        parts += [
-            f"{n}: {'as is' if self.sequence_parallel else 'copy'}" for n in self.region.replicated_args
-        ]
-        pipelined = ", sp_pipelined" if self.row_output is not None else ""
-        pipelined += ", local_first" if self.local_first else ""
-        return "tp_inputs=(" + ", ".join(parts) + ")" + pipelined
-
-    def _enter(self, name: str, x):
-        if not isinstance(x, torch.Tensor):
-            return x
-        if name in self.region.seq_args:
-            return (
-                gather_along(x, SEQ_DIM, self.group)
-                if self.sequence_parallel
-                else copy_to_region(x, self.group)
-            )
-        if name in self.region.replicated_args and not self.sequence_parallel:
-            return copy_to_region(x, self.group)
-        return x
-
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The region's call arguments with every declared input brought into the region."""
-        args = (
-            tuple(self._enter(name, x) for name, x in zip(self.arg_names, args)) + args[len(self.arg_names) :]
-        )
-        return args, {name: self._enter(name, x) for name, x in kwargs.items()}
-
-    def _seq_inputs(self, args: tuple, kwargs: dict) -> dict:
-        """The declared sequence inputs present in a call, keyed by position (int) or keyword (str)."""
-        seq = self.region.seq_args
-        found = {i: x for i, (name, x) in enumerate(zip(self.arg_names, args)) if name in seq}
-        found.update({name: x for name, x in kwargs.items() if name in seq})
-        return found
-
-    def pieces(self, args: tuple, kwargs: dict) -> int:
-        """How many sequence pieces this call runs in: 1 (the plain path) unless the region is pipelined,
-        every sequence input is a tensor and `sp_pieces` finds a split that pays."""
-        if self.row_output is None or torch.compiler.is_compiling():
-            return 1
-        inputs = list(self._seq_inputs(args, kwargs).values())
-        if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in inputs):
-            return 1
-        x = inputs[0]
-        if any(t.shape[SEQ_DIM] != x.shape[SEQ_DIM] for t in inputs):
-            return 1
-        return sp_pieces(x.shape[SEQ_DIM], x.shape[-1], self.group.size())
-
-    def run_pipelined(self, forward, args: tuple, kwargs: dict, pieces: int) -> torch.Tensor:
-        """`forward` run piece by piece on the gathered sequence pieces, its row-parallel output reduced
-        per piece (`sp_pipeline.run_in_pieces`); the bias is added once to the whole local shard."""
-        linear = self.row_output
-        args, kwargs = self.prepare_others(args, kwargs)
-
-        def body(gathered: dict) -> torch.Tensor:
-            a = tuple(gathered.get(i, x) for i, x in enumerate(args))
-            k = {name: gathered.get(name, x) for name, x in kwargs.items()}
-            linear.defer_sum = True
-            try:
-                out = forward(*a, **k)
-            finally:
-                linear.defer_sum = False
-            partial, linear.deferred = linear.deferred, None
-            if out is not partial:
-                raise RuntimeError(
-                    f"token_wise region {self.region} must return its row-parallel linear's output as is"
-                )
-            return out
-
-        shared = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
-        seq = self._seq_inputs(args, kwargs)
-        shared = [x for x in shared if not any(x is t for t in seq.values())]
-        for col in self.columns:
-            col.once = {id(x): (x, None) for x in shared}
-        try:
-            out = run_in_pieces(body, seq, pieces, self.group)
-        finally:
-            for col in self.columns:
-                col.once = None
-        return out if linear.bias is None else out + linear.bias
-
-    def local_first_input(self, args: tuple, kwargs: dict):
-        """The key of the one sequence input when this call runs local-first (`sp_local_first.py`)."""
-        if not self.local_first or torch.compiler.is_compiling():
-            return None
-        inputs = self._seq_inputs(args, kwargs)
-        if len(inputs) != 1:
-            return None
-        key, x = next(iter(inputs.items()))
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            return None
-        return key if local_first_pays(x.shape[SEQ_DIM], x.shape[-1], self.group.size()) else None
-
-    def run_local_first(self, forward, args: tuple, kwargs: dict, key) -> torch.Tensor:
-        """`forward` on the gathered input, its column-parallel GEMMs on that input done local rows first."""
-        args, kwargs = self.prepare_others(args, kwargs)
-        x = args[key] if isinstance(key, int) else kwargs[key]
-        linears = [lin for lin in self.local_first if lin.in_features == x.shape[-1]]
-        gathered = gather_local_first(x, linears, self.group)
-        args = tuple(gathered if i == key else v for i, v in enumerate(args))
-        kwargs = {name: gathered if name == key else v for name, v in kwargs.items()}
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            release(linears, str(self.region))
-
-    def prepare_others(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Every input but the sequence ones brought into the region (those enter piece by piece)."""
-        seq = self.region.seq_args
-        args = (
-            tuple(x if name in seq else self._enter(name, x) for name, x in zip(self.arg_names, args))
-            + args[len(self.arg_names) :]
-        )
-        return args, {name: x if name in seq else self._enter(name, x) for name, x in kwargs.items()}
-
-
 class TensorParallelRegion:
     """Region wrapper (swapped in as a subclass, `class_swap.py`): the module's forward on its inputs
     brought into the region by its `region_entry`; parameter names are unchanged."""
@@ -286,15 +140,7 @@ class TensorParallelRegion:
     region_entry: RegionEntry
 
     def forward(self, *args, **kwargs):
-        entry = self.region_entry
-        pieces = entry.pieces(args, kwargs)
-        if pieces > 1:
-            return entry.run_pipelined(super().forward, args, kwargs, pieces)
-        key = entry.local_first_input(args, kwargs)
-        if key is not None:
-            return entry.run_local_first(super().forward, args, kwargs, key)
-        args, kwargs = entry.prepare(args, kwargs)
-        return super().forward(*args, **kwargs)
+        return self.region_entry.run(super().forward, args, kwargs)
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
@@ -307,6 +153,15 @@ def _row_output(name: str, module: nn.Module) -> RowParallelLinear:
     if len(rows) != 1:
         raise ValueError(f"token_wise region {name} has {len(rows)} row-parallel linears; it needs exactly 1")
     return rows[0]
+
+
+def _entry(name: str, module: nn.Module, region, names: list[str], group, sp: bool, overlap: bool):
+    """The region's `RegionEntry`; under SP with overlap, one that overlaps (`region_overlap.py`)."""
+    if not (sp and overlap):
+        return RegionEntry(region, names, group, sp)
+    row = _row_output(name, module) if region.token_wise else None
+    cols = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
+    return OverlappedRegionEntry(region, names, group, sp, row_output=row, columns=cols)
 
 
 def apply_tensor_parallel(
@@ -335,10 +190,4 @@ def apply_tensor_parallel(
         for name, module in hits:
             names = list(inspect.signature(module.forward).parameters)  # positions of the declared inputs
             swap_in(module, TensorParallelRegion)
-            module.region_entry = RegionEntry(region, names, group, sequence_parallel)
-            cols = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
-            if sequence_parallel and overlap and region.token_wise:
-                module.region_entry.row_output = _row_output(name, module)
-                module.region_entry.columns = cols
-            elif sequence_parallel and overlap:
-                module.region_entry.local_first = cols
+            module.region_entry = _entry(name, module, region, names, group, sequence_parallel, overlap)

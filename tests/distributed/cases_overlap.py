@@ -45,11 +45,11 @@ def overlap_on_and_off(overrides: list[str], bucket_bytes: int) -> dict:
 def tp_pipelined(overrides: list[str], overlap: bool) -> dict:
     """A parity run with `parallel.overlap` set; the message floor is lowered so the tiny model's regions
     really overlap (token-wise ones in pieces, self-attention local-first), and those calls are counted."""
-    from megagen.parallel import tensor_parallel, tp_overlap_schedule
+    from megagen.parallel import region_overlap, tp_overlap_schedule
 
     pieces: list[int] = []
     local_first: list[int] = []
-    real_pieces, real_local_first = tensor_parallel.run_in_pieces, tensor_parallel.gather_local_first
+    real_pieces, real_local_first = region_overlap.run_in_pieces, region_overlap.gather_local_first
 
     def counting_pieces(body, inputs, count, group):
         pieces.append(count)
@@ -61,8 +61,8 @@ def tp_pipelined(overrides: list[str], overlap: bool) -> dict:
 
     with (
         mock.patch.object(tp_overlap_schedule, "MIN_PIECE_ELEMENTS", 1),
-        mock.patch.object(tensor_parallel, "run_in_pieces", counting_pieces),
-        mock.patch.object(tensor_parallel, "gather_local_first", counting_local_first),
+        mock.patch.object(region_overlap, "run_in_pieces", counting_pieces),
+        mock.patch.object(region_overlap, "gather_local_first", counting_local_first),
     ):
         out = run_training(
             [*overrides, f"parallel.overlap={str(overlap).lower()}"], f"/tmp/megagen-tp-{overlap}"
