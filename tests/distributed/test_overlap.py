@@ -84,3 +84,21 @@ def test_tp_sequence_pieces_match_one_process(dist_pool, world, name):
         f"\n{name}: pieces {on[0]['pieces']}, worst relative difference from one process {WORST[name]:.2e}, "
         f"from overlap off {drift:.2e}"
     )
+
+
+@pytest.mark.slow
+def test_tp_overlap_moves_the_same_bytes_in_more_calls(dist_pool):
+    """At the benchmark's 1K tokens the default rule pipelines (no floor lowered): tp bytes per kind are
+    unchanged by the pieces, so the planner's byte counts stay exact; only the call counts grow."""
+    tokens_1k = ["data.latent_frames=8", "data.latent_height=32", "data.latent_width=32"]
+    comm = {
+        flag: dist_pool(2).run(
+            "tests.distributed.cases_parity:comm_of_one_step",
+            overrides=[*tokens_1k, "parallel.tp=2", f"parallel.overlap={flag}"],
+        )[0]["tp"]
+        for flag in ("false", "true")
+    }
+    off, on = comm["false"], comm["true"]
+    assert {k: v["bytes"] for k, v in on.items()} == {k: v["bytes"] for k, v in off.items()}
+    for kind in ("all_gather", "reduce_scatter"):
+        assert on[kind]["calls"] > off[kind]["calls"], (kind, on[kind], off[kind])
