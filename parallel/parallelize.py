@@ -58,7 +58,7 @@ def parallelize(
     state.engine_sums = engine_reductions(model, plan, dims.sizes(), sp, DATA_AXES if fsdp else ())
 
     if dims.tp > 1:
-        apply_tensor_parallel(model, plan, mesh["tp"], sp)
+        apply_tensor_parallel(model, plan, mesh["tp"], sp, parallel_cfg.overlap)
 
     if shards > 1:
         cores = [

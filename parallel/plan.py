@@ -20,6 +20,11 @@ class TPRegion:
 
     seq_args: tuple[str, ...] = ("x",)
     replicated_args: tuple[str, ...] = ()
+    token_wise: bool = False
+    """The region's output for a token depends only on that token's `seq_args` row (an MLP;
+    cross-attention, whose context is replicated; not self-attention). Under SP with parallel.overlap
+    such a region runs in sequence pieces whose collectives overlap its GEMMs (parallel/sp_pipeline.py);
+    it must then hold exactly one row-parallel linear and return that linear's output."""
 
 
 @dataclass(frozen=True)

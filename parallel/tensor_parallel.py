@@ -3,10 +3,11 @@
 Column-parallel linears keep their output features' shard, row-parallel ones their input features' shard;
 weights become DTensors with their true placement on the tp mesh (FSDP2 and DCP see the global layout)
 while compute runs on local shards. Each region module becomes a `TensorParallel<Module>` whose forward
-first brings its declared inputs in (`RegionEntry`: all-gathered over tp under SP, else marked for a
-backward all-reduce); row-parallel outputs are reduce-scattered (SP) or all-reduced. Which parameters
-are left with tp-partial gradients (and summed by the runtime after backward) is the gradient rule of
-`grad_reduction.py`.
+first brings its declared inputs in (`region_entry.py`: all-gathered over tp under SP, else marked for a
+backward all-reduce); row-parallel outputs are reduce-scattered (SP) or all-reduced. Under SP with
+parallel.overlap the entry overlaps those collectives with the region's GEMMs (`region_overlap.py`).
+Which parameters are left with tp-partial gradients (and summed by the runtime after backward) is the
+gradient rule of `grad_reduction.py`.
 
 The local GEMM is the replaced layer's own: a linear that carries a `gemm(x, weight, bias, amax_group=)`
 (e.g. `megagen.kernels.Linear`, FP8 through Transformer Engine under `train.fp8`) keeps it, called on the
@@ -26,15 +27,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from megagen.parallel.class_swap import swap_in
-from megagen.parallel.mappings import (
-    copy_to_region,
-    gather_along,
-    reduce_from_region,
-    reduce_scatter_along_dim,
-)
-from megagen.parallel.plan import ParallelPlan, TPRegion
-
-SEQ_DIM = 1  # activations inside blocks are (batch, sequence, features)
+from megagen.parallel.mappings import reduce_from_region, reduce_scatter_along_dim
+from megagen.parallel.plan import ParallelPlan
+from megagen.parallel.region_entry import SEQ_DIM, RegionEntry
+from megagen.parallel.region_overlap import OverlappedRegionEntry
 
 
 def _local(p: torch.Tensor | None) -> torch.Tensor | None:
@@ -70,8 +66,25 @@ class ColumnParallelLinear(nn.Module):
         self.group = mesh.get_group()
         self.gemm = gemm_of(linear)
 
+    precomputed: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(input, output) computed ahead by a local-first region wrapper (`sp_local_first.py`): a call on
+    exactly that input returns that output."""
+
+    once: dict[int, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    """While a region runs in pieces (`sp_pipeline.py`): id → (input, its output) for the inputs that are
+    the same tensor in every piece (the replicated text context), so their GEMM runs once, not per piece."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gemm(x, _local(self.weight), _local(self.bias), amax_group=self.group)
+        if self.precomputed is not None and self.precomputed[0] is x:
+            out, self.precomputed = self.precomputed[1], None
+            return out
+        kept = None if self.once is None else self.once.get(id(x))
+        if kept is not None and kept[0] is x and kept[1] is not None:
+            return kept[1]
+        out = self.gemm(x, _local(self.weight), _local(self.bias), amax_group=self.group)
+        if kept is not None and kept[0] is x:
+            self.once[id(x)] = (x, out)
+        return out
 
 
 class RowParallelLinear(nn.Module):
@@ -93,8 +106,16 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = sequence_parallel
         self.gemm = gemm_of(linear)
 
+    deferred: torch.Tensor | None = None
+    defer_sum = False
+    """Set by a pipelining region wrapper (`sp_pipeline.py`) around its body: return the partial sum
+    without bias, which the wrapper reduces piece by piece and then adds the bias to."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.gemm(x, _local(self.weight), None, amax_group=self.group)
+        if self.defer_sum:
+            self.deferred = y
+            return y
         if self.sequence_parallel:
             y = reduce_scatter_along_dim(y, SEQ_DIM, self.group)
         else:
@@ -111,45 +132,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-class RegionEntry:
-    """How the inputs of one tensor-parallel region enter it, by argument name: a sequence-sharded
-    activation is all-gathered over tp under SP, else copied (identity forward, all-reduce backward); a
-    replicated one (text context) is copied without SP and passed as is under SP, where its gradient stays
-    partial like every replicated parameter's (the gradient rule of `grad_reduction.py`)."""
-
-    def __init__(self, region: TPRegion, arg_names: list[str], group, sequence_parallel: bool):
-        self.region, self.arg_names = region, arg_names
-        self.group, self.sequence_parallel = group, sequence_parallel
-
-    def __repr__(self) -> str:
-        seq = "gather" if self.sequence_parallel else "copy"
-        parts = [f"{n}: {seq}" for n in self.region.seq_args]
-        parts += [
-            f"{n}: {'as is' if self.sequence_parallel else 'copy'}" for n in self.region.replicated_args
-        ]
-        return "tp_inputs=(" + ", ".join(parts) + ")"
-
-    def _enter(self, name: str, x):
-        if not isinstance(x, torch.Tensor):
-            return x
-        if name in self.region.seq_args:
-            return (
-                gather_along(x, SEQ_DIM, self.group)
-                if self.sequence_parallel
-                else copy_to_region(x, self.group)
-            )
-        if name in self.region.replicated_args and not self.sequence_parallel:
-            return copy_to_region(x, self.group)
-        return x
-
-    def prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """The region's call arguments with every declared input brought into the region."""
-        args = (
-            tuple(self._enter(name, x) for name, x in zip(self.arg_names, args)) + args[len(self.arg_names) :]
-        )
-        return args, {name: self._enter(name, x) for name, x in kwargs.items()}
-
-
 class TensorParallelRegion:
     """Region wrapper (swapped in as a subclass, `class_swap.py`): the module's forward on its inputs
     brought into the region by its `region_entry`; parameter names are unchanged."""
@@ -158,18 +140,35 @@ class TensorParallelRegion:
     region_entry: RegionEntry
 
     def forward(self, *args, **kwargs):
-        args, kwargs = self.region_entry.prepare(args, kwargs)
-        return super().forward(*args, **kwargs)
+        return self.region_entry.run(super().forward, args, kwargs)
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
         return repr(self.region_entry) + (f", {inner}" if inner else "")
 
 
+def _row_output(name: str, module: nn.Module) -> RowParallelLinear:
+    """The one row-parallel linear of a token-wise region, whose partial output its pieces reduce."""
+    rows = [m for m in module.modules() if isinstance(m, RowParallelLinear)]
+    if len(rows) != 1:
+        raise ValueError(f"token_wise region {name} has {len(rows)} row-parallel linears; it needs exactly 1")
+    return rows[0]
+
+
+def _entry(name: str, module: nn.Module, region, names: list[str], group, sp: bool, overlap: bool):
+    """The region's `RegionEntry`; under SP with overlap, one that overlaps (`region_overlap.py`)."""
+    if not (sp and overlap):
+        return RegionEntry(region, names, group, sp)
+    row = _row_output(name, module) if region.token_wise else None
+    cols = [m for m in module.modules() if isinstance(m, ColumnParallelLinear)]
+    return OverlappedRegionEntry(region, names, group, sp, row_output=row, columns=cols)
+
+
 def apply_tensor_parallel(
-    model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool
+    model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, sequence_parallel: bool, overlap: bool = False
 ) -> None:
-    """Shard the plan's linears over tp; each region module becomes a `TensorParallel<Module>`, in place."""
+    """Shard the plan's linears over tp; each region module becomes a `TensorParallel<Module>`, in place.
+    With `overlap` (parallel.overlap) and SP, token-wise regions run pipelined in sequence pieces."""
     col = _matching(model, plan.colwise)
     row = _matching(model, plan.rowwise)
     for pattern in (*plan.colwise, *plan.rowwise):
@@ -188,7 +187,7 @@ def apply_tensor_parallel(
         hits = _matching(model, [pattern])
         if not hits:
             raise ValueError(f"parallel plan region {pattern!r} matches no module")
-        for _, module in hits:
+        for name, module in hits:
             names = list(inspect.signature(module.forward).parameters)  # positions of the declared inputs
             swap_in(module, TensorParallelRegion)
-            module.region_entry = RegionEntry(region, names, group, sequence_parallel)
+            module.region_entry = _entry(name, module, region, names, group, sequence_parallel, overlap)
