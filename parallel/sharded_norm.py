@@ -80,9 +80,7 @@ class TensorParallelShardedNorm:
 def sharded_norm_modules(model: nn.Module, plan: ParallelPlan) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs the plan's `sharded_norms` patterns match."""
     return [
-        (n, m)
-        for n, m in model.named_modules()
-        if any(fnmatch.fnmatchcase(n, p) for p in plan.sharded_norms)
+        (n, m) for n, m in model.named_modules() if any(fnmatch.fnmatchcase(n, p) for p in plan.sharded_norms)
     ]
 
 
