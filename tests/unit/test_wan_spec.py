@@ -136,3 +136,20 @@ def test_sampler_runs_a_few_steps(cfg):
     batch = {"latents": torch.zeros(2, *SHAPE), "text.umt5": torch.randn(2, 5, 32)}
     out = spec.sample(model, cfg, batch, steps=3, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, *SHAPE) and torch.isfinite(out).all()
+
+
+def test_flop_count_matches_torch_flop_counter(cfg):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = get_spec("wan")
+    model = spec.build(cfg)
+    spec.init_weights(model, cfg)
+    batch = {k: torch.randn(2, *s) for k, s in spec.sample_shapes(cfg).items()}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(**spec.model_inputs(batch, batch["latents"], torch.rand(2), None))
+        forward = counter.get_total_flops() / 2
+        out.square().sum().backward()
+    count = spec.flops_per_sample(cfg)
+    assert count.forward == pytest.approx(forward, rel=0.01)
+    assert count.model == pytest.approx(counter.get_total_flops() / 2, rel=0.01)
