@@ -118,7 +118,7 @@ def masked_text(
 ) -> torch.Tensor:
     """Text embeddings with padding zeroed, as Wan's pipeline pads umT5 outputs; a dropped sample
     (classifier-free guidance) becomes all padding, Wan's stand-in for the empty prompt."""
-    keep = None if text_valid is None else text_valid
+    keep = text_valid
     if text_drop is not None:
         not_dropped = ~text_drop.view(-1, 1)
         keep = not_dropped if keep is None else keep & not_dropped
