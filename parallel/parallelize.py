@@ -60,6 +60,8 @@ def parallelize(
 
     if dims.tp > 1:
         apply_tensor_parallel(model, plan, mesh["tp"], sp)
+
+    if dims.tp > 1 and plan.sharded_norms:
         apply_sharded_norms(model, plan, mesh["tp"])
 
     if shards > 1:
