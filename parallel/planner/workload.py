@@ -216,7 +216,7 @@ def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: in
 
 def _tp_dim(param_name: str, plan: ParallelPlan) -> int | None:
     module, _, leaf = param_name.rpartition(".")
-    if _match(module, plan.colwise):
+    if _match(module, plan.colwise) or _match(module, plan.sharded_norms):
         return 0
     if _match(module, plan.rowwise):
         return 1 if leaf == "weight" else None
