@@ -13,6 +13,8 @@ rows this rank holds (`RuleReader` over safetensors `get_slice`).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -136,3 +138,35 @@ def open_diffusers(directory: Path, cfg, key: str) -> DiffusersSource:
 
     spec = get_spec(cfg.model.spec)
     return DiffusersSource(directory, spec, spec.arch(cfg), cfg.model.preset, key)
+
+
+def diffusers_version() -> str:
+    """The installed diffusers' version for config.json (diffusers warns, never fails, on another one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "0.33.0"  # the first release with WanTransformer3DModel
+
+
+def write_diffusers_dir(tensors: dict[str, torch.Tensor], config: dict, out: str | Path) -> Path:
+    """config.json + one safetensors file, written in a temporary directory renamed into place."""
+    from safetensors.torch import save_file
+
+    from megagen.config.errors import UsageError
+
+    out = Path(out)
+    if out.exists():
+        raise UsageError("OUT", f"{out} exists; refusing to overwrite it (remove it or choose another)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir()
+        full = {**config, "_diffusers_version": diffusers_version()}
+        (tmp / CONFIG).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), {"format": "pt"})
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
