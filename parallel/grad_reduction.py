@@ -14,8 +14,9 @@
 The classes are derived once, from the plan and the module structure (module names, region boundaries,
 which linears are column/row parallel), before anything is sharded. Every parameter falls in one class:
 
-- `SHARDED`: the weight (or column bias) of a column/row-parallel linear. Its inputs were gathered or
-  copied into the region, so the gradient of the local shard is complete over tp.
+- `SHARDED`: the weight (or column bias) of a column/row-parallel linear, or the weight of a plan's
+  `sharded_norms` norm (split like the colwise output it scales, `sharded_norm.py`). Its inputs were
+  gathered or copied into the region, so the gradient of the local shard is complete over tp.
 - `IN_REGION`: any other parameter of a module inside a tensor-parallel region (learned QK-norm over
   head_dim, a norm in front of the column-parallel linears). It is applied to head/hidden shards, or feeds
   them, so each tp rank holds only its shards' share: partial over tp, with or without sequence
@@ -72,7 +73,7 @@ def _classify_owner(mname: str, attr: str, plan: ParallelPlan, regions: list[str
     col, row = _matches(mname, plan.colwise), _matches(mname, plan.rowwise)
     if (col or row) and attr not in ("weight", "bias"):
         return None, f"the tensor-parallel linear {mname!r} keeps only its weight and bias"
-    if col:
+    if col or _matches(mname, plan.sharded_norms):  # a sharded norm's weight is split like a colwise output
         return SHARDED, None
     if row:
         return (SHARDED, None) if attr == "weight" else (BETWEEN, None)  # the bias is added after the sum

@@ -21,6 +21,7 @@ from megagen.parallel.plan import ParallelPlan
 from megagen.parallel.precision import autocast_forward
 from megagen.parallel.recompute import apply_recompute
 from megagen.parallel.sequence import SequenceSharder
+from megagen.parallel.sharded_norm import apply_sharded_norms
 from megagen.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -59,6 +60,7 @@ def parallelize(
 
     if dims.tp > 1:
         apply_tensor_parallel(model, plan, mesh["tp"], sp)
+        apply_sharded_norms(model, plan, mesh["tp"])
 
     if shards > 1:
         cores = [

@@ -34,6 +34,9 @@ class ParallelPlan:
     """nn.Linear patterns split on input features over tp (their partial outputs are summed)."""
     regions: dict[str, TPRegion] = field(default_factory=dict)
     """Module pattern → how its inputs enter the tensor-parallel region."""
+    sharded_norms: tuple[str, ...] = ()
+    """RMSNorm patterns whose normalised (last) dim is a colwise output split over tp (e.g. a QK-norm over
+    all heads): the engine all-reduces their sums of squares and shards their weight like that output."""
     self_attention: tuple[str, ...] = ()
     """Attention-core patterns attending over the (context-parallel) video sequence."""
     sequence_inputs: dict[str, int] = field(default_factory=dict)

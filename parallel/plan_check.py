@@ -16,6 +16,8 @@ Rules (ConfigError key `model.spec`; each message names the offending pattern):
                   into the region there)
   partners        a region holding a rowwise linear holds a colwise one and vice versa, and every rowwise
                   linear's in_features equals the out_features of a colwise linear of the same region
+  sharded_norms   every pattern matches >= 1 module with an `eps`, each inside a region (it normalises a
+                  colwise output there); tp divides its weight's width
   self_attention  every pattern matches >= 1 module whose forward takes (q, k, v, kv_valid); with
                   tensor-parallel linears each core lies inside a region (it sees head shards)
   sequence        every `sequence_inputs` name (and `token_mask`, if set) is a parameter of the root module's
@@ -93,6 +95,7 @@ class _Checker:
         linears = self.check_linears()
         regions = self.check_regions()
         self.check_containment_and_partners(linears, regions)
+        self.check_sharded_norms(regions)
         self.check_attention(linears, regions)
         self.check_sequence()
         self.check_gradients()
@@ -199,6 +202,22 @@ class _Checker:
                     f"{who} has no rowwise partner in region {pattern!r}: its output would leave the "
                     "region sharded over tp"
                 )
+
+    def check_sharded_norms(self, regions: dict[str, str]) -> None:
+        for pattern in self.plan.sharded_norms:
+            hits = self.match(pattern)
+            if not hits:
+                self.fail(f"sharded_norms pattern {pattern!r} matches no module")
+            for name in hits:
+                who = f"sharded norm {_generic(name)!r} (pattern {pattern!r})"
+                module = self.modules[name]
+                if not hasattr(module, "eps"):
+                    self.fail(f"{who} is a {type(module).__name__}, expected an RMSNorm with an `eps`")
+                if self._region_of(name, regions) is None:
+                    self.fail(f"{who} lies inside no region, so its input is not a colwise shard")
+                weight = getattr(module, "weight", None)
+                if self.tp > 1 and weight is not None and weight.shape[0] % self.tp:
+                    self.fail(f"{self.tp} does not divide the width ({weight.shape[0]}) of {who}", sizes=True)
 
     def check_attention(self, linears: dict[str, tuple[str, str]], regions: dict[str, str]) -> None:
         for pattern in self.plan.self_attention:

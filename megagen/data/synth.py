@@ -9,7 +9,8 @@ the loss falls well below its starting value. `caption_id` is the class.
 Presets: `video_tiny` (the video spec's tiny encoders); `audio_tiny` (1-D buckets `t{T}` of 128-channel
 audio latents, plus `video_features` (Fv, Dv): the class's own smooth pattern over the clip's video frames,
 Fv = round(T · 24 / 25)); `upsampler_tiny` (video buckets plus `lowres_latents`: the high-res pattern
-averaged over 2×2 latent pixels and repeated back to the full grid — a blurred copy of the target).
+averaged over 2×2 latent pixels and repeated back to the full grid — a blurred copy of the target);
+`wan_tiny` (video buckets of the wan spec's tiny preset: 16-channel latents, one `umt5` text encoder).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ SYNTH_PRESETS = {
     "video_tiny": SynthPreset("video", "tiny", text_len=8, buckets="t1_h16_w16,t4_h8_w8,t8_h8_w12"),
     "audio_tiny": SynthPreset("audio", "tiny", text_len=8, buckets="t32,t48"),
     "upsampler_tiny": SynthPreset("upsampler", "tiny", text_len=8, buckets="t4_h8_w8,t8_h8_w12"),
+    "wan_tiny": SynthPreset("wan", "tiny", text_len=8, buckets="t1_h16_w16,t4_h8_w8,t8_h8_w12"),
 }
 VIDEO_FEATURES = "video_features"
 LOWRES_LATENTS = "lowres_latents"

@@ -76,6 +76,11 @@ class WanArch:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    @property
+    def text_encoders(self) -> dict[str, int]:
+        """Encoder → embedding width, the form the data tools read (one encoder: umT5)."""
+        return {"umt5": self.text_dim}
+
 
 class WanBlock(nn.Module):
     """Self-attention (modulated, gated), cross-attention (plain residual), GELU MLP (modulated, gated)."""
