@@ -3,25 +3,28 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megagen.checkpoint.diffusers_dir import INDEX, WEIGHTS, DiffusersSource
+from megagen.checkpoint import init_from_checkpoint
+from megagen.checkpoint.cli import add_ckpt_commands, run_ckpt_command
+from megagen.checkpoint.diffusers_dir import INDEX, WEIGHTS
 from megagen.checkpoint.export import export_diffusers
 from megagen.checkpoint.layout import FORMAT, VERSION, CheckpointError, publish
+from megagen.config import load_config
 from megagen.specs.video.spec import grid_positions, patchify
-from megagen.specs.wan.model import WanArch, WanTransformer
+from megagen.specs.wan.model import WanTransformer
+from megagen.specs.wan.spec import WAN_PRESETS
 from tests.unit.wan_reference import diffusers_wan
 
 pytest.importorskip("diffusers")
 
-ARCH = WanArch(layers=2, dim=32, ffn=64, heads=2, text_dim=24, freq_dim=16, latent_channels=4)
-WAN = SimpleNamespace(name="wan")
-KEY = "checkpoint.init_from"
+ARCH = WAN_PRESETS["tiny"]
+CFG = load_config("examples/configs/wan_tiny.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,11 @@ def saved(reference, tmp_path):
     return tmp_path / "wan"
 
 
-def import_wan(directory, arch=ARCH) -> WanTransformer:
-    """megagen's wan filled from a diffusers directory by the init_from source."""
-    model = WanTransformer(arch)
-    DiffusersSource(directory, WAN, arch, "tiny", KEY).load(dict(model.state_dict()))
+def import_wan(directory) -> WanTransformer:
+    """megagen's wan/tiny started from a diffusers directory (`checkpoint.init_from=DIR`)."""
+    model = WanTransformer(ARCH)
+    report = init_from_checkpoint(model, directory, cfg=CFG)
+    assert report.missing == [] and report.unexpected == [] and not report.grown
     return model
 
 
@@ -86,7 +90,7 @@ def test_sharded_index_loads_as_one_file(reference, saved, tmp_path):
 
 def test_mismatched_config_is_refused_naming_the_field(saved):
     config = json.loads((saved / "config.json").read_text())
-    (saved / "config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    (saved / "config.json").write_text(json.dumps({**config, "num_layers": 3}))  # the preset has 2
     with pytest.raises(CheckpointError, match="num_layers: diffusers config has 3, preset wan/tiny has 2"):
         import_wan(saved)
 
@@ -126,15 +130,19 @@ def weights_checkpoint(tensors: dict, out, spec: str, preset: str):
     return out
 
 
-def test_import_export_from_pretrained_is_bitwise(reference, saved, tmp_path, monkeypatch):
+def ckpt_cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="megagen")
+    add_ckpt_commands(parser.add_subparsers(dest="command"))
+    return run_ckpt_command(parser.parse_args(["ckpt", *argv]))
+
+
+def test_import_export_from_pretrained_is_bitwise(reference, saved, tmp_path):
     from diffusers import WanTransformer3DModel
 
-    import megagen.checkpoint.export as export
-
-    monkeypatch.setattr(export, "_preset_arch", lambda meta, key: (WAN, ARCH))
     tensors = {n: t.clone() for n, t in import_wan(saved).state_dict().items()}
     ckpt = weights_checkpoint(tensors, tmp_path / "step-000000", "wan", "tiny")
-    out = export_diffusers(ckpt, tmp_path / "exported")
+    out = tmp_path / "exported"
+    assert ckpt_cli("export", str(ckpt), str(out), "--format", "diffusers") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["_class_name"] == "WanTransformer3DModel" and config["_diffusers_version"]
     back = WanTransformer3DModel.from_pretrained(out).eval()
