@@ -28,7 +28,15 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.5", "hypothesis>=6.100", "import-linter>=2.0"],
+        # diffusers: the reference Wan for the wan tests; accelerate: its from_pretrained needs it for Wan
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "hypothesis>=6.100",
+            "import-linter>=2.0",
+            "diffusers>=0.33",
+            "accelerate>=1.0",
+        ],
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "gpu": ["transformer-engine[pytorch]>=1.10", "nvtx>=0.2", "triton>=3.0"],
     },
