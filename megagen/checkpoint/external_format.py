@@ -57,13 +57,13 @@ class TensorRule:
             row = tuple(row[i] for i in self.inner_perm)
         return (math.prod(row),) if self.flatten and row else row
 
-    def _rows(self) -> list[int]:
+    def source_rows(self) -> list[int]:
         return [s[self.squeeze] for s in self.shapes]
 
     def target_shape(self) -> tuple[int, ...]:
         if self.is_direct:
             return tuple(self.shapes[0])
-        return (sum(self._rows()), *self._target_row_shape())
+        return (sum(self.source_rows()), *self._target_row_shape())
 
     def rows_to_target(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, *row shape) outside rows → (n, *target row shape)."""
@@ -114,7 +114,7 @@ class RuleReader:
         wanted = range(rule.target_shape()[0])[index[0]]
         order = [rule.row_perm[r] for r in wanted] if rule.row_perm is not None else list(wanted)
         parts = []
-        for src, first, count in _runs(order, rule._rows()):
+        for src, first, count in _runs(order, rule.source_rows()):
             lead = (0,) * rule.squeeze
             parts.append(rule.rows_to_target(self.slices[src][(*lead, slice(first, first + count))]))
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -131,7 +131,7 @@ def to_outside(rule: TensorRule, full: torch.Tensor) -> dict[str, torch.Tensor]:
         placed[list(rule.row_perm)] = concat
         concat = placed
     out, start = {}, 0
-    for name, shape, rows in zip(rule.sources, rule.shapes, rule._rows()):
+    for name, shape, rows in zip(rule.sources, rule.shapes, rule.source_rows()):
         out[name] = concat[start : start + rows].reshape(shape).contiguous()
         start += rows
     return out

@@ -159,3 +159,38 @@ def test_export_refuses_a_spec_without_a_diffusers_mapping(tmp_path):
     with pytest.raises(CheckpointError, match="spec 'video' has no diffusers mapping"):
         export_diffusers(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- generic tensor rules
+def test_tensor_rules_read_row_blocks_and_invert_exactly(tmp_path):
+    """Layouts wan does not need (fused from split, permuted rows, channels-last kernels) read any block
+    of rows from the outside tensors' rows only, and export back to the very same tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from megagen.checkpoint.external_format import RuleReader, TensorRule, to_outside
+
+    g = torch.Generator().manual_seed(0)
+    outside = {
+        n: torch.randn(s, generator=g) for n, s in (("q", (8, 6)), ("k", (4, 6)), ("c", (8, 3, 1, 2, 2)))
+    }
+    save_file(outside, tmp_path / "t.safetensors")
+    perm = tuple(reversed(range(12)))
+    rules = {
+        "fused": (TensorRule(("q", "k"), ((8, 6), (4, 6))), torch.cat([outside["q"], outside["k"]])),
+        "permuted": (
+            TensorRule(("q", "k"), ((8, 6), (4, 6)), row_perm=perm),
+            torch.cat([outside["q"], outside["k"]]).flip(0),
+        ),
+        "channels_last": (
+            TensorRule(("c",), ((8, 3, 1, 2, 2),), inner_perm=(1, 2, 3, 0), flatten=True),
+            outside["c"].permute(0, 2, 3, 4, 1).reshape(8, 12),
+        ),
+    }
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        for name, (rule, want) in rules.items():
+            assert rule.target_shape() == tuple(want.shape), name
+            reader = RuleReader(rule, [f.get_slice(s) for s in rule.sources])
+            assert torch.equal(reader[(slice(3, 7), slice(1, 5))], want[3:7, 1:5]), name
+            back = to_outside(rule, want)
+            assert all(torch.equal(back[s], outside[s]) for s in rule.sources), name
