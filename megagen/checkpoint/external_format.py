@@ -1,13 +1,14 @@
 """Outside checkpoint formats (e.g. diffusers): how megagen tensors are made of another library's tensors.
 
 A spec that can be imported from / exported to an outside format has a *table* (a module named in
-`TABLES`) with three functions of the preset's architecture:
+`TABLES`) with two functions of the preset's architecture:
   - `tensor_rules(arch) -> {megagen name: TensorRule}`: which outside tensors make each megagen tensor;
   - `outside_config(arch) -> dict`: the outside config that describes the same model (import compares
     the file's config with it field by field, export writes it).
-A `TensorRule` works row by row (dim 0), which is how megagen shards parameters for FSDP and
-column-parallel TP: a rank reading rows [a, b) of a megagen tensor reads only the outside rows those come
-from (`RuleReader`), never a whole tensor. A second outside format is one more table.
+A `TensorRule` that changes a layout works row by row (dim 0), the dim FSDP and column-parallel TP shard:
+a rank reading rows [a, b) of a megagen tensor reads only the outside rows those come from
+(`RuleReader`), never a whole tensor; a tensor taken as it is passes any block straight through (e.g. a
+row-parallel weight sharded on dim 1). A second outside format is one more table.
 """
 
 from __future__ import annotations
