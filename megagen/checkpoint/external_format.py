@@ -159,6 +159,8 @@ def config_mismatches(found: dict, expected: dict, fmt: str, label: str) -> list
             have = tuple(have)
         if isinstance(want, list):
             want = tuple(want)
-        if have != want:
+        if name not in found:
+            out.append(f"{name}: {fmt} config lacks it, preset {label} has {want!r}")
+        elif have != want:
             out.append(f"{name}: {fmt} config has {have!r}, preset {label} has {want!r}")
     return out
