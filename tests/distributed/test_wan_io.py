@@ -10,9 +10,10 @@ from tests.distributed.cases_wan_io import wan_from_diffusers
 
 pytestmark = pytest.mark.slow
 
-MESHES = {
-    "fsdp2": ["parallel.dp_shard=2"],
-    "tp2": ["parallel.tp=2", "parallel.dp_shard=1"],
+MESHES = {  # (world size, overrides)
+    "fsdp2": (2, ["parallel.dp_shard=2"]),
+    "tp2": (2, ["parallel.tp=2", "parallel.dp_shard=1"]),
+    "fsdp2xtp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),  # FSDP over tp shards: _StridedShard
 }
 
 
@@ -41,9 +42,10 @@ def one_process(diffusers_dir, tmp_path_factory):
 def test_diffusers_import_on_a_mesh_reads_only_slices(dist_pool, diffusers_dir, one_process, mesh, tmp_path):
     ref = one_process
     assert ref["missing"] == [] and ref["read"] == ref["local"] == ref["total"]
-    results = dist_pool(2).run(
+    world, overrides = MESHES[mesh]
+    results = dist_pool(world).run(
         "tests.distributed.cases_wan_io:wan_from_diffusers",
-        overrides=MESHES[mesh],
+        overrides=overrides,
         source=diffusers_dir,
         run_dir=str(tmp_path),
     )
@@ -55,5 +57,5 @@ def test_diffusers_import_on_a_mesh_reads_only_slices(dist_pool, diffusers_dir, 
         assert r["read"] == r["local"], f"rank {rank} read {r['read']} elements for {r['local']} local"
     if mesh == "fsdp2":  # every tensor is split over the two ranks: together they read the model once
         assert sum(r["read"] for r in results) == ref["total"]
-    else:  # tp2 replicates what it does not split: more than once, less than twice
+    else:  # tp replicates what it does not split (over 2 ranks): more than once, less than twice
         assert ref["total"] < sum(r["read"] for r in results) < 2 * ref["total"]
