@@ -31,12 +31,20 @@ def add_ckpt_commands(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
     e = sub.add_parser(
         "export",
-        help="consolidated weights into one safetensors file",
+        help="consolidated weights into one safetensors file (or a diffusers directory)",
         description="Write the full (unsharded) weights of CKPT to OUT (.safetensors) with the spec, "
-        "preset and step in its metadata.",
+        "preset and step in its metadata; with --format diffusers, a save_pretrained directory.",
     )
     e.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
-    e.add_argument("out", metavar="OUT", help="output file, e.g. model.safetensors (never overwritten)")
+    e.add_argument(
+        "out", metavar="OUT", help="output file, e.g. model.safetensors, or directory (never overwritten)"
+    )
+    e.add_argument(
+        "--format",
+        choices=("megagen", "diffusers"),
+        default="megagen",
+        help="megagen (default): one safetensors file; diffusers: a directory from_pretrained loads",
+    )
     e.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     _add_verify(e)
     a = sub.add_parser(
@@ -128,9 +136,10 @@ def format_info(info: dict) -> str:
 def run_ckpt_command(args) -> int:
     """Handler of `megagen ckpt ...`; bad input raises CheckpointError (a ConfigError)."""
     if args.ckpt_command == "export":
-        from megagen.checkpoint.export import export_safetensors
+        from megagen.checkpoint.export import export_diffusers, export_safetensors
 
-        out = export_safetensors(args.checkpoint, args.out, ema=args.ema, verify=args.verify)
+        export = export_diffusers if args.format == "diffusers" else export_safetensors
+        out = export(args.checkpoint, args.out, ema=args.ema, verify=args.verify)
         print(f"wrote {out}")
     elif args.ckpt_command == "average":
         from megagen.checkpoint.average import average_checkpoints, parse_weights

@@ -1,9 +1,12 @@
 """Consolidated weights: read a sharded checkpoint into full tensors, export them to one safetensors file.
 
     megagen ckpt export CKPT out.safetensors [--ema]
+    megagen ckpt export CKPT OUT_DIR --format diffusers [--ema]
 
 Offline and single-process: DCP reassembles every tensor from whatever mesh saved it. The safetensors
 header carries `format=megagen-weights`, `spec`, `preset`, `step`, `weights` (model | ema) and `source`.
+`--format diffusers` writes a `save_pretrained` directory instead (config.json + one safetensors file),
+through the spec's diffusers table (external_format.py), for specs that have one.
 """
 
 from __future__ import annotations
@@ -128,3 +131,41 @@ def load_weights(model: nn.Module, path: str | Path, cfg=None) -> dict[str, str]
     for name, p in params.items():
         copy_full_into(p, tensors[name])
     return meta
+
+
+def _preset_arch(meta: dict, key: str):
+    from megagen.specs.registry import get_spec
+
+    spec = get_spec(str(meta.get("spec", "")))
+    preset = str(meta.get("preset", ""))
+    if preset not in spec.presets:
+        raise CheckpointError(key, f"checkpoint preset {preset!r} is not a {spec.name} preset")
+    return spec, spec.presets[preset]
+
+
+def to_outside_tensors(tensors: dict[str, torch.Tensor], rules: dict, key: str) -> dict[str, torch.Tensor]:
+    """Full megagen tensors → the outside format's tensors; every megagen tensor must have a rule."""
+    from megagen.checkpoint.external_format import to_outside
+
+    unmapped = sorted(set(tensors) - set(rules))
+    if unmapped:
+        raise CheckpointError(key, f"no outside counterpart for megagen tensors: {', '.join(unmapped)}")
+    out: dict[str, torch.Tensor] = {}
+    for name, rule in rules.items():
+        if name not in tensors:
+            raise CheckpointError(key, f"the checkpoint lacks {name}, which the export needs")
+        out.update(to_outside(rule, tensors[name]))
+    return out
+
+
+def export_diffusers(path: str | Path, out: str | Path, ema: bool = False, verify: str = "checksum") -> Path:
+    """`megagen ckpt export --format diffusers`: a directory `<Model>.from_pretrained(out)` loads."""
+    from megagen.checkpoint.diffusers_dir import FORMAT, write_diffusers_dir
+    from megagen.checkpoint.external_format import table_for
+
+    ckpt, meta = open_checkpoint(path, "CKPT", verify)
+    table = table_for(str(meta.get("spec", "")), FORMAT, "--format")
+    spec, arch = _preset_arch(meta, "CKPT")
+    tensors = read_tensors(ckpt, _prefix(meta, ema, ckpt, "CKPT"))
+    outside = to_outside_tensors(tensors, table.tensor_rules(arch), "CKPT")
+    return write_diffusers_dir(outside, table.outside_config(arch), out)

@@ -145,7 +145,7 @@ def preflight(cfg) -> Path | None:
     if cfg.checkpoint.init_from:
         from megagen.checkpoint.init_from import open_source
 
-        source = open_source(cfg.checkpoint.init_from, verify="size")
+        source = open_source(cfg.checkpoint.init_from, verify="size", cfg=cfg)
         return Path(getattr(source, "ckpt", None) or source.path)
     return None
 
@@ -204,7 +204,7 @@ def attach_checkpointing(trainer) -> CheckpointHook:
         rt = trainer.runtime
         plan = _collective_check(
             lambda: plan_init(
-                trainer.model, c.init_from, rules_for(trainer.spec), KEY, c.verify, *_rank_and_world()
+                trainer.model, c.init_from, rules_for(trainer.spec), KEY, c.verify, *_rank_and_world(), cfg
             ),
             rt.device,
         )

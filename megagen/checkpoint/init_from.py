@@ -1,7 +1,8 @@
 """`checkpoint.init_from`: start a new stage from another run's weights (new optimizer, step 0).
 
-The source is a checkpoint (directory, or a run's checkpoint directory: its latest) or a `.safetensors`
-export. Each parameter of the new model is matched by name:
+The source is a checkpoint (directory, or a run's checkpoint directory: its latest), a `.safetensors`
+export, or an outside model's directory (a diffusers `save_pretrained` one, for specs with a diffusers
+table: diffusers_dir.py, read with the run's config). Each parameter of the new model is matched by name:
   - same shape: loaded (resharded onto this mesh by DCP);
   - a position table that grew (`GrowthRules.grow_rows`, e.g. 256 px → 768 px or longer videos need more
     t/h/w positions): the saved rows are copied, the new rows keep their fresh initialisation, so every
@@ -176,11 +177,20 @@ class _SafetensorsSource:
                 local_part(target).copy_(read_local(f.get_slice(name), self.shapes[name], target))
 
 
-def open_source(path: str | Path, key: str = KEY, verify: str = "checksum", rank: int = 0, world: int = 1):
-    """The source, verified (`checkpoint.verify`; rank `rank` of `world` hashes its share of the files)."""
+def open_source(
+    path: str | Path, key: str = KEY, verify: str = "checksum", rank: int = 0, world: int = 1, cfg=None
+):
+    """The source, verified (`checkpoint.verify`; rank `rank` of `world` hashes its share of the files).
+
+    A diffusers directory is checked against `cfg`'s spec and preset (its config, shard headers, shapes).
+    """
+    from megagen.checkpoint.diffusers_dir import is_diffusers_dir, open_diffusers
+
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         return _SafetensorsSource(p, key)
+    if is_diffusers_dir(p):
+        return open_diffusers(p, cfg, key)
     ckpt, meta = open_checkpoint(p, key, verify, rank, world)
     return _CheckpointSource(ckpt, meta, key)
 
@@ -202,9 +212,12 @@ def plan_init(
     verify: str = "checksum",
     rank: int = 0,
     world: int = 1,
+    cfg=None,
 ) -> InitPlan:
-    """Match the source's tensors to `model`'s parameters (collective-free; raises on bad shapes)."""
-    source = open_source(path, key, verify, rank, world)
+    """Match the source's tensors to `model`'s parameters (collective-free; raises on bad shapes).
+
+    `cfg` (the run's config) is needed for an outside format's directory only."""
+    source = open_source(path, key, verify, rank, world, cfg)
     meta = getattr(source, "meta", {}) or {}
     current = get_model_state_dict(model)
     report = InitReport(str(path), str(meta.get("spec", "?")), str(meta.get("preset", "?")))
@@ -225,7 +238,7 @@ def plan_init(
                 growth[name] = rule
                 report.grown[name] = (old, new, rule)
     report.missing.sort()
-    report.unexpected = sorted(set(source.shapes) - set(current))
+    report.unexpected = sorted(set(source.shapes) - set(current)) + list(getattr(source, "unused", []))
     if bad:
         raise CheckpointError(key, f"{path}: shapes differ and no growth rule applies: {'; '.join(bad)}")
     return InitPlan(source, current, report, growth)
@@ -249,8 +262,12 @@ def apply_init(model: nn.Module, plan: InitPlan, logging_rank: bool = True) -> I
 
 
 def init_from_checkpoint(
-    model: nn.Module, path: str | Path, rules: GrowthRules | None = None, logging_rank: bool = True
+    model: nn.Module,
+    path: str | Path,
+    rules: GrowthRules | None = None,
+    logging_rank: bool = True,
+    cfg=None,
 ) -> InitReport:
     """Weights-only initialisation of `model` from `path` in one call (single process, or every rank)."""
-    plan = plan_init(model, path, rules or GrowthRules())
+    plan = plan_init(model, path, rules or GrowthRules(), cfg=cfg)
     return apply_init(model, plan, logging_rank)
