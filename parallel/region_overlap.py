@@ -99,19 +99,22 @@ class OverlappedRegionEntry(RegionEntry):
         return out if linear.bias is None else out + linear.bias
 
     def _local_first_input(self, args: tuple, kwargs: dict):
-        """The key of the one sequence input when this call runs local-first, else None."""
-        inputs = self._seq_inputs(args, kwargs)
-        if not self.local_first or len(inputs) != 1:
+        """The key of the sequence input whose GEMMs run local-first in this call, else None: the first
+        one that feeds the region's column-parallel linears (other sequence inputs, e.g. rotary tables,
+        are gathered as usual)."""
+        if not self.local_first:
             return None
-        key, x = next(iter(inputs.items()))
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            return None
-        return key if local_first_pays(x.shape[SEQ_DIM], x.shape[-1], self.group.size()) else None
+        widths = {lin.in_features for lin in self.local_first}
+        for key, x in self._seq_inputs(args, kwargs).items():
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1] in widths:
+                pays = local_first_pays(x.shape[SEQ_DIM], x.shape[-1], self.group.size())
+                return key if pays else None
+        return None
 
     def _run_local_first(self, forward, args: tuple, kwargs: dict, key) -> torch.Tensor:
         """`forward` on the gathered input, its column-parallel GEMMs on that input done local rows first."""
-        args, kwargs = self._prepare_others(args, kwargs)
         x = args[key] if isinstance(key, int) else kwargs[key]
+        args, kwargs = self._prepare_others(args, kwargs, keep=key)
         linears = [lin for lin in self.local_first if lin.in_features == x.shape[-1]]
         gathered = gather_local_first(x, linears, self.group)
         args = tuple(gathered if i == key else v for i, v in enumerate(args))
@@ -121,11 +124,18 @@ class OverlappedRegionEntry(RegionEntry):
         finally:
             release(linears, str(self.region))
 
-    def _prepare_others(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Every input but the sequence ones brought into the region (those enter piece by piece)."""
-        seq = self.region.seq_args
+    def _prepare_others(self, args: tuple, kwargs: dict, keep=None) -> tuple[tuple, dict]:
+        """The call's inputs brought into the region, all but the sequence ones (those enter piece by
+        piece) — or, with `keep`, all but that one input (it enters local-first)."""
+
+        def held(key, name) -> bool:
+            return key == keep if keep is not None else name in self.region.seq_args
+
         args = (
-            tuple(x if name in seq else self._enter(name, x) for name, x in zip(self.arg_names, args))
+            tuple(
+                x if held(i, name) else self._enter(name, x)
+                for i, (name, x) in enumerate(zip(self.arg_names, args))
+            )
             + args[len(self.arg_names) :]
         )
-        return args, {name: x if name in seq else self._enter(name, x) for name, x in kwargs.items()}
+        return args, {name: x if held(name, name) else self._enter(name, x) for name, x in kwargs.items()}

@@ -57,6 +57,7 @@ TP_CASES = {
     (4, "cp2xtp2+sp"): ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
     (4, "audio-fsdp2xtp2+sp"): ["model.spec=audio", "data.latent_frames=20", "parallel.tp=2"],
     (4, "upsampler-fsdp2xtp2+sp"): ["model.spec=upsampler", "parallel.tp=2"],
+    (4, "wan-cp2xtp2+sp"): ["model.spec=wan", "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
 }
 
 

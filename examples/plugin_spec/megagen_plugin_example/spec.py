@@ -66,8 +66,8 @@ class VideoDiTSpec(ModelSpec):
             rowwise=("blocks.*.attn.o", "blocks.*.cross_attn.o", "blocks.*.mlp.w2"),
             regions={
                 "blocks.*.attn": TPRegion(seq_args=("x",)),
-                "blocks.*.cross_attn": TPRegion(seq_args=("x",), replicated_args=("context",)),
-                "blocks.*.mlp": TPRegion(seq_args=("x",)),
+                "blocks.*.cross_attn": TPRegion(seq_args=("x",), replicated_args=("context",), token_wise=True),
+                "blocks.*.mlp": TPRegion(seq_args=("x",), token_wise=True),
             },
             self_attention=("blocks.*.attn.core",),
             sequence_inputs={"tokens": 1, "pos_ids": 1},
