@@ -248,7 +248,11 @@ class CheckpointConfig:
     keep: int = opt(3, "complete checkpoints kept (older ones are deleted); 0 keeps all", min=0)
     async_save: bool = opt(False, "write checkpoints in the background while training continues")
     resume: str = opt("auto", "auto = latest complete checkpoint in dir if any; never; or a checkpoint PATH")
-    init_from: str = opt("", "start from another run's weights (new optimizer); position tables are extended")
+    init_from: str = opt(
+        "",
+        "start from another run's weights (new optimizer); position tables are extended; also a diffusers "
+        "save_pretrained directory for specs with a diffusers mapping (wan)",
+    )
     verify: str = opt(
         "checksum",
         "before reading a checkpoint (resume, init_from): checksum = every file's checksum, each rank "
