@@ -1,0 +1,278 @@
+"""Which collective hides behind which compute: the overlaps the engine performs, as the cost model sees them.
+
+Why a table of rules: the planner must describe exactly what the engine overlaps (docs/planner.md,
+"Overlap in the cost model"). Each rule names the collective, the compute it runs under and the chunk
+count the engine uses; everything not named here is exposed. FSDP2's prefetch hides with
+`parallel.overlap` on or off; every other rule needs it on. With it off the numbers are today's, bitwise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from megagen.parallel.grad_reduction import BUCKET_BYTES
+from megagen.parallel.planner.cluster import Cluster
+from megagen.parallel.planner.comm_cost import collective_seconds, tp_partial_rank0_numel
+from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, padded_tokens, uses_fsdp
+from megagen.parallel.planner.workload import Workload, cached
+
+FSDP_AXES = ("dp_shard_cp", "dp_replicate")
+
+BACKWARD_SHARE = 2.0 / 3.0
+"""Backward's share of a micro-batch's compute (its FLOPs are twice the forward's)."""
+
+
+# --------------------------------------------------------------------------------------- chunk counts
+# STAND-IN: `ulysses_head_chunks` lands in parallel/overlap_schedule.py (branch cp-fused) and `sp_pieces`
+# in parallel/tp_overlap_schedule.py (branch tp-overlap). Until they do, these local versions with the
+# same signatures keep the planner running; the imports below switch to the engine's as soon as it has
+# them, so planner and engine use one choice of chunking.
+def _standin_ulysses_head_chunks(local_heads: int, cp: int, tokens_local: int, head_dim: int) -> int:
+    """Head groups whose all-to-alls pipeline against attention: 2 when each group still splits over cp."""
+    return 2 if local_heads % (2 * cp) == 0 else 1
+
+
+def _standin_sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
+    """Sequence pieces of a token-wise region: one per tp rank (each rank's shard is a piece)."""
+    return tp
+
+
+try:
+    from megagen.parallel.overlap_schedule import ulysses_head_chunks
+except ImportError:
+    ulysses_head_chunks = _standin_ulysses_head_chunks
+try:
+    from megagen.parallel.tp_overlap_schedule import sp_pieces
+except ImportError:
+    sp_pieces = _standin_sp_pieces
+
+
+# ------------------------------------------------------------------------------------------ the rules
+@dataclass(frozen=True)
+class OverlapRule:
+    """Collective `collective` on `axis` hides behind `behind`; `pattern` says how (see `exposed_seconds`)."""
+
+    name: str
+    axis: str
+    collective: str
+    behind: str
+    pattern: str  # "behind": launched before the compute, waited after it; "pipelined": chunked, see below
+
+
+RULES = {
+    r.name: r
+    for r in (
+        OverlapRule(
+            "fsdp_prefetch", "dp_shard_cp", "FSDP2 all-gather / reduce-scatter of the next / previous unit",
+            "the current unit's forward / backward", "prefetch",
+        ),
+        OverlapRule(
+            "cp_kv_gather", "cp", "one stacked K/V all-gather", "attention of the local K/V chunk (forward)",
+            "behind",
+        ),
+        OverlapRule(
+            "cp_dkv_scatter", "cp", "one stacked dK/dV reduce-scatter", "the local chunk's attention backward",
+            "behind",
+        ),
+        OverlapRule(
+            "ulysses_chunks", "cp", "stacked q/k/v all-to-all in, output all-to-all back, per head group",
+            "attention of the neighbouring head group (forward)", "pipelined",
+        ),
+        OverlapRule(
+            "sp_pieces", "tp", "SP all-gather in, reduce-scatter out, per sequence piece",
+            "the neighbouring piece's GEMMs in a token-wise region (forward)", "pipelined",
+        ),
+        OverlapRule(
+            "grad_buckets", "tp", "bucketed all-reduce of tp-partial gradients (no FSDP)",
+            "the rest of the last micro-batch's backward", "behind",
+        ),
+    )
+}
+
+
+def behind_exposed(comm_s: float, compute_s: float) -> float:
+    """A collective launched before independent compute and waited after it shows only what is left."""
+    return max(0.0, comm_s - compute_s)
+
+
+def pipelined_exposed(send_s: float, back_s: float, compute_s: float, chunks: int) -> float:
+    """`chunks` pieces, each sent in, computed, sent back: the first piece's send and the last's return are
+    exposed; while piece i computes, piece i+1's send and piece i−1's return run, and what a window's
+    traffic exceeds its compute is exposed too. With one chunk everything is exposed."""
+    s, b, c = send_s / chunks, back_s / chunks, compute_s / chunks
+    exposed = s + b
+    if chunks > 1:
+        exposed += behind_exposed(s, c) + behind_exposed(b, c)  # the first and the last window
+        exposed += (chunks - 2) * behind_exposed(s + b, c)  # the middle windows carry both ways
+    return exposed
+
+
+# ------------------------------------------------------------------- what each micro-batch exchanges
+@dataclass(frozen=True)
+class Exchange:
+    """One overlapped exchange of a micro-batch, happening `count` times: collectives (kind, bytes) sent
+    before (`send`) and after (`back`) compute of `flops` at the `engine` efficiency, in `chunks` pieces."""
+
+    rule: str
+    send: tuple[str, int]
+    back: tuple[str, int] | None
+    flops: float
+    engine: str  # "attention" or "matmul"
+    chunks: int = 1
+
+
+def exchanges(work: Workload, plan: PlanPoint) -> Counter:
+    """{Exchange: times per micro-batch} of every overlap `parallel.overlap` turns on (cached per layout)."""
+    if not plan.overlap:
+        return Counter()
+    recomputed = plan.recomputed_blocks(work.layers)
+    key = ("overlap", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, recomputed)
+    return cached(work, key, lambda: _exchanges(work, plan, recomputed))
+
+
+def _exchanges(work: Workload, plan: PlanPoint, recomputed: int) -> Counter:
+    found: Counter = Counter()
+    for layer in range(work.layers):
+        repeats = 2 if layer < recomputed else 1  # a recomputed block's forward runs again in backward
+        if plan.cp > 1:
+            for fwd, bwd in _cp_exchanges(work, plan, layer):
+                found[fwd] += repeats
+                if bwd is not None:
+                    found[bwd] += 1
+        if plan.sp:
+            for ex in _sp_exchanges(work, plan, layer):
+                found[ex] += repeats
+    return found
+
+
+def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
+    """(forward, backward or None) exchanges of each CP self-attention of block `layer`."""
+    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    s_pad = padded_tokens(work.tokens, plan)
+    s_cp = s_pad // plan.cp
+    for att in work.layer_items(layer)[2]:
+        width = att.width // plan.tp
+        attn = 4.0 * b * s_cp * s_pad * width * (0.5 if att.causal else 1.0)  # this rank's forward FLOPs
+        if plan.cp_kind == "allgather_kv":
+            kv = 2 * b * s_pad * width * fa  # K and V stacked, output bytes
+            local = attn / plan.cp  # the local chunk is 1/cp of the keys
+            yield (
+                Exchange("cp_kv_gather", ("all_gather", kv), None, local, "attention"),
+                Exchange("cp_dkv_scatter", ("reduce_scatter", kv), None, 2.0 * local, "attention"),
+            )
+        else:
+            one = b * s_cp * width * fa
+            heads = work.heads or 1
+            chunks = ulysses_head_chunks(heads // plan.tp, plan.cp, s_cp, att.width // heads)
+            qkv, out = ("all_to_all", 3 * one), ("all_to_all", one)
+            yield Exchange("ulysses_chunks", qkv, out, attn, "attention", chunks), None
+
+
+def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
+    """The forward exchange of each token-wise TP region of block `layer` (no self-attention inside)."""
+    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    s_cp = padded_tokens(work.tokens, plan) // plan.cp
+    regions, rows, attention = work.layer_items(layer)
+
+    def tokens_of(tokens: int) -> int:
+        return s_cp if tokens == work.tokens else tokens
+
+    for region in regions:
+        prefix = region.name + "."
+        if not region.seq or any(att.name.startswith(prefix) for att in attention):
+            continue  # self-attention regions stay exposed
+        gathered = sum(b * tokens_of(t) * w * fa for t, w in region.seq)
+        scattered = sum(b * tokens_of(r.tokens) * r.d_out * fa for r in rows if r.name.startswith(prefix))
+        flops = sum(
+            2.0 * b * tokens_of(lin.tokens) * lin.d_in * lin.d_out / plan.tp
+            for lin in work.linears
+            if lin.name.startswith(prefix) and lin.style in ("col", "row")
+        )
+        pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
+        back = ("reduce_scatter", scattered) if scattered else None
+        yield Exchange("sp_pieces", ("all_gather", gathered), back, flops, "matmul", pieces)
+
+
+# ------------------------------------------------------------------------------------------ exposure
+@dataclass
+class Exposure:
+    """Exposed seconds per axis, their sum, what each rule hid and the chunk counts it assumed."""
+
+    by_axis: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+    hidden_by_rule: dict[str, float] = field(default_factory=dict)
+    chunks: dict[str, int] = field(default_factory=dict)
+
+
+def _hidden_seconds(ex: Exchange, plan: PlanPoint, cluster: Cluster) -> float:
+    """Seconds of `ex`'s collectives that run under its compute, at most what they take unchunked (the
+    accounting's calls), so an axis' exposed time never goes below zero."""
+    axis = RULES[ex.rule].axis
+    eff = cluster.attention_efficiency if ex.engine == "attention" else cluster.matmul_efficiency
+    compute = ex.flops / (cluster.peak_flops * eff)
+    parts = [p for p in (ex.send, ex.back) if p is not None]
+    whole = sum(collective_seconds(k, n, 1, axis, plan, cluster) for k, n in parts)
+    chunked = [collective_seconds(k, n, ex.chunks, axis, plan, cluster) for k, n in parts]
+    if RULES[ex.rule].pattern == "pipelined":
+        send, back = chunked[0], chunked[1] if len(chunked) > 1 else 0.0
+        exposed = pipelined_exposed(send, back, compute, ex.chunks)
+    else:
+        exposed = behind_exposed(sum(chunked), compute)
+    return min(whole, max(0.0, sum(chunked) - exposed))
+
+
+def grad_bucket_hidden(work: Workload, plan: PlanPoint, cluster: Cluster, compute_s: float) -> float:
+    """BucketedPartialSum (no FSDP): buckets of ~BUCKET_BYTES all-reduced as backward finishes them, waited
+    before clipping. All but the last bucket hide behind the rest of the last micro-batch's backward."""
+    if not (plan.overlap and plan.tp > 1) or uses_fsdp(plan):
+        return 0.0
+    nbytes = tp_partial_rank0_numel(work, plan.tp, 1, plan.sp) * 4
+    if not nbytes:
+        return 0.0
+    buckets = -(-nbytes // BUCKET_BYTES)
+    last = nbytes - (buckets - 1) * BUCKET_BYTES
+    whole = collective_seconds("all_reduce", nbytes, 1, "tp", plan, cluster)
+    early = collective_seconds("all_reduce", nbytes - last, buckets - 1, "tp", plan, cluster)
+    backward = compute_s / plan.accumulation * BACKWARD_SHARE
+    return min(whole, max(0.0, early - behind_exposed(early, backward)))
+
+
+def fsdp_exposed(overlappable: float, compute_s: float, layers: int) -> float:
+    """FSDP2 prefetch: each micro-batch's first all-gathers (the root, then block 0) and each gradient
+    sync's last reduce-scatters (block 0, then the root) cannot hide: 2/units of the step's FSDP traffic;
+    the rest hides behind compute."""
+    units = max(1, layers + 1)
+    edge = overlappable * 2 / units
+    return edge + max(0.0, overlappable - edge - compute_s)
+
+
+def exposure(
+    work: Workload, plan: PlanPoint, cluster: Cluster, comm_s: dict[str, float], compute_s: float
+) -> Exposure:
+    """Exposed communication per axis of one step, given each axis' collective seconds and the compute."""
+    result = Exposure()
+    m = plan.accumulation
+    for ex, count in exchanges(work, plan).items():
+        hidden = _hidden_seconds(ex, plan, cluster) * count * m
+        result.hidden_by_rule[ex.rule] = result.hidden_by_rule.get(ex.rule, 0.0) + hidden
+        result.chunks[ex.rule] = max(result.chunks.get(ex.rule, 1), ex.chunks)
+    grads = grad_bucket_hidden(work, plan, cluster, compute_s)
+    if grads:
+        result.hidden_by_rule["grad_buckets"] = grads
+    hidden_on = Counter()
+    for rule, seconds in result.hidden_by_rule.items():
+        hidden_on[RULES[rule].axis] += seconds
+    overlappable = sum(t for axis, t in comm_s.items() if axis in FSDP_AXES)
+    fsdp = fsdp_exposed(overlappable, compute_s, work.layers)
+    exposed = 0.0
+    for axis, t_axis in comm_s.items():
+        if axis in FSDP_AXES:
+            result.by_axis[axis] = fsdp * t_axis / overlappable if overlappable else 0.0
+        else:
+            result.by_axis[axis] = max(0.0, t_axis - hidden_on[axis])
+            exposed += result.by_axis[axis]
+    result.total_s = exposed + fsdp
+    if overlappable:
+        result.hidden_by_rule["fsdp_prefetch"] = overlappable - fsdp
+    return result
