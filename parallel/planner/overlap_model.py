@@ -64,28 +64,46 @@ RULES = {
     r.name: r
     for r in (
         OverlapRule(
-            "fsdp_prefetch", "dp_shard_cp", "FSDP2 all-gather / reduce-scatter of the next / previous unit",
-            "the current unit's forward / backward", "prefetch",
+            "fsdp_prefetch",
+            "dp_shard_cp",
+            "FSDP2 all-gather / reduce-scatter of the next / previous unit",
+            "the current unit's forward / backward",
+            "prefetch",
         ),
         OverlapRule(
-            "cp_kv_gather", "cp", "one stacked K/V all-gather", "attention of the local K/V chunk (forward)",
+            "cp_kv_gather",
+            "cp",
+            "one stacked K/V all-gather",
+            "attention of the local K/V chunk (forward)",
             "behind",
         ),
         OverlapRule(
-            "cp_dkv_scatter", "cp", "one stacked dK/dV reduce-scatter", "the local chunk's attention backward",
+            "cp_dkv_scatter",
+            "cp",
+            "one stacked dK/dV reduce-scatter",
+            "the local chunk's backward",
             "behind",
         ),
         OverlapRule(
-            "ulysses_chunks", "cp", "stacked q/k/v all-to-all in, output all-to-all back, per head group",
-            "attention of the neighbouring head group (forward)", "pipelined",
+            "ulysses_chunks",
+            "cp",
+            "stacked q/k/v all-to-all in, output all-to-all back, per head group",
+            "attention of the neighbouring head group (forward)",
+            "pipelined",
         ),
         OverlapRule(
-            "sp_pieces", "tp", "SP all-gather in, reduce-scatter out, per sequence piece",
-            "the neighbouring piece's GEMMs in a token-wise region (forward)", "pipelined",
+            "sp_pieces",
+            "tp",
+            "SP all-gather in, reduce-scatter out, per sequence piece",
+            "the neighbouring piece's GEMMs in a token-wise region (forward)",
+            "pipelined",
         ),
         OverlapRule(
-            "grad_buckets", "tp", "bucketed all-reduce of tp-partial gradients (no FSDP)",
-            "the rest of the last micro-batch's backward", "behind",
+            "grad_buckets",
+            "tp",
+            "bucketed all-reduce of tp-partial gradients (no FSDP)",
+            "the rest of the last micro-batch's backward",
+            "behind",
         ),
     )
 }
