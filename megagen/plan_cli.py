@@ -76,7 +76,8 @@ LEGEND = """columns: plan = tp<N>[+sp] (tensor parallel, +sp sequence parallel) 
 parallel, all-gather K/V or Ulysses all-to-all) fsdp<N> (FSDP shard group) [rep<N> (HSDP replicas)]
 mb<N> (micro-batch) rc:<none|selective|full|fullK> (activation recompute; fullK = the first K blocks)
 [sync:every|last] (with gradient accumulation under FSDP: reduce every micro-batch, or only the last one,
-holding unsharded gradients until then; parallel.grad_sync); step s = predicted step time; MFU = model
+holding unsharded gradients until then; parallel.grad_sync) [overlap (parallel.overlap=true: TP/CP
+traffic hidden behind compute, docs/planner.md)]; step s = predicted step time; MFU = model
 FLOPs / (step time x peak); exp.comm = communication not hidden behind compute, % of the step; mem GB =
 predicted peak memory per GPU; tok/s/GPU = video tokens per second per GPU; fits = peak memory within the
 device's usable memory."""
@@ -116,6 +117,7 @@ def plan_fields(plan, global_batch: int) -> dict:
         "recompute": plan.recompute,
         "recompute_layers": plan.recompute_layers,
         "grad_sync": plan.grad_sync,
+        "overlap": plan.overlap,
         "overrides": override_line(plan_overrides(plan, global_batch)),
     }
 

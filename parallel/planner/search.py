@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.plan_point import PlanPoint
@@ -98,12 +98,24 @@ def candidate_plans(
     return plans
 
 
+def with_cheaper_overlap(work: Workload, plan: PlanPoint, cluster: Cluster) -> tuple[PlanPoint, Cost]:
+    """`plan` with `parallel.overlap` on where that hides more (a faster step), else off: only TP and CP
+    traffic has overlaps to switch (FSDP prefetches either way). A tie keeps it off, today's engine."""
+    off = step_cost(work, replace(plan, overlap=False), cluster)
+    if plan.tp == 1 and plan.cp == 1:
+        return replace(plan, overlap=False), off
+    on_plan = replace(plan, overlap=True)
+    on = step_cost(work, on_plan, cluster)
+    return (on_plan, on) if on.step_s < off.step_s else (replace(plan, overlap=False), off)
+
+
 def search(work: Workload, gpus: int, global_batch: int, cluster: Cluster, top: int = 10) -> list[RankedPlan]:
-    """Cost every candidate; feasible plans (fit in memory) first, fastest first."""
+    """Cost every candidate, with overlap on or off, whichever is faster; feasible plans (fit in memory)
+    first, fastest first."""
     usable = (cluster.memory_gb - cluster.memory_reserved_gb) * 2**30
     ranked = []
-    for plan in candidate_plans(work, gpus, global_batch, cluster, cluster.dtype):
-        cost = step_cost(work, plan, cluster)
+    for candidate in candidate_plans(work, gpus, global_batch, cluster, cluster.dtype):
+        plan, cost = with_cheaper_overlap(work, candidate, cluster)
         fits = cost.peak_memory_bytes <= usable
         mfu = cost.model_flops_per_rank / cost.step_s / cluster.peak_flops if cost.step_s else 0.0
         tokens = global_batch * work.tokens / cost.step_s / gpus if cost.step_s else 0.0
