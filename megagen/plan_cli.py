@@ -2,7 +2,7 @@
 
 megagen plan --model video --preset 30b --seq 73728 --cluster h100 --gpus 6144 --global-batch 1536
 megagen plan --config CONFIG [--gpus N --cluster NAME] [--write OUT.yaml]
-megagen plan --validate CONFIG [key=value…]      # run a few steps, predicted vs measured bytes/memory
+megagen plan --validate CONFIG [key=value…]      # a few steps: predicted vs measured bytes, memory, exposed s
 megagen plan --calibrate --out my-cpu.yaml        # measure this machine into a cluster file
 """
 
@@ -32,7 +32,12 @@ def add_plan_command(sub) -> None:
         "--seq", type=int, default=0, help="video tokens per sample (e.g. 73728 = 32×48×48 patches)"
     )
     p.add_argument("--text-tokens", type=int, default=128, help="tokens per text encoder")
-    p.add_argument("--cluster", default="h100", help="preset (h100, h200, a100, b200, cpu) or a YAML file")
+    p.add_argument(
+        "--cluster",
+        default="",
+        help="preset (h100, h200, a100, b200, cpu) or a YAML file (default h100; with --validate the "
+        "preset of the run's device, cpu on a CPU run)",
+    )
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs")
     p.add_argument("--global-batch", type=int, default=0, help="samples per optimizer step (default: gpus/8)")
     p.add_argument("--top", type=int, default=10, help="rows to print")
@@ -164,7 +169,7 @@ def run_plan_command(args) -> int:
     if args.write and not args.config:
         raise ConfigError("--write", "needs --config: it writes that config with the best plan's keys")
     try:
-        cluster = load_cluster(args.cluster)
+        cluster = load_cluster(args.cluster or "h100")
     except ValueError as exc:
         raise ConfigError("--cluster", str(exc)) from exc
     cfg = _config_for(args)
