@@ -151,17 +151,50 @@ def exchanges(work: Workload, plan: PlanPoint) -> Counter:
 
 def _exchanges(work: Workload, plan: PlanPoint, recomputed: int) -> Counter:
     found: Counter = Counter()
-    for layer in range(work.layers):
+    for layer, (forward, backward) in enumerate(_layer_exchanges(work, plan)):
         repeats = 2 if layer < recomputed else 1  # a recomputed block's forward runs again in backward
-        if plan.cp > 1:
-            for fwd, bwd in _cp_exchanges(work, plan, layer):
-                found[fwd] += repeats
-                if bwd is not None:
-                    found[bwd] += 1
-        if plan.sp:
-            for ex in _sp_exchanges(work, plan, layer):
-                found[ex] += repeats
+        for ex in forward:
+            found[ex] += repeats
+        for ex in backward:
+            found[ex] += 1
     return found
+
+
+def _layer_exchanges(work: Workload, plan: PlanPoint) -> list[tuple[list[Exchange], list[Exchange]]]:
+    """Per block: (forward exchanges, backward exchanges), whatever the recompute (cached per layout)."""
+
+    def compute():
+        out = []
+        for layer in range(work.layers):
+            forward, backward = [], []
+            if plan.cp > 1:
+                for fwd, bwd in _cp_exchanges(work, plan, layer):
+                    forward.append(fwd)
+                    backward += [bwd] if bwd is not None else []
+            if plan.sp:
+                forward += list(_sp_exchanges(work, plan, layer))
+            out.append((forward, backward))
+        return out
+
+    key = ("overlap-layers", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype)
+    return cached(work, key, compute)
+
+
+def _region_linears(work: Workload) -> dict[str, list]:
+    """{region name: the linears inside it} (cached per workload)."""
+
+    def compute():
+        names = {r.name for r in work.regions}
+        inside: dict[str, list] = {name: [] for name in names}
+        for lin in work.linears:
+            parts = lin.name.split(".")
+            for i in range(1, len(parts)):
+                owner = ".".join(parts[:i])
+                if owner in inside:
+                    inside[owner].append(lin)
+        return inside
+
+    return cached(work, ("region-linears",), compute)
 
 
 def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
@@ -200,12 +233,13 @@ def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
         prefix = region.name + "."
         if not region.seq or any(att.name.startswith(prefix) for att in attention):
             continue  # self-attention regions stay exposed
+        inside = _region_linears(work).get(region.name, [])
         gathered = sum(b * tokens_of(t) * w * fa for t, w in region.seq)
         scattered = sum(b * tokens_of(r.tokens) * r.d_out * fa for r in rows if r.name.startswith(prefix))
         flops = sum(
             2.0 * b * tokens_of(lin.tokens) * lin.d_in * lin.d_out / plan.tp
-            for lin in work.linears
-            if lin.name.startswith(prefix) and lin.style in ("col", "row")
+            for lin in inside
+            if lin.style in ("col", "row")
         )
         pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
         back = ("reduce_scatter", scattered) if scattered else None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.plan_point import PlanPoint
-from megagen.parallel.planner.step_cost import Cost, step_cost
+from megagen.parallel.planner.step_cost import Cost, step_cost, step_cost_with_overlap
 from megagen.parallel.planner.workload import Workload
 
 
@@ -101,12 +101,13 @@ def candidate_plans(
 def with_cheaper_overlap(work: Workload, plan: PlanPoint, cluster: Cluster) -> tuple[PlanPoint, Cost]:
     """`plan` with `parallel.overlap` on where that hides more (a faster step), else off: only TP and CP
     traffic has overlaps to switch (FSDP prefetches either way). A tie keeps it off, today's engine."""
-    off = step_cost(work, replace(plan, overlap=False), cluster)
+    off_plan = replace(plan, overlap=False)
+    off = step_cost(work, off_plan, cluster)
     if plan.tp == 1 and plan.cp == 1:
-        return replace(plan, overlap=False), off
+        return off_plan, off
     on_plan = replace(plan, overlap=True)
-    on = step_cost(work, on_plan, cluster)
-    return (on_plan, on) if on.step_s < off.step_s else (replace(plan, overlap=False), off)
+    on = step_cost_with_overlap(work, on_plan, cluster, off)
+    return (on_plan, on) if on.step_s < off.step_s else (off_plan, off)
 
 
 def search(work: Workload, gpus: int, global_batch: int, cluster: Cluster, top: int = 10) -> list[RankedPlan]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.comm_cost import collective_seconds, communication
@@ -54,7 +54,6 @@ class Cost:
 def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
     """Bytes, memory, FLOPs and predicted step time of one optimizer step."""
     cost = Cost()
-    cost.comm = communication(work, plan)
     cost.param_bytes, cost.grad_bytes, cost.optimizer_bytes = state_memory(work, plan)
     cost.activation_bytes, cost.duplicated_activation_bytes = activation_bytes(work, plan)
     cost.transient_bytes = fsdp_buffer_bytes(work, plan)
@@ -67,12 +66,26 @@ def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
     cost.compute_s = (
         (mm + re_mm) / eff_mm + (attn + re_attn) / eff_attn + elementwise_seconds(work, plan, cluster)
     )
+    _add_communication(cost, work, plan, cluster)
+    return cost
+
+
+def step_cost_with_overlap(work: Workload, plan: PlanPoint, cluster: Cluster, same_but_overlap: Cost) -> Cost:
+    """`step_cost(work, plan, cluster)` from the cost of the same plan with the other `overlap` setting:
+    memory and FLOPs do not depend on it, so only traffic and time are redone (the search costs both)."""
+    cost = replace(same_but_overlap, comm={}, comm_s={}, exposed_by_axis={}, overlap_chunks={})
+    _add_communication(cost, work, plan, cluster)
+    return cost
+
+
+def _add_communication(cost: Cost, work: Workload, plan: PlanPoint, cluster: Cluster) -> None:
+    """Traffic per axis, its seconds, what hides behind `cost.compute_s`, and the step time."""
+    cost.comm = communication(work, plan)
     for axis, kinds in cost.comm.items():
         cost.comm_s[axis] = sum(
             collective_seconds(kind, v["bytes"], v["calls"], axis, plan, cluster) for kind, v in kinds.items()
         )
     seen = exposure(work, plan, cluster, cost.comm_s, cost.compute_s)
     cost.exposed_by_axis, cost.overlap_chunks = seen.by_axis, seen.chunks
-    cost.exposed_comm_s = exposed = seen.total_s
-    cost.step_s = cost.compute_s + exposed
-    return cost
+    cost.exposed_comm_s = seen.total_s
+    cost.step_s = cost.compute_s + seen.total_s
