@@ -25,6 +25,8 @@ class RankedPlan:
             "step_s": c.step_s,
             "mfu": self.mfu,
             "exposed_comm_pct": 100.0 * c.exposed_comm_s / c.step_s if c.step_s else 0.0,
+            "exposed_s_per_axis": c.exposed_by_axis,
+            "overlap_chunks": c.overlap_chunks,
             "peak_memory_gb": c.peak_memory_bytes / 2**30,
             "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "fits": self.fits,
