@@ -40,18 +40,18 @@ def _standin_sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
 
 try:
     from megagen.parallel.overlap_schedule import ulysses_head_chunks
-except ImportError:
+except ModuleNotFoundError:
     ulysses_head_chunks = _standin_ulysses_head_chunks
 try:
     from megagen.parallel.tp_overlap_schedule import sp_pieces
-except ImportError:
+except ModuleNotFoundError:
     sp_pieces = _standin_sp_pieces
 
 
 # ------------------------------------------------------------------------------------------ the rules
 @dataclass(frozen=True)
 class OverlapRule:
-    """Collective `collective` on `axis` hides behind `behind`; `pattern` says how (see `exposed_seconds`)."""
+    """Collective `collective` on `axis` hides behind `behind`; `pattern` says how (`_hidden_seconds`)."""
 
     name: str
     axis: str
