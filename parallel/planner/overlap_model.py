@@ -14,38 +14,14 @@ from dataclasses import dataclass, field
 from megagen.parallel.grad_reduction import BUCKET_BYTES
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.comm_cost import collective_seconds, tp_partial_rank0_numel
-from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, padded_tokens, uses_fsdp
-from megagen.parallel.planner.workload import Workload, cached
+from megagen.parallel.planner.overlap_exchanges import Exchange, exchanges
+from megagen.parallel.planner.plan_point import PlanPoint, uses_fsdp
+from megagen.parallel.planner.workload import Workload
 
 FSDP_AXES = ("dp_shard_cp", "dp_replicate")
 
 BACKWARD_SHARE = 2.0 / 3.0
 """Backward's share of a micro-batch's compute (its FLOPs are twice the forward's)."""
-
-
-# --------------------------------------------------------------------------------------- chunk counts
-# STAND-IN: `ulysses_head_chunks` lands in parallel/overlap_schedule.py (branch cp-fused) and `sp_pieces`
-# in parallel/tp_overlap_schedule.py (branch tp-overlap). Until they do, these local versions with the
-# same signatures keep the planner running; the imports below switch to the engine's as soon as it has
-# them, so planner and engine use one choice of chunking.
-def _standin_ulysses_head_chunks(local_heads: int, cp: int, tokens_local: int, head_dim: int) -> int:
-    """Head groups whose all-to-alls pipeline against attention: 2 when each group still splits over cp."""
-    return 2 if local_heads % (2 * cp) == 0 else 1
-
-
-def _standin_sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
-    """Sequence pieces of a token-wise region: one per tp rank (each rank's shard is a piece)."""
-    return tp
-
-
-try:
-    from megagen.parallel.overlap_schedule import ulysses_head_chunks
-except ModuleNotFoundError:
-    ulysses_head_chunks = _standin_ulysses_head_chunks
-try:
-    from megagen.parallel.tp_overlap_schedule import sp_pieces
-except ModuleNotFoundError:
-    sp_pieces = _standin_sp_pieces
 
 
 # ------------------------------------------------------------------------------------------ the rules
@@ -87,15 +63,15 @@ RULES = {
         OverlapRule(
             "ulysses_chunks",
             "cp",
-            "stacked q/k/v all-to-all in, output all-to-all back, per head group",
-            "attention of the neighbouring head group (forward)",
+            "stacked q/k/v all-to-all in, output all-to-all back, per head group (and reversed in backward)",
+            "attention of the neighbouring head group",
             "pipelined",
         ),
         OverlapRule(
             "sp_pieces",
             "tp",
-            "SP all-gather in, reduce-scatter out, per sequence piece",
-            "the neighbouring piece's GEMMs in a token-wise region (forward)",
+            "SP all-gather in, reduce-scatter out, per sequence piece (and reversed in backward)",
+            "the neighbouring piece's body (GEMMs, cross-attention) in a token-wise region",
             "pipelined",
         ),
         OverlapRule(
@@ -126,126 +102,6 @@ def pipelined_exposed(send_s: float, back_s: float, compute_s: float, chunks: in
     return exposed
 
 
-# ------------------------------------------------------------------- what each micro-batch exchanges
-@dataclass(frozen=True)
-class Exchange:
-    """One overlapped exchange of a micro-batch, happening `count` times: collectives (kind, bytes) sent
-    before (`send`) and after (`back`) compute of `flops` at the `engine` efficiency, in `chunks` pieces."""
-
-    rule: str
-    send: tuple[str, int]
-    back: tuple[str, int] | None
-    flops: float
-    engine: str  # "attention" or "matmul"
-    chunks: int = 1
-
-
-def exchanges(work: Workload, plan: PlanPoint) -> Counter:
-    """{Exchange: times per micro-batch} of every overlap `parallel.overlap` turns on (cached per layout)."""
-    if not plan.overlap:
-        return Counter()
-    recomputed = plan.recomputed_blocks(work.layers)
-    key = ("overlap", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, recomputed)
-    return cached(work, key, lambda: _exchanges(work, plan, recomputed))
-
-
-def _exchanges(work: Workload, plan: PlanPoint, recomputed: int) -> Counter:
-    found: Counter = Counter()
-    for layer, (forward, backward) in enumerate(_layer_exchanges(work, plan)):
-        repeats = 2 if layer < recomputed else 1  # a recomputed block's forward runs again in backward
-        for ex in forward:
-            found[ex] += repeats
-        for ex in backward:
-            found[ex] += 1
-    return found
-
-
-def _layer_exchanges(work: Workload, plan: PlanPoint) -> list[tuple[list[Exchange], list[Exchange]]]:
-    """Per block: (forward exchanges, backward exchanges), whatever the recompute (cached per layout)."""
-
-    def compute():
-        out = []
-        for layer in range(work.layers):
-            forward, backward = [], []
-            if plan.cp > 1:
-                for fwd, bwd in _cp_exchanges(work, plan, layer):
-                    forward.append(fwd)
-                    backward += [bwd] if bwd is not None else []
-            if plan.sp:
-                forward += list(_sp_exchanges(work, plan, layer))
-            out.append((forward, backward))
-        return out
-
-    key = ("overlap-layers", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype)
-    return cached(work, key, compute)
-
-
-def _region_linears(work: Workload) -> dict[str, list]:
-    """{region name: the linears inside it} (cached per workload)."""
-
-    def compute():
-        names = {r.name for r in work.regions}
-        inside: dict[str, list] = {name: [] for name in names}
-        for lin in work.linears:
-            parts = lin.name.split(".")
-            for i in range(1, len(parts)):
-                owner = ".".join(parts[:i])
-                if owner in inside:
-                    inside[owner].append(lin)
-        return inside
-
-    return cached(work, ("region-linears",), compute)
-
-
-def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
-    """(forward, backward or None) exchanges of each CP self-attention of block `layer`."""
-    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
-    s_pad = padded_tokens(work.tokens, plan)
-    s_cp = s_pad // plan.cp
-    for att in work.layer_items(layer)[2]:
-        width = att.width // plan.tp
-        attn = 4.0 * b * s_cp * s_pad * width * (0.5 if att.causal else 1.0)  # this rank's forward FLOPs
-        if plan.cp_kind == "allgather_kv":
-            kv = 2 * b * s_pad * width * fa  # K and V stacked, output bytes
-            local = attn / plan.cp  # the local chunk is 1/cp of the keys
-            yield (
-                Exchange("cp_kv_gather", ("all_gather", kv), None, local, "attention"),
-                Exchange("cp_dkv_scatter", ("reduce_scatter", kv), None, 2.0 * local, "attention"),
-            )
-        else:
-            one = b * s_cp * width * fa
-            heads = work.heads or 1
-            chunks = ulysses_head_chunks(heads // plan.tp, plan.cp, s_cp, att.width // heads)
-            qkv, out = ("all_to_all", 3 * one), ("all_to_all", one)
-            yield Exchange("ulysses_chunks", qkv, out, attn, "attention", chunks), None
-
-
-def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
-    """The forward exchange of each token-wise TP region of block `layer` (no self-attention inside)."""
-    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
-    s_cp = padded_tokens(work.tokens, plan) // plan.cp
-    regions, rows, attention = work.layer_items(layer)
-
-    def tokens_of(tokens: int) -> int:
-        return s_cp if tokens == work.tokens else tokens
-
-    for region in regions:
-        prefix = region.name + "."
-        if not region.seq or any(att.name.startswith(prefix) for att in attention):
-            continue  # self-attention regions stay exposed
-        inside = _region_linears(work).get(region.name, [])
-        gathered = sum(b * tokens_of(t) * w * fa for t, w in region.seq)
-        scattered = sum(b * tokens_of(r.tokens) * r.d_out * fa for r in rows if r.name.startswith(prefix))
-        flops = sum(
-            2.0 * b * tokens_of(lin.tokens) * lin.d_in * lin.d_out / plan.tp
-            for lin in inside
-            if lin.style in ("col", "row")
-        )
-        pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
-        back = ("reduce_scatter", scattered) if scattered else None
-        yield Exchange("sp_pieces", ("all_gather", gathered), back, flops, "matmul", pieces)
-
-
 # ------------------------------------------------------------------------------------------ exposure
 @dataclass
 class Exposure:
@@ -261,8 +117,8 @@ def _hidden_seconds(ex: Exchange, plan: PlanPoint, cluster: Cluster) -> float:
     """Seconds of `ex`'s collectives that run under its compute, at most what they take unchunked (the
     accounting's calls), so an axis' exposed time never goes below zero."""
     axis = RULES[ex.rule].axis
-    eff = cluster.attention_efficiency if ex.engine == "attention" else cluster.matmul_efficiency
-    compute = ex.flops / (cluster.peak_flops * eff)
+    compute = ex.matmul_flops / (cluster.peak_flops * cluster.matmul_efficiency)
+    compute += ex.attention_flops / (cluster.peak_flops * cluster.attention_efficiency)
     parts = [p for p in (ex.send, ex.back) if p is not None]
     whole = sum(collective_seconds(k, n, 1, axis, plan, cluster) for k, n in parts)
     chunked = [collective_seconds(k, n, ex.chunks, axis, plan, cluster) for k, n in parts]

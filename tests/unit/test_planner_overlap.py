@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from megagen.parallel.planner import overlap_model
+from megagen.parallel.planner import overlap_exchanges, overlap_model
 from megagen.parallel.planner.cluster import load_cluster
 from megagen.parallel.planner.overlap_model import (
     RULES,
@@ -112,7 +112,7 @@ def test_chunk_counts_come_from_the_schedule_functions(video_tiny, cpu, monkeypa
     seen = {}
     for chunks in (1, 4):
         video_tiny.__dict__.pop("_cost_cache", None)
-        monkeypatch.setattr(overlap_model, setting, lambda *args, n=chunks: n)
+        monkeypatch.setattr(overlap_exchanges, setting, lambda *args, n=chunks: n)
         cost = step_cost(video_tiny, plan, cpu)
         seen[chunks] = exposure(video_tiny, plan, cpu, cost.comm_s, cost.compute_s)
         assert cost.overlap_chunks[rule] == chunks

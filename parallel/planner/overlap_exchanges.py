@@ -1,0 +1,174 @@
+"""What each micro-batch exchanges under `parallel.overlap`: per overlapped collective, its bytes, the
+compute it runs under and the chunk count the engine uses — the inputs of overlap_model.py's rules.
+
+Why separate from the rules: this part follows the engine's code path by path (parallel/cp_overlap.py,
+ulysses_pipeline.py, sp_pipeline.py) and knows nothing of time; the rules turn it into seconds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, padded_tokens
+from megagen.parallel.planner.workload import AttentionUse, LinearUse, RegionUse, Workload, cached
+
+
+# STAND-IN: `ulysses_head_chunks` lands in parallel/overlap_schedule.py (branch cp-fused) and `sp_pieces`
+# in parallel/tp_overlap_schedule.py (branch tp-overlap). Until they do, these local versions with the
+# same signatures keep the planner running; the imports below switch to the engine's as soon as it has
+# them, so planner and engine use one choice of chunking.
+def _standin_ulysses_head_chunks(local_heads: int, cp: int, tokens_local: int, head_dim: int) -> int:
+    """Head groups whose all-to-alls pipeline against attention: 2 when each group still splits over cp."""
+    return 2 if local_heads % (2 * cp) == 0 else 1
+
+
+def _standin_sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
+    """Sequence pieces of a token-wise region: one per tp rank (each rank's shard is a piece)."""
+    return tp
+
+
+try:
+    from megagen.parallel.overlap_schedule import ulysses_head_chunks
+except ModuleNotFoundError:
+    ulysses_head_chunks = _standin_ulysses_head_chunks
+try:
+    from megagen.parallel.tp_overlap_schedule import sp_pieces
+except ModuleNotFoundError:
+    sp_pieces = _standin_sp_pieces
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One overlapped exchange of a micro-batch: collectives (kind, bytes) sent before (`send`) and after
+    (`back`) compute of `matmul_flops` + `attention_flops`, in `chunks` pieces; `rule` names its rule."""
+
+    rule: str
+    send: tuple[str, int]
+    back: tuple[str, int] | None = None
+    matmul_flops: float = 0.0
+    attention_flops: float = 0.0
+    chunks: int = 1
+
+
+def exchanges(work: Workload, plan: PlanPoint) -> Counter:
+    """{Exchange: times per micro-batch} of every overlap `parallel.overlap` turns on (cached per layout)."""
+    if not plan.overlap:
+        return Counter()
+    recomputed = plan.recomputed_blocks(work.layers)
+    key = ("overlap", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, recomputed)
+    return cached(work, key, lambda: _count(work, plan, recomputed))
+
+
+def _count(work: Workload, plan: PlanPoint, recomputed: int) -> Counter:
+    found: Counter = Counter()
+    for layer, (forward, backward) in enumerate(_layer_exchanges(work, plan)):
+        repeats = 2 if layer < recomputed else 1  # a recomputed block's forward runs again in backward
+        for ex in forward:
+            found[ex] += repeats
+        for ex in backward:
+            found[ex] += 1
+    return found
+
+
+def _layer_exchanges(work: Workload, plan: PlanPoint) -> list[tuple[list[Exchange], list[Exchange]]]:
+    """Per block: (forward exchanges, backward exchanges), whatever the recompute (cached per layout)."""
+
+    def compute():
+        out = []
+        for layer in range(work.layers):
+            pairs = list(_cp_exchanges(work, plan, layer)) if plan.cp > 1 else []
+            pairs += list(_sp_exchanges(work, plan, layer)) if plan.sp else []
+            out.append(([fwd for fwd, _ in pairs], [bwd for _, bwd in pairs]))
+        return out
+
+    key = ("overlap-layers", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype)
+    return cached(work, key, compute)
+
+
+def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
+    """(forward, backward) exchanges of each CP self-attention of block `layer`."""
+    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    s_pad = padded_tokens(work.tokens, plan)
+    s_cp = s_pad // plan.cp
+    for att in work.layer_items(layer)[2]:
+        width = att.width // plan.tp
+        attn = 4.0 * b * s_cp * s_pad * width * (0.5 if att.causal else 1.0)  # this rank's forward FLOPs
+        if plan.cp_kind == "allgather_kv":
+            # cp_overlap.py: the stacked K/V gather runs under the local chunk's attention (1/cp of the
+            # keys); backward does the remote chunks first, then the local chunk under the dK/dV scatter
+            kv = 2 * b * s_pad * width * fa
+            local = attn / plan.cp
+            yield (
+                Exchange("cp_kv_gather", ("all_gather", kv), attention_flops=local),
+                Exchange("cp_dkv_scatter", ("reduce_scatter", kv), attention_flops=2.0 * local),
+            )
+        else:
+            # ulysses_pipeline.py: head groups in, attention, out; backward the same pipeline reversed
+            one = b * s_cp * width * fa
+            heads = work.heads or 1
+            chunks = ulysses_head_chunks(heads // plan.tp, plan.cp, s_cp, att.width // heads)
+            qkv, out = ("all_to_all", 3 * one), ("all_to_all", one)
+            yield (
+                Exchange("ulysses_chunks", qkv, out, attention_flops=attn, chunks=chunks),
+                Exchange("ulysses_chunks", out, qkv, attention_flops=2.0 * attn, chunks=chunks),
+            )
+
+
+def token_wise(region: RegionUse, attention: list[AttentionUse]) -> bool:
+    """Whether the engine pipelines `region` in sequence pieces: its `TPRegion.token_wise` declaration."""
+    declared = getattr(region, "token_wise", None)
+    if declared is not None:
+        return declared
+    # STAND-IN until TPRegion.token_wise (branch tp-overlap) reaches the traced workload: the regions the
+    # specs declare token-wise are exactly those without a self-attention core inside (MLP, cross-attention)
+    return not any(att.name.startswith(region.name + ".") for att in attention)
+
+
+def _inside(work: Workload) -> dict[str, tuple[list[LinearUse], list[AttentionUse]]]:
+    """{region name: (its linears, its attention cores)} (cached per workload)."""
+
+    def compute():
+        found: dict[str, tuple[list, list]] = {r.name: ([], []) for r in work.regions}
+        for items, slot in ((work.linears, 0), (work.attention, 1)):
+            for item in items:
+                parts = item.name.split(".")
+                for i in range(1, len(parts)):
+                    owner = found.get(".".join(parts[:i]))
+                    if owner is not None:
+                        owner[slot].append(item)
+        return found
+
+    return cached(work, ("region-contents",), compute)
+
+
+def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
+    """(forward, backward) exchanges of each token-wise TP region of block `layer` (sp_pipeline.py): the
+    body of the region (its GEMMs and any cross-attention core) runs per piece in both directions."""
+    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    s_cp = padded_tokens(work.tokens, plan) // plan.cp
+    regions, rows, attention = work.layer_items(layer)
+
+    def tokens_of(tokens: int) -> int:
+        return s_cp if tokens == work.tokens else tokens
+
+    for region in regions:
+        if not region.seq or not token_wise(region, attention):
+            continue  # self-attention regions run unpipelined: their collectives stay exposed
+        linears, cores = _inside(work).get(region.name, ([], []))
+        prefix = region.name + "."
+        gathered = sum(b * tokens_of(t) * w * fa for t, w in region.seq)
+        scattered = sum(b * tokens_of(r.tokens) * r.d_out * fa for r in rows if r.name.startswith(prefix))
+        mm = sum(
+            2.0 * b * tokens_of(lin.tokens) * lin.d_in * lin.d_out / plan.tp
+            for lin in linears
+            if lin.style in ("col", "row")
+        )
+        attn = sum(4.0 * b * tokens_of(a.q_tokens) * a.kv_tokens * a.width / plan.tp for a in cores)
+        pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
+        into, out = ("all_gather", gathered), ("reduce_scatter", scattered)
+        grad_in, grad_out = ("all_gather", scattered), ("reduce_scatter", gathered)
+        yield (
+            Exchange("sp_pieces", into, out, mm, attn, pieces),
+            Exchange("sp_pieces", grad_in, grad_out, 2.0 * mm, 2.0 * attn, pieces),
+        )
