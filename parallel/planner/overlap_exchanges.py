@@ -115,14 +115,13 @@ def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
             )
 
 
-def token_wise(region: RegionUse, attention: list[AttentionUse]) -> bool:
+def token_wise(work: Workload, region: RegionUse) -> bool:
     """Whether the engine pipelines `region` in sequence pieces: its `TPRegion.token_wise` declaration."""
-    declared = getattr(region, "token_wise", None)
-    if declared is not None:
-        return declared
+    if region.token_wise is not None:
+        return region.token_wise
     # STAND-IN until TPRegion.token_wise (branch tp-overlap) reaches the traced workload: the regions the
     # specs declare token-wise are exactly those without a self-attention core inside (MLP, cross-attention)
-    return not any(att.name.startswith(region.name + ".") for att in attention)
+    return not any(att.self_attention for att in _inside(work).get(region.name, ([], []))[1])
 
 
 def _inside(work: Workload) -> dict[str, tuple[list[LinearUse], list[AttentionUse]]]:
@@ -147,13 +146,13 @@ def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
     body of the region (its GEMMs and any cross-attention core) runs per piece in both directions."""
     fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
     s_cp = padded_tokens(work.tokens, plan) // plan.cp
-    regions, rows, attention = work.layer_items(layer)
+    regions, rows, _ = work.layer_items(layer)
 
     def tokens_of(tokens: int) -> int:
         return s_cp if tokens == work.tokens else tokens
 
     for region in regions:
-        if not region.seq or not token_wise(region, attention):
+        if not region.seq or not token_wise(work, region):
             continue  # self-attention regions run unpipelined: their collectives stay exposed
         linears, cores = _inside(work).get(region.name, ([], []))
         prefix = region.name + "."
@@ -164,7 +163,7 @@ def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
             for lin in linears
             if lin.style in ("col", "row")
         )
-        attn = sum(4.0 * b * tokens_of(a.q_tokens) * a.kv_tokens * a.width / plan.tp for a in cores)
+        attn = sum(4.0 * b * tokens_of(a.q_tokens) * a.kv_tokens * a.width / plan.tp for a in cores)  # cross
         pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
         into, out = ("all_gather", gathered), ("reduce_scatter", scattered)
         grad_in, grad_out = ("all_gather", scattered), ("reduce_scatter", gathered)

@@ -32,13 +32,32 @@ RULE_PLANS = {
 }
 
 
+LONG_TOKENS = 8192
+"""Long enough that the engine's schedule rules pipeline the tiny spec: 4 Ulysses head groups at cp2
+(each group's message clears overlap_schedule.MIN_GROUP_ELEMENTS) and 4 SP pieces at tp2."""
+
+
+def _video_tiny(tokens: int | None = None):
+    from megagen.config import load_config
+    from megagen.plan_cli import latent_for_tokens
+    from megagen.planning import workload_for_config
+
+    cfg = load_config(EXAMPLE, [])
+    if tokens:
+        cfg.data.latent_frames, cfg.data.latent_height, cfg.data.latent_width = latent_for_tokens(tokens)
+    return workload_for_config(cfg)
+
+
 @pytest.fixture()
 def video_tiny():
     """A fresh workload per test: its cost cache must not outlive a monkeypatched chunk count."""
-    from megagen.config import load_config
-    from megagen.planning import workload_for_config
+    return _video_tiny(LONG_TOKENS)
 
-    return workload_for_config(load_config(EXAMPLE, []))
+
+@pytest.fixture()
+def video_short():
+    """The example's own 64 tokens: too short for the schedule rules to pipeline anything but FSDP."""
+    return _video_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +87,7 @@ def test_tp_partial_gradient_buckets_hide_all_but_the_last(monkeypatch):
     h100 = load_cluster("h100")
     on = step_cost(work, plan, h100)
     off = step_cost(work, replace(plan, overlap=False), h100)
-    assert 0.0 < on.exposed_by_axis["tp"] < off.exposed_by_axis["tp"]
+    assert on.exposed_by_axis["tp"] < off.exposed_by_axis["tp"]
     hidden = exposure(work, plan, h100, on.comm_s, on.compute_s).hidden_by_rule
     assert 0.0 < hidden["grad_buckets"] < on.comm_s["tp"]
     # one bucket (everything arrives at the end of backward): nothing hides
@@ -120,6 +139,19 @@ def test_chunk_counts_come_from_the_schedule_functions(video_tiny, cpu, monkeypa
     assert seen[4].hidden_by_rule[rule] > 0.0
 
 
+@pytest.mark.parametrize("tokens", [None, LONG_TOKENS])
+def test_chunk_counts_are_what_the_engine_asks_for(cpu, tokens):
+    """The engine's arguments: Ulysses (local heads after tp, cp, the rank's sequence chunk, head dim) and
+    SP (the rank's sequence shard, the region input's width, tp)."""
+    work = _video_tiny(tokens)
+    s_cp = work.tokens // 2
+    heads, width = work.heads, work.layer_items(0)[2][0].width
+    ulysses = step_cost(work, RULE_PLANS["ulysses_chunks"], cpu).overlap_chunks["ulysses_chunks"]
+    assert ulysses == overlap_exchanges.ulysses_head_chunks(heads, 2, s_cp, width // heads)
+    sp = step_cost(work, RULE_PLANS["sp_pieces"], cpu).overlap_chunks["sp_pieces"]
+    assert sp == overlap_exchanges.sp_pieces(work.tokens // 2, work.hidden, 2)
+
+
 def test_overlap_off_is_the_unoverlapped_model(video_tiny, cpu):
     """Off: TP/CP axes fully exposed, FSDP hidden except its edge units (the model before overlap)."""
     plan = PlanPoint(tp=2, cp=2, dp_shard=2)
@@ -131,10 +163,10 @@ def test_overlap_off_is_the_unoverlapped_model(video_tiny, cpu):
     assert cost.exposed_comm_s == rest + fsdp_exposed(fsdp_s, cost.compute_s, video_tiny.layers)
 
 
-def test_search_keeps_overlap_only_where_it_is_faster(video_tiny, cpu):
-    ranked = search(video_tiny, 4, 8, cpu, top=50)
+def test_search_keeps_overlap_only_where_it_is_faster(video_short, cpu):
+    ranked = search(video_short, 4, 8, cpu, top=50)
     assert any(r.plan.overlap for r in ranked)
     for r in ranked:
-        twin = step_cost(video_tiny, replace(r.plan, overlap=not r.plan.overlap), cpu)
+        twin = step_cost(video_short, replace(r.plan, overlap=not r.plan.overlap), cpu)
         assert r.cost.step_s < twin.step_s if r.plan.overlap else r.cost.step_s <= twin.step_s
         assert ("overlap" in r.plan.label()) == r.plan.overlap
