@@ -14,10 +14,10 @@ from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, padded_t
 from megagen.parallel.planner.workload import AttentionUse, LinearUse, RegionUse, Workload, cached
 
 
-# STAND-IN: `ulysses_head_chunks` lands in parallel/overlap_schedule.py (branch cp-fused) and `sp_pieces`
-# in parallel/tp_overlap_schedule.py (branch tp-overlap). Until they do, these local versions with the
-# same signatures keep the planner running; the imports below switch to the engine's as soon as it has
-# them, so planner and engine use one choice of chunking.
+# STAND-IN: `ulysses_head_chunks` lands in parallel/overlap_schedule.py (branch cp-fused), `sp_pieces` and
+# `local_first_pays` in parallel/tp_overlap_schedule.py (branch tp-overlap). Until they do, these local
+# versions with the same signatures keep the planner running; the imports below switch to the engine's as
+# soon as it has them, so planner and engine use one choice of chunking.
 def _standin_ulysses_head_chunks(local_heads: int, cp: int, tokens_local: int, head_dim: int) -> int:
     """Head groups whose all-to-alls pipeline against attention: 2 when each group still splits over cp."""
     return 2 if local_heads % (2 * cp) == 0 else 1
@@ -28,14 +28,23 @@ def _standin_sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
     return tp
 
 
+def _standin_local_first_pays(tokens_local: int, dim: int, tp: int) -> bool:
+    """Whether a region that is not token-wise multiplies its local rows under the gather: under tp."""
+    return tp > 1
+
+
 try:
     from megagen.parallel.overlap_schedule import ulysses_head_chunks
-except ModuleNotFoundError:
+except ImportError:
     ulysses_head_chunks = _standin_ulysses_head_chunks
 try:
     from megagen.parallel.tp_overlap_schedule import sp_pieces
-except ModuleNotFoundError:
+except ImportError:
     sp_pieces = _standin_sp_pieces
+try:
+    from megagen.parallel.tp_overlap_schedule import local_first_pays
+except ImportError:
+    local_first_pays = _standin_local_first_pays
 
 
 @dataclass(frozen=True)
@@ -142,32 +151,60 @@ def _inside(work: Workload) -> dict[str, tuple[list[LinearUse], list[AttentionUs
 
 
 def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
-    """(forward, backward) exchanges of each token-wise TP region of block `layer` (sp_pipeline.py): the
-    body of the region (its GEMMs and any cross-attention core) runs per piece in both directions."""
-    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    """(forward, backward) exchanges of each TP region of block `layer` under SP (region_overlap.py): a
+    token-wise region runs in pieces, any other with one sequence input runs local rows first."""
     s_cp = padded_tokens(work.tokens, plan) // plan.cp
     regions, rows, _ = work.layer_items(layer)
+    for region in regions:
+        if not region.seq:
+            continue
+        if token_wise(work, region):
+            yield _pieces_exchanges(work, plan, region, rows)
+        elif len(region.seq) == 1 and local_first_pays(s_cp // plan.tp, region.seq[0][1], plan.tp):
+            yield _local_first_exchanges(work, plan, region)
+
+
+def _pieces_exchanges(work: Workload, plan: PlanPoint, region: RegionUse, rows: list[LinearUse]):
+    """sp_pipeline.py: the region's body (its GEMMs and any cross-attention core) per sequence piece,
+    the next piece's gather and the previous one's reduce-scatter under it; backward likewise."""
+    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    s_cp = padded_tokens(work.tokens, plan) // plan.cp
 
     def tokens_of(tokens: int) -> int:
         return s_cp if tokens == work.tokens else tokens
 
-    for region in regions:
-        if not region.seq or not token_wise(work, region):
-            continue  # self-attention regions run unpipelined: their collectives stay exposed
-        linears, cores = _inside(work).get(region.name, ([], []))
-        prefix = region.name + "."
-        gathered = sum(b * tokens_of(t) * w * fa for t, w in region.seq)
-        scattered = sum(b * tokens_of(r.tokens) * r.d_out * fa for r in rows if r.name.startswith(prefix))
-        mm = sum(
-            2.0 * b * tokens_of(lin.tokens) * lin.d_in * lin.d_out / plan.tp
-            for lin in linears
-            if lin.style in ("col", "row")
-        )
-        attn = sum(4.0 * b * tokens_of(a.q_tokens) * a.kv_tokens * a.width / plan.tp for a in cores)  # cross
-        pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
-        into, out = ("all_gather", gathered), ("reduce_scatter", scattered)
-        grad_in, grad_out = ("all_gather", scattered), ("reduce_scatter", gathered)
-        yield (
-            Exchange("sp_pieces", into, out, mm, attn, pieces),
-            Exchange("sp_pieces", grad_in, grad_out, 2.0 * mm, 2.0 * attn, pieces),
-        )
+    linears, cores = _inside(work).get(region.name, ([], []))
+    prefix = region.name + "."
+    gathered = sum(b * tokens_of(t) * w * fa for t, w in region.seq)
+    scattered = sum(b * tokens_of(r.tokens) * r.d_out * fa for r in rows if r.name.startswith(prefix))
+    mm = sum(
+        2.0 * b * tokens_of(lin.tokens) * lin.d_in * lin.d_out / plan.tp
+        for lin in linears
+        if lin.style in ("col", "row")
+    )
+    attn = sum(4.0 * b * tokens_of(a.q_tokens) * a.kv_tokens * a.width / plan.tp for a in cores)  # cross
+    pieces = sp_pieces(s_cp // plan.tp, region.seq[0][1], plan.tp)
+    into, out = ("all_gather", gathered), ("reduce_scatter", scattered)
+    grad_in, grad_out = ("all_gather", scattered), ("reduce_scatter", gathered)
+    return (
+        Exchange("sp_pieces", into, out, mm, attn, pieces),
+        Exchange("sp_pieces", grad_in, grad_out, 2.0 * mm, 2.0 * attn, pieces),
+    )
+
+
+def _local_first_exchanges(work: Workload, plan: PlanPoint, region: RegionUse):
+    """sp_local_first.py: the input's all-gather under the column-parallel GEMMs of this rank's own rows
+    (those reading the region input); in backward its gradient's reduce-scatter under their backward."""
+    fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
+    tokens, width = region.seq[0]
+    s_local = padded_tokens(work.tokens, plan) // (plan.cp * plan.tp) if tokens == work.tokens else tokens
+    gathered = b * s_local * plan.tp * width * fa
+    local = sum(
+        2.0 * b * s_local * lin.d_in * lin.d_out / plan.tp
+        for lin in _inside(work).get(region.name, ([], []))[0]
+        if lin.style == "col" and lin.d_in == width and lin.tokens == tokens
+    )
+    return (
+        Exchange("sp_local_first", ("all_gather", gathered), matmul_flops=local),
+        Exchange("sp_local_first", ("reduce_scatter", gathered), matmul_flops=2.0 * local),
+    )

@@ -75,6 +75,14 @@ RULES = {
             "pipelined",
         ),
         OverlapRule(
+            "sp_local_first",
+            "tp",
+            "SP all-gather into a region that is not token-wise (self-attention); its gradient's "
+            "reduce-scatter in backward",
+            "the region's column-parallel GEMMs on this rank's own rows (their backward in backward)",
+            "behind",
+        ),
+        OverlapRule(
             "grad_buckets",
             "tp",
             "bucketed all-reduce of tp-partial gradients (no FSDP)",

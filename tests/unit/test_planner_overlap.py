@@ -29,6 +29,7 @@ RULE_PLANS = {
     "cp_dkv_scatter": PlanPoint(cp=2, overlap=True),
     "ulysses_chunks": PlanPoint(cp=2, cp_kind="ulysses", overlap=True),
     "sp_pieces": PlanPoint(tp=2, overlap=True),
+    "sp_local_first": PlanPoint(tp=2, overlap=True),
 }
 
 
