@@ -172,7 +172,8 @@ def exposure(
     for ex, count in exchanges(work, plan).items():
         hidden = _hidden_seconds(ex, plan, cluster) * count * m
         result.hidden_by_rule[ex.rule] = result.hidden_by_rule.get(ex.rule, 0.0) + hidden
-        result.chunks[ex.rule] = max(result.chunks.get(ex.rule, 1), ex.chunks)
+        if RULES[ex.rule].pattern == "pipelined":
+            result.chunks[ex.rule] = max(result.chunks.get(ex.rule, 1), ex.chunks)
     grads = grad_bucket_hidden(work, plan, cluster, compute_s)
     if grads:
         result.hidden_by_rule["grad_buckets"] = grads
