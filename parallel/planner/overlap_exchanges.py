@@ -152,7 +152,8 @@ def _inside(work: Workload) -> dict[str, tuple[list[LinearUse], list[AttentionUs
 
 def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
     """(forward, backward) exchanges of each TP region of block `layer` under SP (region_overlap.py): a
-    token-wise region runs in pieces, any other with one sequence input runs local rows first."""
+    token-wise region runs in pieces, any other runs the sequence input feeding its column linears local
+    rows first."""
     s_cp = padded_tokens(work.tokens, plan) // plan.cp
     regions, rows, _ = work.layer_items(layer)
     for region in regions:
@@ -160,8 +161,12 @@ def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
             continue
         if token_wise(work, region):
             yield _pieces_exchanges(work, plan, region, rows)
-        elif len(region.seq) == 1 and local_first_pays(s_cp // plan.tp, region.seq[0][1], plan.tp):
-            yield _local_first_exchanges(work, plan, region)
+        else:
+            columns = [lin for lin in _inside(work).get(region.name, ([], []))[0] if lin.style == "col"]
+            widths = {lin.d_in for lin in columns}
+            fed = next(((t, w) for t, w in region.seq if w in widths), None)  # the first one, as the engine
+            if fed is not None and local_first_pays(s_cp // plan.tp, fed[1], plan.tp):
+                yield _local_first_exchanges(work, plan, fed, columns)
 
 
 def _pieces_exchanges(work: Workload, plan: PlanPoint, region: RegionUse, rows: list[LinearUse]):
@@ -192,17 +197,18 @@ def _pieces_exchanges(work: Workload, plan: PlanPoint, region: RegionUse, rows: 
     )
 
 
-def _local_first_exchanges(work: Workload, plan: PlanPoint, region: RegionUse):
-    """sp_local_first.py: the input's all-gather under the column-parallel GEMMs of this rank's own rows
-    (those reading the region input); in backward its gradient's reduce-scatter under their backward."""
+def _local_first_exchanges(work: Workload, plan: PlanPoint, fed: tuple[int, int], columns: list[LinearUse]):
+    """sp_local_first.py: the all-gather of the sequence input `fed` (tokens, width) under the column GEMMs
+    of this rank's own rows that read it; in backward its gradient's reduce-scatter under their backward.
+    Other sequence inputs of the region (e.g. rotary tables) are gathered as usual: exposed."""
     fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
-    tokens, width = region.seq[0]
+    tokens, width = fed
     s_local = padded_tokens(work.tokens, plan) // (plan.cp * plan.tp) if tokens == work.tokens else tokens
     gathered = b * s_local * plan.tp * width * fa
     local = sum(
         2.0 * b * s_local * lin.d_in * lin.d_out / plan.tp
-        for lin in _inside(work).get(region.name, ([], []))[0]
-        if lin.style == "col" and lin.d_in == width and lin.tokens == tokens
+        for lin in columns
+        if lin.d_in == width and lin.tokens == tokens
     )
     return (
         Exchange("sp_local_first", ("all_gather", gathered), matmul_flops=local),
