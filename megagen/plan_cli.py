@@ -2,7 +2,7 @@
 
 megagen plan --model video --preset 30b --seq 73728 --cluster h100 --gpus 6144 --global-batch 1536
 megagen plan --config CONFIG [--gpus N --cluster NAME] [--write OUT.yaml]
-megagen plan --validate CONFIG [key=value…]      # run a few steps, predicted vs measured bytes/memory
+megagen plan --validate CONFIG [key=value…]      # a few steps: predicted vs measured bytes, memory, exposed s
 megagen plan --calibrate --out my-cpu.yaml        # measure this machine into a cluster file
 """
 
@@ -32,7 +32,12 @@ def add_plan_command(sub) -> None:
         "--seq", type=int, default=0, help="video tokens per sample (e.g. 73728 = 32×48×48 patches)"
     )
     p.add_argument("--text-tokens", type=int, default=128, help="tokens per text encoder")
-    p.add_argument("--cluster", default="h100", help="preset (h100, h200, a100, b200, cpu) or a YAML file")
+    p.add_argument(
+        "--cluster",
+        default="",
+        help="preset (h100, h200, a100, b200, cpu) or a YAML file (default h100; with --validate the "
+        "preset of the run's device, cpu on a CPU run)",
+    )
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs")
     p.add_argument("--global-batch", type=int, default=0, help="samples per optimizer step (default: gpus/8)")
     p.add_argument("--top", type=int, default=10, help="rows to print")
@@ -76,7 +81,8 @@ LEGEND = """columns: plan = tp<N>[+sp] (tensor parallel, +sp sequence parallel) 
 parallel, all-gather K/V or Ulysses all-to-all) fsdp<N> (FSDP shard group) [rep<N> (HSDP replicas)]
 mb<N> (micro-batch) rc:<none|selective|full|fullK> (activation recompute; fullK = the first K blocks)
 [sync:every|last] (with gradient accumulation under FSDP: reduce every micro-batch, or only the last one,
-holding unsharded gradients until then; parallel.grad_sync); step s = predicted step time; MFU = model
+holding unsharded gradients until then; parallel.grad_sync) [overlap (parallel.overlap=true: TP/CP
+traffic hidden behind compute, docs/planner.md)]; step s = predicted step time; MFU = model
 FLOPs / (step time x peak); exp.comm = communication not hidden behind compute, % of the step; mem GB =
 predicted peak memory per GPU; tok/s/GPU = video tokens per second per GPU; fits = peak memory within the
 device's usable memory."""
@@ -116,6 +122,7 @@ def plan_fields(plan, global_batch: int) -> dict:
         "recompute": plan.recompute,
         "recompute_layers": plan.recompute_layers,
         "grad_sync": plan.grad_sync,
+        "overlap": plan.overlap,
         "overrides": override_line(plan_overrides(plan, global_batch)),
     }
 
@@ -162,7 +169,7 @@ def run_plan_command(args) -> int:
     if args.write and not args.config:
         raise ConfigError("--write", "needs --config: it writes that config with the best plan's keys")
     try:
-        cluster = load_cluster(args.cluster)
+        cluster = load_cluster(args.cluster or "h100")
     except ValueError as exc:
         raise ConfigError("--cluster", str(exc)) from exc
     cfg = _config_for(args)

@@ -47,16 +47,18 @@ def _local_bytes(t) -> int:
 
 
 def _measure(cfg):
-    """Train `cfg`; (this rank's last-step bytes per axis and state bytes, the trainer's open runtime)."""
+    """Train `cfg`; (this rank's last-step bytes and exposed seconds per axis and state bytes, the trainer's
+    open runtime)."""
     from megagen.train.loop import Trainer
 
     trainer = Trainer(cfg)
     grad_peak = watch_gradient_peak(trainer.runtime)
     trainer.run()
-    comm = trainer.history[-1].get("comm_bytes", {}) if trainer.history else {}
+    last = trainer.history[-1] if trainer.history else {}
     optim = trainer.optimizer.state.values()
     measured = {
-        "comm": comm,
+        "comm": last.get("comm_bytes", {}),
+        "exposed": last.get("comm_exposed_s", {}),
         "params": sum(_local_bytes(p) for p in trainer.model.parameters()),
         "grads": grad_peak["bytes"],
         "optimizer": sum(_local_bytes(v) for st in optim for v in st.values() if v.dim() > 0),
@@ -64,23 +66,43 @@ def _measure(cfg):
     return measured, trainer.runtime
 
 
-def _predict(cfg, world: int) -> tuple[str, dict]:
-    """The plan's label and the planner's bytes per axis and state bytes on rank 0."""
-    from megagen.parallel.planner.comm_cost import communication
-    from megagen.parallel.planner.memory import state_memory
+def _predict(cfg, world: int, cluster) -> tuple[str, dict]:
+    """The plan's label and the planner's bytes and exposed seconds per axis and state bytes on rank 0."""
+    from megagen.parallel.planner.step_cost import step_cost
     from megagen.planning import plan_point_for_config, workload_for_config
 
-    work = workload_for_config(cfg)
     plan = plan_point_for_config(cfg, world)
-    comm = {a: sum(v["bytes"] for v in kinds.values()) for a, kinds in communication(work, plan).items()}
-    params, grads, optim = state_memory(work, plan)
-    return plan.label(), {"comm": comm, "params": params, "grads": grads, "optimizer": optim}
+    cost = step_cost(workload_for_config(cfg), plan, cluster)
+    return plan.label(), {
+        "comm": cost.bytes_by_axis(),
+        "exposed": cost.exposed_by_axis,
+        "chunks": cost.overlap_chunks,
+        "params": cost.param_bytes,
+        "grads": cost.grad_bytes,
+        "optimizer": cost.optimizer_bytes,
+    }
+
+
+def cluster_for_run(name: str, device):
+    """`--cluster` if given, else the preset of the device the run used (`cpu` on a CPU run)."""
+    from megagen.metrics.peak import gpu_key
+    from megagen.parallel.planner.cluster import load_cluster
+
+    if not name:
+        if device.type != "cuda":
+            name = "cpu"
+        else:
+            import torch
+
+            key = gpu_key(torch.cuda.get_device_name(device)) or "H100"
+            name = key.split()[0].lower()
+    return load_cluster(name)
 
 
 STATE_KEYS = (("param_bytes", "params"), ("grad_peak_bytes", "grads"), ("optimizer_bytes", "optimizer"))
 
 
-def _report(label: str, predicted: dict, measured: dict) -> dict:
+def _report(label: str, predicted: dict, measured: dict, cluster_name: str) -> dict:
     """Predicted beside measured for every axis and state kind, and whether all of them are equal."""
     pc, mc = predicted["comm"], measured["comm"]
     axes = sorted({*pc, *mc})
@@ -92,22 +114,36 @@ def _report(label: str, predicted: dict, measured: dict) -> dict:
         report[key] = {"predicted": predicted[part], "measured": measured[part]}
     pairs = [*report["bytes_per_axis"].values(), *(report[key] for key, _ in STATE_KEYS)]
     report["match"] = all(v["predicted"] == v["measured"] for v in pairs)
+    pe, me = predicted["exposed"], measured["exposed"]
+    report["exposed_s_per_axis"] = {  # timing, so not part of `match`; None: the run cannot see the wait
+        a: {"predicted": pe.get(a, 0.0), "measured": me.get(a, 0.0)} for a in sorted({*pe, *me})
+    }
+    report["cluster"], report["overlap_chunks"] = cluster_name, predicted["chunks"]
     return report
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def _print_table(report: dict) -> None:
     out = sys.stdout
-    out.write(f"plan {report['plan']} (rank 0, one step)\n{'':16s}{'predicted':>14s}{'measured':>14s}\n")
+    out.write(f"plan {report['plan']} (rank 0, one step)\n{'':18s}{'predicted':>14s}{'measured':>14s}\n")
     for axis, v in report["bytes_per_axis"].items():
-        out.write(f"{axis + ' bytes':16s}{v['predicted']:14d}{v['measured']:14d}\n")
+        out.write(f"{axis + ' bytes':18s}{v['predicted']:14d}{v['measured']:14d}\n")
     for key, _ in STATE_KEYS:
         v = report[key]
-        out.write(f"{key:16s}{v['predicted']:14d}{v['measured']:14d}\n")
+        out.write(f"{key:18s}{v['predicted']:14d}{v['measured']:14d}\n")
     out.write("match: " + ("yes" if report["match"] else "NO") + "\n")
+    chunks = ", ".join(f"{rule} {n}" for rule, n in report["overlap_chunks"].items()) or "none"
+    out.write(f"exposed communication, s per step (predicted on {report['cluster']}; chunks: {chunks})\n")
+    for axis, v in report["exposed_s_per_axis"].items():
+        out.write(f"{axis + ' exposed':18s}{_seconds(v['predicted']):>14s}{_seconds(v['measured']):>14s}\n")
 
 
 def validate_config(path: str, overrides: list[str], cluster_name: str, as_json: bool = False) -> int:
-    """Run `path` for two steps and compare with the planner; 0 when every number matches."""
+    """Run `path` for two steps and compare with the planner (predicted exposed time on `cluster_name`, or
+    the run's device when empty); 0 when every byte and state count matches."""
     import torch.distributed as dist
 
     from megagen.config import load_config
@@ -115,7 +151,8 @@ def validate_config(path: str, overrides: list[str], cluster_name: str, as_json:
     cfg = load_config(path, [*overrides, *VALIDATE_OVERRIDES])
     measured, runtime = _measure(cfg)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    report = _report(*_predict(cfg, world), measured)
+    cluster = cluster_for_run(cluster_name, runtime.device)
+    report = _report(*_predict(cfg, world, cluster), measured, cluster.name)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if as_json:
             sys.stdout.write(json.dumps(report) + "\n")

@@ -73,6 +73,7 @@ def plan_overrides(plan: PlanPoint, global_batch: int) -> dict[str, object]:
         "parallel.reduce_dtype": plan.reduce_dtype,
         "parallel.reshard_after_forward": plan.reshard_after_forward,
         "parallel.grad_sync": plan.grad_sync,
+        "parallel.overlap": plan.overlap,
         "train.global_batch_size": global_batch,
         "train.micro_batch_size": plan.micro_batch,
         "train.recompute": plan.recompute,

@@ -29,7 +29,8 @@ class PlanPoint:
     """FSDP with accumulation: reduce every micro-batch (every_micro) or keep unsharded gradients until the
     last (last_micro, FSDP2 no-sync)."""
     overlap: bool = False
-    """parallel.overlap: CP collectives stacked (one K/V all-gather, one q/k/v all-to-all)."""
+    """parallel.overlap: every overlap the engine has (planner/overlap_model.py); CP collectives stacked (one
+    K/V all-gather, one q/k/v all-to-all)."""
 
     @property
     def world(self) -> int:
@@ -72,6 +73,8 @@ class PlanPoint:
         parts.append(f"rc:{rc}")
         if self.accumulation > 1 and uses_fsdp(self):
             parts.append("sync:every" if self.grad_sync == "every_micro" else "sync:last")
+        if self.overlap:
+            parts.append("overlap")
         return " ".join(parts)
 
 

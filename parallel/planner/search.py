@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.plan_point import PlanPoint
-from megagen.parallel.planner.step_cost import Cost, step_cost
+from megagen.parallel.planner.step_cost import Cost, step_cost, step_cost_with_overlap
 from megagen.parallel.planner.workload import Workload
 
 
@@ -25,6 +25,8 @@ class RankedPlan:
             "step_s": c.step_s,
             "mfu": self.mfu,
             "exposed_comm_pct": 100.0 * c.exposed_comm_s / c.step_s if c.step_s else 0.0,
+            "exposed_s_per_axis": c.exposed_by_axis,
+            "overlap_chunks": c.overlap_chunks,
             "peak_memory_gb": c.peak_memory_bytes / 2**30,
             "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "fits": self.fits,
@@ -98,12 +100,25 @@ def candidate_plans(
     return plans
 
 
+def with_cheaper_overlap(work: Workload, plan: PlanPoint, cluster: Cluster) -> tuple[PlanPoint, Cost]:
+    """`plan` with `parallel.overlap` on where that hides more (a faster step), else off: only TP and CP
+    traffic has overlaps to switch (FSDP prefetches either way). A tie keeps it off, today's engine."""
+    off_plan = replace(plan, overlap=False)
+    off = step_cost(work, off_plan, cluster)
+    if plan.tp == 1 and plan.cp == 1:
+        return off_plan, off
+    on_plan = replace(plan, overlap=True)
+    on = step_cost_with_overlap(work, on_plan, cluster, off)
+    return (on_plan, on) if on.step_s < off.step_s else (off_plan, off)
+
+
 def search(work: Workload, gpus: int, global_batch: int, cluster: Cluster, top: int = 10) -> list[RankedPlan]:
-    """Cost every candidate; feasible plans (fit in memory) first, fastest first."""
+    """Cost every candidate, with overlap on or off, whichever is faster; feasible plans (fit in memory)
+    first, fastest first."""
     usable = (cluster.memory_gb - cluster.memory_reserved_gb) * 2**30
     ranked = []
-    for plan in candidate_plans(work, gpus, global_batch, cluster, cluster.dtype):
-        cost = step_cost(work, plan, cluster)
+    for candidate in candidate_plans(work, gpus, global_batch, cluster, cluster.dtype):
+        plan, cost = with_cheaper_overlap(work, candidate, cluster)
         fits = cost.peak_memory_bytes <= usable
         mfu = cost.model_flops_per_rank / cost.step_s / cluster.peak_flops if cost.step_s else 0.0
         tokens = global_batch * work.tokens / cost.step_s / gpus if cost.step_s else 0.0

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megagen.parallel.planner.cluster import Cluster
 from megagen.parallel.planner.comm_cost import collective_seconds, communication
 from megagen.parallel.planner.compute_cost import elementwise_seconds, flops_per_rank, recomputed_flops
 from megagen.parallel.planner.cost import activation_bytes
 from megagen.parallel.planner.memory import fsdp_buffer_bytes, state_memory
+from megagen.parallel.planner.overlap_model import exposure
 from megagen.parallel.planner.plan_point import PlanPoint
 from megagen.parallel.planner.workload import Workload
 
@@ -29,6 +30,10 @@ class Cost:
     compute_s: float = 0.0
     comm_s: dict[str, float] = field(default_factory=dict)
     exposed_comm_s: float = 0.0
+    exposed_by_axis: dict[str, float] = field(default_factory=dict)
+    """Seconds per axis not hidden behind compute (overlap_model.py says what hides where)."""
+    overlap_chunks: dict[str, int] = field(default_factory=dict)
+    """Chunk counts of the pipelined overlaps (rule name → pieces), as the engine runs them."""
     step_s: float = 0.0
     duplicated_activation_bytes: float = 0.0
 
@@ -49,7 +54,6 @@ class Cost:
 def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
     """Bytes, memory, FLOPs and predicted step time of one optimizer step."""
     cost = Cost()
-    cost.comm = communication(work, plan)
     cost.param_bytes, cost.grad_bytes, cost.optimizer_bytes = state_memory(work, plan)
     cost.activation_bytes, cost.duplicated_activation_bytes = activation_bytes(work, plan)
     cost.transient_bytes = fsdp_buffer_bytes(work, plan)
@@ -62,24 +66,26 @@ def step_cost(work: Workload, plan: PlanPoint, cluster: Cluster) -> Cost:
     cost.compute_s = (
         (mm + re_mm) / eff_mm + (attn + re_attn) / eff_attn + elementwise_seconds(work, plan, cluster)
     )
-    overlappable = 0.0
-    exposed = 0.0
-    for axis, kinds in cost.comm.items():
-        t_axis = 0.0
-        for kind, v in kinds.items():
-            t_axis += collective_seconds(kind, v["bytes"], v["calls"], axis, plan, cluster)
-        cost.comm_s[axis] = t_axis
-        if axis in ("dp_shard_cp", "dp_replicate"):
-            overlappable += t_axis  # FSDP prefetches the next unit while this one computes
-        else:
-            exposed += t_axis  # TP/SP and CP collectives sit on the critical path in this engine
-    # FSDP: each micro-batch's first all-gathers (the root, then block 0) and each gradient sync's last
-    # reduce-scatters (block 0, then the root) cannot hide: two units' share of every micro-batch's gathers
-    # and of every sync's reductions, i.e. 2/units of the step's FSDP traffic; the rest hides behind compute
-    units = max(1, work.layers + 1)
-    fsdp_edge = overlappable * 2 / units
-    hidden_budget = cost.compute_s
-    exposed += fsdp_edge + max(0.0, overlappable - fsdp_edge - hidden_budget)
-    cost.exposed_comm_s = exposed
-    cost.step_s = cost.compute_s + exposed
+    _add_communication(cost, work, plan, cluster)
     return cost
+
+
+def step_cost_with_overlap(work: Workload, plan: PlanPoint, cluster: Cluster, same_but_overlap: Cost) -> Cost:
+    """`step_cost(work, plan, cluster)` from the cost of the same plan with the other `overlap` setting:
+    memory and FLOPs do not depend on it, so only traffic and time are redone (the search costs both)."""
+    cost = replace(same_but_overlap, comm={}, comm_s={}, exposed_by_axis={}, overlap_chunks={})
+    _add_communication(cost, work, plan, cluster)
+    return cost
+
+
+def _add_communication(cost: Cost, work: Workload, plan: PlanPoint, cluster: Cluster) -> None:
+    """Traffic per axis, its seconds, what hides behind `cost.compute_s`, and the step time."""
+    cost.comm = communication(work, plan)
+    for axis, kinds in cost.comm.items():
+        cost.comm_s[axis] = sum(
+            collective_seconds(kind, v["bytes"], v["calls"], axis, plan, cluster) for kind, v in kinds.items()
+        )
+    seen = exposure(work, plan, cluster, cost.comm_s, cost.compute_s)
+    cost.exposed_by_axis, cost.overlap_chunks = seen.by_axis, seen.chunks
+    cost.exposed_comm_s = seen.total_s
+    cost.step_s = cost.compute_s + seen.total_s

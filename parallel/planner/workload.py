@@ -51,6 +51,8 @@ class RegionUse:
     name: str
     seq: tuple[tuple[int, int], ...]
     replicated: tuple[tuple[int, int], ...]
+    token_wise: bool | None = None
+    """Its `TPRegion.token_wise` (pipelined in sequence pieces under SP + overlap); None: not declared."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def _region_tracer(work: Workload, name: str, region, arg_names: list[str], batc
             for a in region.replicated_args
             if isinstance(bound.get(a), torch.Tensor)
         )
-        work.regions.append(RegionUse(name, seq, rep))
+        work.regions.append(RegionUse(name, seq, rep, getattr(region, "token_wise", None)))
 
     return on_region
 
