@@ -4,7 +4,11 @@ Each case runs `megagen bench` under torchrun (gloo, 1 thread per rank) twice in
 per setting, and the table gives step time and exposed communication per mesh axis (seconds per step the
 training thread waited on collectives; None where unmeasurable, e.g. FSDP2's own waits) for each.
 
-    python benchmarks/overlap.py [--cases "tp2+sp,fsdp2xtp2"] [--steps 4 --warmup 1] [--json out.json]
+    python benchmarks/overlap.py [--cases "cp2-allgather,tp2+sp"] [--tokens 1024,4096] [--steps 3 --warmup 1]
+                                 [--json out.json]
+
+The model is the video `small` preset (d 512, 2 layers: GEMMs, not call overheads, set the step time);
+`--tokens` picks the sequence length through the number of 32×32 latent frames (256 tokens each).
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import json
 
 from _launch import bench_on_mesh
 
-TOKENS_1K = ["data.latent_frames=8", "data.latent_height=32", "data.latent_width=32"]
+MODEL = ["model.preset=small", "data.latent_height=32", "data.latent_width=32", "train.micro_batch_size=1"]
+TOKENS_PER_FRAME = 256  # 32×32 latents in 2×2 patches
 CASES = {
-    "tp2+sp": (2, ["parallel.tp=2"]),
-    "fsdp2xtp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
-    # context-parallel overlap (issue 18 items 1-2) adds its cases here:
-    # "cp2 allgather_kv": (2, ["parallel.cp=2"]),
-    # "cp2 ulysses": (2, ["parallel.cp=2", "parallel.cp_kind=ulysses"]),
+    "cp2-allgather": (2, ["parallel.cp=2", "train.global_batch_size=2"]),
+    "cp2-ulysses": (2, ["parallel.cp=2", "parallel.cp_kind=ulysses", "train.global_batch_size=2"]),
+    "tp2+sp": (2, ["parallel.tp=2", "train.global_batch_size=2"]),
+    "fsdp2xtp2": (4, ["parallel.tp=2", "parallel.dp_shard=2", "train.global_batch_size=2"]),
 }
 
 
@@ -35,22 +39,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="examples/configs/video_tiny.yaml")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)}")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--tokens", default="1024,2048,4096", help="comma-separated sequence lengths")
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--json", default="")
-    ap.add_argument("overrides", nargs="*", default=[*TOKENS_1K, "train.micro_batch_size=2"])
+    ap.add_argument("overrides", nargs="*", default=[], help="extra config overrides for every run")
     args = ap.parse_args()
     results: dict[str, dict] = {}
-    for name in args.cases.split(","):
-        nproc, extra = CASES[name]
-        for flag in ("true", "false"):
-            overrides = [*args.overrides, *extra, f"parallel.overlap={flag}"]
-            results[f"{name} overlap={flag}"] = bench_on_mesh(
-                nproc, overrides, args.steps, args.warmup, args.config
-            )
-    print(f"{'case':28s} {'step ms':>9s}  exposed communication per axis (per step)")
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        frames = [f"data.latent_frames={tokens // TOKENS_PER_FRAME}"]
+        for name in args.cases.split(","):
+            nproc, extra = CASES[name]
+            for flag in ("true", "false"):  # on and off back to back: the same machine state for both
+                overrides = [*MODEL, *frames, *args.overrides, *extra, f"parallel.overlap={flag}"]
+                results[f"{name} {tokens} overlap={flag}"] = bench_on_mesh(
+                    nproc, overrides, args.steps, args.warmup, args.config
+                )
+    print(f"{'case':32s} {'step ms':>9s}  exposed communication per axis (per step)")
     for name, r in results.items():
-        print(f"{name:28s} {r['step_time_s'] * 1e3:9.1f}  {_exposed(r)}")
+        print(f"{name:32s} {r['step_time_s'] * 1e3:9.1f}  {_exposed(r)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

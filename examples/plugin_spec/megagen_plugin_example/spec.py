@@ -66,7 +66,9 @@ class VideoDiTSpec(ModelSpec):
             rowwise=("blocks.*.attn.o", "blocks.*.cross_attn.o", "blocks.*.mlp.w2"),
             regions={
                 "blocks.*.attn": TPRegion(seq_args=("x",)),
-                "blocks.*.cross_attn": TPRegion(seq_args=("x",), replicated_args=("context",), token_wise=True),
+                "blocks.*.cross_attn": TPRegion(
+                    seq_args=("x",), replicated_args=("context",), token_wise=True
+                ),
                 "blocks.*.mlp": TPRegion(seq_args=("x",), token_wise=True),
             },
             self_attention=("blocks.*.attn.core",),

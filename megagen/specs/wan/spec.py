@@ -79,7 +79,9 @@ class WanSpec(ModelSpec):
             rowwise=("blocks.*.attn.o", "blocks.*.cross_attn.o", "blocks.*.mlp.w2"),
             regions={
                 "blocks.*.attn": TPRegion(seq_args=("x", "rope")),
-                "blocks.*.cross_attn": TPRegion(seq_args=("x",), replicated_args=("context",), token_wise=True),
+                "blocks.*.cross_attn": TPRegion(
+                    seq_args=("x",), replicated_args=("context",), token_wise=True
+                ),
                 "blocks.*.mlp": TPRegion(seq_args=("x",), token_wise=True),
             },
             sharded_norms=("blocks.*.attn.[qk]_norm", "blocks.*.cross_attn.[qk]_norm"),
