@@ -58,6 +58,11 @@ def _activation_collectives_uncached(work: Workload, plan: PlanPoint, recomputed
                 if not plan.sp:
                     for tokens, width in r.replicated:
                         comm.add("tp", "all_reduce", b * tokens * width * fa, 1)
+                elif r.tables:  # gathered with the sequence, in their own dtype; no gradient
+                    for tokens, per_token in r.tables:
+                        comm.add("tp", "all_gather", seq_tokens(tokens) * per_token, repeats)
+            for tokens in work.layer_norm_sums(layer):  # fp32 sums of squares, forward and backward
+                comm.add("tp", "all_reduce", b * seq_tokens(tokens) * 4, repeats + 1)
             for lin in rows:
                 nbytes = b * seq_tokens(lin.tokens) * lin.d_out * fa
                 if plan.sp:

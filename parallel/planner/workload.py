@@ -53,6 +53,9 @@ class RegionUse:
     replicated: tuple[tuple[int, int], ...]
     token_wise: bool | None = None
     """Its `TPRegion.token_wise` (pipelined in sequence pieces under SP + overlap); None: not declared."""
+    tables: tuple[tuple[int, int], ...] = ()
+    """Sequence args with no batch dim and no gradient (e.g. rotary tables): (tokens, bytes per token).
+    Gathered with the sequence under SP; nothing flows back."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,13 @@ class Workload:
     """Model width: activations between blocks are (tokens, hidden)."""
     saved: object | None = None
     """What autograd keeps per sample (planner/activations.py `SavedProfile`); None = not traced."""
+    norm_sums: list[tuple[str, int]] = field(default_factory=list)
+    """(name, per-sample tokens) of each call of a `sharded_norms` module: its fp32 (tokens, 1) sum of
+    squares is all-reduced over tp in forward and again in backward."""
+
+    def layer_norm_sums(self, layer: int) -> list[int]:
+        """Per-sample tokens of the sharded-norm calls of block `layer`."""
+        return [t for name, t in self.norm_sums if name.startswith("blocks.") and _layer_of(name) == layer]
 
     def layer_items(self, layer: int) -> tuple[list[RegionUse], list[LinearUse], list[AttentionUse]]:
         """(regions, row-parallel linears, self-attention calls) of block `layer` (cached)."""
@@ -145,21 +155,37 @@ def _core_tracer(work: Workload, name: str, is_self: bool):
     return on_core
 
 
+def _is_table(x: torch.Tensor, batch: int) -> bool:
+    """A sequence arg without gradient whose leading dim is not the batch (e.g. (2, S, d) rotary tables)."""
+    return not x.requires_grad and (x.dim() < 3 or x.shape[0] != batch)
+
+
 def _region_tracer(work: Workload, name: str, region, arg_names: list[str], batch: int):
     def on_region(mod, args, kwargs):
         bound = dict(zip(arg_names, args))
         bound.update(kwargs)
+        present = [bound[a] for a in region.seq_args if isinstance(bound.get(a), torch.Tensor)]
         seq = tuple(
-            (_per_sample_tokens(bound[a], batch), bound[a].shape[-1]) for a in region.seq_args if a in bound
+            (_per_sample_tokens(x, batch), x.shape[-1]) for x in present if not _is_table(x, batch)
+        )
+        tables = tuple(
+            (x.shape[1], x.numel() // x.shape[1] * x.element_size()) for x in present if _is_table(x, batch)
         )
         rep = tuple(
             (_per_sample_tokens(bound[a], batch), bound[a].shape[-1])
             for a in region.replicated_args
             if isinstance(bound.get(a), torch.Tensor)
         )
-        work.regions.append(RegionUse(name, seq, rep, getattr(region, "token_wise", None)))
+        work.regions.append(RegionUse(name, seq, rep, getattr(region, "token_wise", None), tables))
 
     return on_region
+
+
+def _norm_tracer(work: Workload, name: str, batch: int):
+    def on_norm(mod, args, out):
+        work.norm_sums.append((name, _per_sample_tokens(args[0], batch)))
+
+    return on_norm
 
 
 def _install_tracers(model: nn.Module, plan: ParallelPlan, work: Workload, batch: int) -> list:
@@ -170,6 +196,8 @@ def _install_tracers(model: nn.Module, plan: ParallelPlan, work: Workload, batch
             style = "col" if _match(name, plan.colwise) else "row" if _match(name, plan.rowwise) else "rep"
             in_block = name.startswith(plan.blocks + ".")
             hooks.append(module.register_forward_hook(_linear_tracer(work, name, style, in_block, batch)))
+        elif _match(name, plan.sharded_norms):
+            hooks.append(module.register_forward_hook(_norm_tracer(work, name, batch)))
         elif name.endswith(".core") or type(module).__name__.endswith("Core"):
             tracer = _core_tracer(work, name, _match(name, plan.self_attention))
             hooks.append(module.register_forward_hook(tracer))
@@ -205,7 +233,7 @@ def trace_workload(model: nn.Module, plan: ParallelPlan, inputs: dict, batch: in
     work = Workload(tokens=int(inputs[seq_name].shape[seq_dim]), layers=len(model.get_submodule(plan.blocks)))
     hooks = _install_tracers(model, plan, work, batch)
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # on meta: free, and tells activations (gradient) from tables (none)
             model(**inputs)
     finally:
         for h in hooks:

@@ -19,7 +19,18 @@ from tests.distributed.test_parity import MESHES
 pytestmark = pytest.mark.slow
 
 HSDP_ACCUM = ["parallel.dp_replicate=2", "parallel.dp_shard=2", "train.global_batch_size=16"]
-MORE = {4: {"hsdp2x2-accum2": HSDP_ACCUM}}  # the parity hsdp2x2 mesh runs one micro-batch per step
+WAN = ["model.spec=wan"]  # sharded QK norms (all-reduced sums of squares) and rotary tables gathered under SP
+MORE = {
+    2: {
+        "wan-tp2+sp": [*WAN, "parallel.tp=2"],
+        "wan-tp2": [*WAN, "parallel.tp=2", "parallel.sequence_parallel=false"],
+    },
+    4: {
+        "hsdp2x2-accum2": HSDP_ACCUM,
+        "wan-cp2xtp2": [*WAN, "parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"],
+        "wan-fsdp2xtp2-recompute": [*WAN, "parallel.tp=2", "train.recompute=full"],
+    },
+}  # the parity hsdp2x2 mesh runs one micro-batch per step
 
 
 def _shards_and_accumulates(world: int, overrides: list[str]) -> bool:
