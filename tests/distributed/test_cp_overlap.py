@@ -68,6 +68,19 @@ def test_overlap_on_matches_off(dist_pool, world, name):
     print(f"{name}: worst relative difference on vs off {_compare(on, off, tol, name):.2e}")
 
 
+ALLGATHER = [key for key, (_, tol) in CASES.items() if tol]
+
+
+@pytest.mark.parametrize(("world", "name"), ALLGATHER, ids=[n for _, n in ALLGATHER])
+def test_overlapped_allgather_within_1e6_after_one_step(dist_pool, world, name):
+    """The issue's bar: losses, gradients and parameters of one step within 1e-6 of the path it replaces."""
+    overrides = [*CASES[(world, name)][0], "train.steps=1"]
+    on = dist_pool(world).run(CASE, overrides=overrides, overlap=True)[0]
+    off = dist_pool(world).run(CASE, overrides=overrides, overlap=False)[0]
+    assert len(on["losses"]) == 1
+    print(f"{name}: worst relative difference after one step {_compare(on, off, 1e-6, name):.2e}")
+
+
 @pytest.mark.parametrize("name", list(PIPELINED))
 def test_ulysses_head_groups_pipelined_match_off_bitwise(dist_pool, name):
     on = dist_pool(2).run(CASE, overrides=PIPELINED[name], overlap=True, head_chunks=2)[0]
