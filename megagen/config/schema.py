@@ -102,8 +102,8 @@ class ParallelConfig:
         False,
         "communication/compute overlap, every kind at once (docs/parallelism.md): CP all-gather K/V behind "
         "local attention with a log-sum-exp merge, stacked Ulysses all-to-all, tp-partial gradient sums in "
-        "backward; off by default until the merged attention has a fused kernel (today it runs reference "
-        "math, slower than SDPA: benchmarks/overlap_cp.py)",
+        "backward, TP+SP sequence pieces; off by default: not bitwise to the plain paths, and not yet "
+        "measured faster per step (docs/benchmarking.md)",
     )
 
 
