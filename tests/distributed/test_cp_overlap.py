@@ -1,5 +1,6 @@
-"""CP overlap on vs off: the overlapped all-gather (online-softmax merge) within 2e-6 of today's path in
-fp32, padded and with QK-norm; Ulysses, stacked and pipelined over head groups, bitwise identical."""
+"""CP overlap on vs off: the overlapped all-gather (online-softmax merge) within 1e-6 of today's path after
+one step and 2e-6 after three in fp32, padded and with QK-norm; Ulysses, stacked and pipelined over head
+groups, bitwise identical."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def test_overlap_on_matches_off(dist_pool, world, name):
     print(f"{name}: worst relative difference on vs off {_compare(on, off, tol, name):.2e}")
 
 
-ALLGATHER = [key for key, (_, tol) in CASES.items() if tol]
+ALLGATHER = [key for key in CASES if "allgather" in key[1]]
 
 
 @pytest.mark.parametrize(("world", "name"), ALLGATHER, ids=[n for _, n in ALLGATHER])
