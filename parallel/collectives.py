@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megagen.parallel.comm import comm_as
+
 __all__ = [
     "group_size",
     "all_gather_along",
@@ -26,6 +28,7 @@ __all__ = [
     "all_reduce_sum",
     "all_to_all_along",
     "all_reduce_sum_async",
+    "issue_all_gather",
     "Pending",
 ]
 
@@ -36,6 +39,25 @@ _F = torch.ops._c10d_functional
 
 def _name(group: dist.ProcessGroup | None) -> str:
     return (group or dist.group.WORLD).group_name
+
+
+def issue_all_gather(x: torch.Tensor, n: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Issue the all-gather of x over `group` and return its pending result (n·rows, ...), block j from
+    rank j; the caller computes meanwhile and waits it with `_wait`.
+
+    CPU tensors (gloo) travel as an all-to-all that sends x to every rank: the same bytes and the same
+    result, counted as an all_gather. Why: torch's gloo all-gather corrupts the heap (or loses a message
+    and hangs) when more than one is in flight on a group, which the overlapped paths need; its
+    all-to-all, reduce-scatter and all-reduce do not. tests/distributed/test_inflight_collectives.py
+    keeps several in flight and checks every result.
+    """
+    x = x.contiguous()
+    if x.device.type != "cpu":
+        return _F.all_gather_into_tensor(x, n, _name(group))
+    rows = x.shape[0]
+    to_every_rank = x.repeat(n, *([1] * (x.dim() - 1)))
+    with comm_as("all_gather"):
+        return _F.all_to_all_single(to_every_rank, [rows] * n, [rows] * n, _name(group))
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CommCounter", "CommRecord", "CommTiming", "comm_axis", "mesh_axis_groups"]
+__all__ = ["CommCounter", "CommRecord", "CommTiming", "comm_as", "comm_axis", "mesh_axis_groups"]
 
 _SCOPE = threading.local()
 
@@ -63,6 +63,18 @@ def comm_axis(axis: str | None):
         yield
     finally:
         stack.pop()
+
+
+@contextmanager
+def comm_as(kind: str):
+    """Count the collectives issued inside as `kind`: the engine sends a gloo all-gather as an all-to-all
+    (`collectives.issue_all_gather`), and the accounting reports what it does, not how it travels."""
+    previous = getattr(_SCOPE, "kind", None)
+    _SCOPE.kind = kind
+    try:
+        yield
+    finally:
+        _SCOPE.kind = previous
 
 
 _OUT = "<result>"  # the payload is the op's return value
@@ -251,6 +263,7 @@ class CommCounter(TorchDispatchMode):
 
     def _record(self, func, spec, args, kwargs, out, start: float, end: float) -> None:
         kind, payload = spec
+        kind = getattr(_SCOPE, "kind", None) or kind
         bound = dict(zip((a.name for a in func._schema.arguments), args))
         bound.update(kwargs)
         group = bound.get("process_group", bound.get("group_name"))

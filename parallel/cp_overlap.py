@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megagen.parallel.attention_lse import attention_chunk_backward, attention_with_lse
-from megagen.parallel.collectives import _F, _name, _wait
+from megagen.parallel.collectives import _F, _name, _wait, issue_all_gather
 from megagen.parallel.comm import comm_axis
 
 AXIS = "cp"  # counted (and timed) as cp traffic even where cp shares its group with dp_shard_cp
@@ -63,7 +63,7 @@ class _OverlappedGatherAttention(torch.autograd.Function):
         n, rank = dist.get_world_size(group), dist.get_rank(group)
         kv = torch.stack([k, v]).contiguous()
         with comm_axis(AXIS):  # runs while the local chunk attends
-            pending = _F.all_gather_into_tensor(kv, n, _name(group))
+            pending = issue_all_gather(kv, n, group)
         biases = _chunk_biases(kv_valid, n, k.shape[2], q.dtype)
         parts = [attention_with_lse(q, k, v, biases[rank])]
         with comm_axis(AXIS):

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from megagen.parallel.collectives import _F, _name, _wait
+from megagen.parallel.collectives import _F, _name, _wait, issue_all_gather
 from megagen.parallel.comm import comm_axis
 
 AXIS = "tp"
@@ -36,7 +36,7 @@ SEQ_DIM = 1  # activations inside blocks are (batch, sequence, features)
 def _gather_rows(x: torch.Tensor, n: int, group) -> torch.Tensor:
     """Issue the all-gather of (B, p, ...) x: the pending result is (n·B, p, ...), block j from rank j."""
     with comm_axis(AXIS):
-        return _F.all_gather_into_tensor(x.contiguous(), n, _name(group))
+        return issue_all_gather(x, n, group)
 
 
 def _scatter_rows(x: torch.Tensor, n: int, group) -> torch.Tensor:
