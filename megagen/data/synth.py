@@ -111,7 +111,7 @@ def class_clip(seed: int, cls: int, shape: tuple[int, int, int, int]) -> np.ndar
 
 
 def sample_channels(p: SynthPreset, arch) -> int:
-    """Channels of a sample's `latents` field: the TAE's samples are RGB pixels, every other spec's latents."""
+    """Channels of a sample's `latents` field: RGB pixels for the TAE, latent channels otherwise."""
     return 3 if p.spec == "tae" else arch.latent_channels
 
 
