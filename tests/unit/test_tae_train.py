@@ -98,9 +98,14 @@ def test_training_loss_is_a_sum_over_samples_with_seeded_posterior_noise(tmp_pat
     torch.manual_seed(0)
     model = TAE(spec.arch(cfg))
     video = torch.rand(2, 3, 8, 16, 16) * 2 - 1
-    both, unit = spec.training_loss(cfg, model, {"latents": video}, SimpleNamespace(step=3, positions=[4, 5]), None)
-    one, _ = spec.training_loss(cfg, model, {"latents": video[:1]}, SimpleNamespace(step=3, positions=[4]), None)
-    two, _ = spec.training_loss(cfg, model, {"latents": video[1:]}, SimpleNamespace(step=3, positions=[5]), None)
+
+    def loss(samples: slice, positions: list[int]):
+        req = SimpleNamespace(step=3, positions=positions)
+        return spec.training_loss(cfg, model, {"latents": video[samples]}, req, None)
+
+    both, unit = loss(slice(0, 2), [4, 5])
+    one, _ = loss(slice(0, 1), [4])
+    two, _ = loss(slice(1, 2), [5])
     assert unit == 1
     torch.testing.assert_close(both, one + two)
 
