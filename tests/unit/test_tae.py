@@ -140,3 +140,28 @@ def hard_cut_decode(tae: TAE, latents: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         parts = [tae.decode(latents[:, :, lo : lo + 4]) for lo in range(0, latents.shape[2], 4)]
     return torch.cat(parts, dim=2)
+
+
+def test_perceptual_term_only_with_user_supplied_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from megagen.config import ConfigError
+    from megagen.specs.tae.loss import LossWeights, tae_loss_per_sample
+    from megagen.specs.tae.perceptual import VGGFeatures, perceptual_features
+
+    assert perceptual_features("", torch.device("cpu")) is None
+    video = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    recon, mean, logvar = video.flip(-1), torch.randn(1, 16, 1, 2, 2), torch.zeros(1, 16, 1, 2, 2)
+    weights = LossWeights(perceptual=0.5)
+    plain = tae_loss_per_sample(recon, video, mean, logvar, weights)
+    assert "perceptual" not in plain  # absent, not a zero-weighted term
+    torch.manual_seed(0)
+    path = tmp_path / "vgg16_features.safetensors"
+    save_file({k: v.contiguous() for k, v in VGGFeatures().features.state_dict().items()}, str(path))
+    features = perceptual_features(str(path), torch.device("cpu"))
+    full = tae_loss_per_sample(recon, video, mean, logvar, weights, features)
+    assert full["perceptual"].item() > 0
+    torch.testing.assert_close(full["total"], plain["total"] + 0.5 * full["perceptual"])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ConfigError, match="tae.perceptual_weights"):
+        perceptual_features(str(tmp_path / "bad.safetensors"), torch.device("cpu"))

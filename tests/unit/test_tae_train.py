@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from megagen.checkpoint.export import export_safetensors
 from megagen.config import ConfigError, load_config
 from megagen.specs import get_spec
 from megagen.specs.tae import TAE, encode_tiled, load_tae, tiny_tae_for_tests
@@ -55,6 +56,12 @@ def test_megagen_train_lowers_the_tae_loss_and_load_tae_reads_the_checkpoint(tmp
         torch.testing.assert_close(p, trained[name].detach(), rtol=0, atol=0)
     assert not tae.training
     assert encode_tiled(tae, torch.zeros(1, 3, 40, 32, 32)).shape == (1, 16, 5, 4, 4)
+
+    exported = export_safetensors(tmp_path / "run" / "checkpoints", tmp_path / "tae.safetensors")
+    from_file, file_info = load_tae(exported)
+    assert file_info["preset"] == "tiny"
+    for a, b in zip(tae.parameters(), from_file.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_tiny_tae_for_tests_round_trips_through_load_tae(tmp_path):
