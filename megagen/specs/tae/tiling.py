@@ -26,14 +26,19 @@ def _temporal_factor(tae: nn.Module) -> int:
     return tae.arch.compression[0]
 
 
+def _like_weights(tae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` on the TAE's device and in its parameters' dtype (callers may pass CPU float32)."""
+    weight = next(tae.parameters())
+    return x.to(device=weight.device, dtype=weight.dtype)
+
+
 @torch.no_grad()
 def encode_tiled(tae: nn.Module, video: torch.Tensor, tile_frames: int = ENCODE_TILE_FRAMES) -> torch.Tensor:
     """video (B, 3, T, H, W) in [-1, 1] → latents (B, 16, ceil(T/8), H/8, W/8), the posterior mean."""
     factor = _temporal_factor(tae)
     if tile_frames % factor:
         raise ValueError(f"tile_frames={tile_frames} must be a multiple of the temporal stride {factor}")
-    dtype = next(tae.parameters()).dtype
-    video = video.to(dtype)
+    video = _like_weights(tae, video)
     pieces = [
         tae.encode_moments(video[:, :, start : start + tile_frames])[0]
         for start in range(0, video.shape[2], tile_frames)
@@ -74,8 +79,7 @@ def decode_tiled(tae: nn.Module, latents: torch.Tensor, frames: int | None = Non
     Tiles of 4 latent frames overlap by 2; overlapping outputs are blended with `blend_weights`.
     """
     factor = _temporal_factor(tae)
-    dtype = next(tae.parameters()).dtype
-    latents = latents.to(dtype)
+    latents = _like_weights(tae, latents)
     spans = decode_spans(latents.shape[2])
     out = None
     for (lo, hi), w in zip(spans, blend_weights(spans, factor)):
@@ -83,6 +87,6 @@ def decode_tiled(tae: nn.Module, latents: torch.Tensor, frames: int | None = Non
         if out is None:
             b, c, _, h, wd = piece.shape
             out = torch.zeros(b, c, latents.shape[2] * factor, h, wd, dtype=piece.dtype, device=piece.device)
-        weight = w.to(piece.dtype).to(piece.device).view(1, 1, -1, 1, 1)
+        weight = w.to(device=piece.device, dtype=piece.dtype).view(1, 1, -1, 1, 1)
         out[:, :, lo * factor : hi * factor] += piece * weight
     return out if frames is None else out[:, :, :frames]
