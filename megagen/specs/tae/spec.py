@@ -109,7 +109,7 @@ class TAESpec(ModelSpec):
         raise NotImplementedError("the TAE is not a diffusion model: use encode_tiled / decode_tiled")
 
     def sample(self, model, cfg, batch, steps=50, cfg_scale=1.0, generator=None) -> torch.Tensor:
-        raise NotImplementedError("the TAE does not sample; decode latents with specs.tae.decode_tiled")
+        raise ConfigError("model.spec", "the TAE does not sample; it encodes and decodes (see docs/tae.md)")
 
 
 def latent_shape_of(arch: TAEArch, video_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
