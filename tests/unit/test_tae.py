@@ -165,3 +165,14 @@ def test_perceptual_term_only_with_user_supplied_weights(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ConfigError, match="tae.perceptual_weights"):
         perceptual_features(str(tmp_path / "bad.safetensors"), torch.device("cpu"))
+
+
+def test_encoded_latents_fit_the_video_tiny_example(tae):
+    """examples/configs/video_tiny.yaml trains on (16, 4, 8, 8) latents: 32 frames of 64x64 pixels."""
+    from megagen.config import load_config
+    from megagen.specs import get_spec
+
+    cfg = load_config("examples/configs/video_tiny.yaml", [])
+    expected = get_spec("video").sample_shapes(cfg)["latents"]
+    latents = encode_tiled(tae, torch.zeros(1, 3, 32, 64, 64))
+    assert tuple(latents.shape[1:]) == tuple(expected) == (16, 4, 8, 8)
