@@ -1,0 +1,132 @@
+"""`megagen data encode`: clips made here with PyAV (VP9 in MP4 for DALI, H.264 for the PyAV fallback, a
+corrupt file, a too-short clip) → encode → `megagen data check` passes → `megagen train` trains on it;
+a rerun skips what is done."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megagen.cli import main
+from megagen.data.encode.buckets import parse_buckets
+from megagen.data.encode.frames import fit_to_bucket, sample_times
+from megagen.data.encode.tae import tiny_tae_for_tests
+
+WORDS = "a red green blue cat dog runs jumps over the".split()
+ENCODE_ARGS = ["--fps", "16", "--buckets", "tiny", "--text-len", "8"]
+
+
+def make_clip(path, codec, frames, width=64, height=64, fps=16, seed=0):
+    """A small clip of moving colour bars, written with PyAV."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def make_text_encoder(path):
+    """A tiny randomly initialised T5 encoder (width 24: the tiny video spec's ul2) and a word-level
+    tokenizer, saved to `path`: everything offline."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(vocab), d_model=24, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
+    T5EncoderModel(cfg).save_pretrained(path)
+    return str(path)
+
+
+def make_source(root, good=4):
+    """SRC with `good` usable clips (VP9 in MP4 and WebM at 64x64 / 96x64, one H.264), a corrupt file and
+    a too-short clip; captions and pre-computed byt5/metaclip embeddings beside each."""
+    src = root / "videos"
+    src.mkdir()
+    clips = []
+    for i in range(good):
+        codec, suffix = ("libx264", "mp4") if i == 1 else ("libvpx-vp9", "webm" if i == 2 else "mp4")
+        width, frames = (96, 16) if i % 2 else (64, 8)
+        name = f"clip{i}.{suffix}"
+        make_clip(src / name, codec, frames, width=width, seed=i)
+        clips.append(name)
+    make_clip(src / "short.mp4", "libvpx-vp9", 3)
+    (src / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    rng = np.random.default_rng(1)
+    for name in [*clips, "short.mp4", "corrupt.mp4"]:
+        stem = os.path.splitext(name)[0]
+        (src / f"{stem}.txt").write_text(" ".join(rng.choice(WORDS, 5)))
+        np.save(src / f"{stem}.byt5.npy", rng.standard_normal((6, 16)).astype(np.float32))
+        np.save(src / f"{stem}.metaclip.npy", rng.standard_normal((4, 12)).astype(np.float32))
+    return src
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("encode")
+    src = make_source(root)
+    tae = tiny_tae_for_tests(str(root))
+    t5 = make_text_encoder(root / "t5")
+    out = root / "ds"
+    args = ["data", "encode", str(src), "--tae", tae, "--out", str(out), *ENCODE_ARGS, "--text-encoder", t5]
+    return root, src, out, args
+
+
+def _run_json(args, capsys) -> dict:
+    capsys.readouterr()
+    assert main([*args, "--json", "-q"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_encode_check_train_rerun(encoded, capsys):
+    root, src, out, args = encoded
+    summary = _run_json(args, capsys)
+    assert summary["inputs"] == 6 and summary["encoded"] == 4 and summary["skipped_done"] == 0
+    assert summary["bad"] == {"corrupt": 1, "too_short": 1}
+    assert summary["decoded_with"].get("pyav", 0) >= 1  # the H.264 clip: DALI's CPU backend refuses it
+    assert sum(summary["decoded_with"].values()) == 4 and summary["samples"] == 4
+
+    assert main(["data", "check", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {b["name"]: b["samples"] for b in manifest["buckets"]} == {"t1_h8_w8": 2, "t2_h8_w12": 2}
+    assert manifest["fps_values"] == [16.0]
+    assert set(manifest["text_encoders"]) == {"ul2", "byt5", "metaclip"}
+
+    rerun = _run_json(args, capsys)
+    assert rerun["skipped_done"] == 6 and rerun["encoded"] == 0 and rerun["samples"] == 4
+    assert main(["data", "check", str(out)]) == 0
+
+    run_dir = root / "run"
+    overrides = [f"data.path={out}", "data.synthetic=false", "train.steps=2", f"run.dir={run_dir}"]
+    overrides += ["train.global_batch_size=2", "metrics.tensorboard=false", "data.num_workers=0"]
+    assert main(["train", "examples/configs/video_tiny.yaml", *overrides]) == 0
+
+
+def test_buckets_and_frames():
+    buckets = parse_buckets("64x64,96x64@0.5,1")
+    assert buckets.choose(200, 130, 3.0).width == 96  # nearest aspect ratio, longest duration covered
+    assert buckets.choose(60, 64, 0.6).duration == 0.5
+    assert buckets.choose(64, 64, 0.4) is None  # too short for every bucket
+    assert sample_times(10, 30.0, 15.0, 4) == [0, 2, 4, 6]
+    assert sample_times(3, 10.0, 20.0, 6) == [0, 0, 1, 1, 2, 2]
+    frames = np.full((2, 50, 100, 3), 255, dtype=np.uint8)
+    x = fit_to_bucket(frames, buckets.choose(100, 50, 1.0))
+    assert tuple(x.shape) == (3, 2, 64, 96) and float(x.min()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        parse_buckets("60x64@1")
