@@ -13,7 +13,7 @@ import pytest
 from megagen.cli import main
 from megagen.data.encode.buckets import parse_buckets
 from megagen.data.encode.frames import fit_to_bucket, sample_times
-from megagen.data.encode.tae import tiny_tae_for_tests
+from megagen.specs.tae.load import tiny_tae_for_tests
 
 WORDS = "a red green blue cat dog runs jumps over the".split()
 ENCODE_ARGS = ["--fps", "16", "--buckets", "tiny", "--text-len", "8"]
@@ -81,7 +81,7 @@ def make_source(root, good=4):
 def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("encode")
     src = make_source(root)
-    tae = tiny_tae_for_tests(str(root))
+    tae = str(tiny_tae_for_tests(root))
     t5 = make_text_encoder(root / "t5")
     out = root / "ds"
     args = ["data", "encode", str(src), "--tae", tae, "--out", str(out), *ENCODE_ARGS, "--text-encoder", t5]

@@ -25,11 +25,12 @@ from megagen.data.encode.inputs import EncodeInput, list_inputs
 from megagen.data.encode.ranks import Ranks
 from megagen.data.encode.shards import EncodedClip, RankShardWriter, build_manifest
 from megagen.data.encode.summary import EncodeSummary
-from megagen.data.encode.tae import encode_tiled, load_tae
 from megagen.data.encode.text import TextEmbedder
 from megagen.data.encode.video_pyav import BadVideo
 from megagen.data.format import DEFAULT_SHARD_MB, FORMAT_VERSION, LATENT_DTYPES
 from megagen.data.manifest import TextEncoderInfo, write_manifest
+from megagen.specs.tae.load import load_tae
+from megagen.specs.tae.tiling import encode_tiled
 
 FPS_RANGE = (16.0, 32.0)
 """Movie Gen samples training video at 16–32 fps; the rate is recorded per sample."""
@@ -126,10 +127,8 @@ def _encode_share(inputs, out, options, ranks, device, buckets, embedder, text, 
     todo = [i for i in share if i.key not in finished]
     summary = EncodeSummary(inputs=len(share), skipped_done=len(share) - len(todo), out=out)
     device_id = (device.index or 0) if device.type == "cuda" else None
-    tae, _ = load_tae(options.tae)
-    encoder = _Encoder(
-        VideoDecoder(options.decoder, device_id, log), buckets, embedder, tae.to(device), options, device
-    )
+    tae, _ = load_tae(options.tae, device)
+    encoder = _Encoder(VideoDecoder(options.decoder, device_id, log), buckets, embedder, tae, options, device)
     first = prog.shards_written(out, ranks.rank)
     writer = RankShardWriter(out, ranks.rank, first, text, options.shard_mb * 2**20)
     for inp in todo:
