@@ -104,7 +104,7 @@ def encode(
     ranks = ranks or Ranks()
     buckets = options.check()
     inputs = list_inputs(src)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     embedder = TextEmbedder(inputs, options.text_encoders, options.text_len, device)
     text = {enc: TextEncoderInfo(dim, options.text_len) for enc, dim in embedder.dims.items()}
     if ranks.rank == 0:
@@ -118,6 +118,13 @@ def encode(
         return summary
     total.samples = _write_manifest(out, options, text)
     return total
+
+
+def _device() -> torch.device:
+    """This rank's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def _encode_share(inputs, out, options, ranks, device, buckets, embedder, text, log) -> EncodeSummary:
