@@ -10,7 +10,7 @@ import pytest
 from megagen.cli import main
 from megagen.specs.tae.load import tiny_tae_for_tests
 from tests.distributed.torchrun import run_torchrun
-from tests.unit.test_data_encode import ENCODE_ARGS, make_source, make_text_encoder
+from tests.unit.test_data_encode import ENCODE_ARGS, make_source
 
 pytestmark = pytest.mark.slow
 
@@ -20,16 +20,15 @@ def _summary(stdout: str) -> dict:
 
 
 def test_two_ranks_one_manifest_then_resume_on_one(tmp_path, capsys):
-    src = make_source(tmp_path)
+    src = make_source(tmp_path, ul2=True)  # every embedding pre-computed: the ranks load no text encoder
     tae = str(tiny_tae_for_tests(tmp_path))
-    t5 = make_text_encoder(tmp_path / "t5")
     out = tmp_path / "ds"
-    args = ["data", "encode", str(src), "--tae", tae, "--out", str(out), *ENCODE_ARGS, "--text-encoder", t5]
+    args = ["data", "encode", str(src), "--tae", tae, "--out", str(out), *ENCODE_ARGS]
     proc = run_torchrun([*args, "--json", "-q"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _summary(proc.stdout)
-    assert summary["inputs"] == 6 and summary["encoded"] == 4 and summary["samples"] == 4
-    assert summary["bad"] == {"corrupt": 1, "too_short": 1}
+    assert summary["inputs"] == 7 and summary["encoded"] == 4 and summary["samples"] == 4
+    assert summary["bad"] == {"corrupt": 1, "too_short": 1, "truncated": 1}
     manifest = json.loads((out / "manifest.json").read_text())
     files = [s["file"] for b in manifest["buckets"] for s in b["shards"]]
     assert any("shard-r00000-" in f for f in files) and any("shard-r00001-" in f for f in files)
@@ -42,7 +41,7 @@ def test_two_ranks_one_manifest_then_resume_on_one(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--json", "-q"]) == 0
     rerun = json.loads(capsys.readouterr().out)
-    assert rerun["encoded"] == lost == 2 and rerun["skipped_done"] == 3 and rerun["bad"] == {"too_short": 1}
+    assert rerun["encoded"] == lost == 2 and rerun["skipped_done"] == 4 and rerun["bad"] == {"too_short": 1}
     assert rerun["samples"] == 4
     again = json.loads((out / "manifest.json").read_text())
     assert not any("shard-r00001-" in s["file"] for b in again["buckets"] for s in b["shards"])

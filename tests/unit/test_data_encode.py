@@ -54,9 +54,10 @@ def make_text_encoder(path):
     return str(path)
 
 
-def make_source(root, good=4):
-    """SRC with `good` usable clips (VP9 in MP4 and WebM at 64x64 / 96x64, one H.264), a corrupt file and
-    a too-short clip; captions and pre-computed byt5/metaclip embeddings beside each."""
+def make_source(root, good=4, ul2=False):
+    """SRC with `good` usable clips (VP9 in MP4 and WebM at 64x64 / 96x64, one H.264), a corrupt file, a
+    truncated one and a too-short clip; captions and pre-computed byt5/metaclip (with `ul2`, also ul2)
+    embeddings beside each."""
     src = root / "videos"
     src.mkdir()
     clips = []
@@ -68,12 +69,17 @@ def make_source(root, good=4):
         clips.append(name)
     make_clip(src / "short.mp4", "libvpx-vp9", 3)
     (src / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    make_clip(root / "whole.webm", "libvpx-vp9", 32)
+    whole = (root / "whole.webm").read_bytes()
+    (src / "truncated.webm").write_bytes(whole[: len(whole) * 4 // 5])  # declares 32 frames, decodes fewer
     rng = np.random.default_rng(1)
-    for name in [*clips, "short.mp4", "corrupt.mp4"]:
+    for name in [*clips, "short.mp4", "corrupt.mp4", "truncated.webm"]:
         stem = os.path.splitext(name)[0]
         (src / f"{stem}.txt").write_text(" ".join(rng.choice(WORDS, 5)))
         np.save(src / f"{stem}.byt5.npy", rng.standard_normal((6, 16)).astype(np.float32))
         np.save(src / f"{stem}.metaclip.npy", rng.standard_normal((4, 12)).astype(np.float32))
+        if ul2:  # pre-computed too: no text encoder to load
+            np.save(src / f"{stem}.ul2.npy", rng.standard_normal((5, 24)).astype(np.float32))
     return src
 
 
@@ -97,8 +103,8 @@ def _run_json(args, capsys) -> dict:
 def test_encode_check_train_rerun(encoded, capsys):
     root, src, out, args = encoded
     summary = _run_json(args, capsys)
-    assert summary["inputs"] == 6 and summary["encoded"] == 4 and summary["skipped_done"] == 0
-    assert summary["bad"] == {"corrupt": 1, "too_short": 1}
+    assert summary["inputs"] == 7 and summary["encoded"] == 4 and summary["skipped_done"] == 0
+    assert summary["bad"] == {"corrupt": 1, "too_short": 1, "truncated": 1}
     assert summary["decoded_with"].get("pyav", 0) >= 1  # the H.264 clip: DALI's CPU backend refuses it
     assert sum(summary["decoded_with"].values()) == 4 and summary["samples"] == 4
 
@@ -109,7 +115,7 @@ def test_encode_check_train_rerun(encoded, capsys):
     assert set(manifest["text_encoders"]) == {"ul2", "byt5", "metaclip"}
 
     rerun = _run_json(args, capsys)
-    assert rerun["skipped_done"] == 6 and rerun["encoded"] == 0 and rerun["samples"] == 4
+    assert rerun["skipped_done"] == 7 and rerun["encoded"] == 0 and rerun["samples"] == 4
     assert main(["data", "check", str(out)]) == 0
 
     run_dir = root / "run"
@@ -130,3 +136,41 @@ def test_buckets_and_frames():
     assert tuple(x.shape) == (3, 2, 64, 96) and float(x.min()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="multiple of 8"):
         parse_buckets("60x64@1")
+
+
+def test_decoder_falls_back_to_pyav_once_per_codec(tmp_path):
+    from megagen.data.encode.decode import VideoDecoder
+    from megagen.data.encode.video_dali import dali_video_available
+    from megagen.data.encode.video_pyav import decode_pyav
+
+    for name, codec in [("a.mp4", "libx264"), ("b.mp4", "libx264"), ("c.mp4", "libvpx-vp9")]:
+        make_clip(tmp_path / name, codec, 8)
+    logged = []
+    decoder = VideoDecoder("auto", log=logged.append)
+    got = [decoder.decode(str(tmp_path / n)) for n in ("a.mp4", "b.mp4", "c.mp4")]
+    assert all(v.frames.shape == (8, 64, 64, 3) and v.fps == 16.0 for v in got)
+    if not dali_video_available():
+        pytest.skip("DALI is not installed: everything is decoded with PyAV")
+    assert [v.backend for v in got] == ["pyav", "pyav", "dali"]  # DALI's CPU backend has no H.264
+    assert len(logged) == 1 and "h264" in logged[0]
+    # the same frames in the same order (their chroma upsampling differs: compare 8x8 block means)
+    blocks = [
+        f.reshape(8, 8, 8, 8, 8, 3).mean(axis=(2, 4))
+        for f in (got[2].frames, decode_pyav(str(tmp_path / "c.mp4")))
+    ]
+    assert np.abs(blocks[0] - blocks[1]).mean() < 3
+
+
+def test_list_file_inputs(tmp_path):
+    from megagen.data.encode.inputs import list_inputs
+    from megagen.data.format import DataError
+
+    (tmp_path / "list.jsonl").write_text(
+        '{"path": "v/a.mp4", "caption": "a cat"}\n\n{"path": "b.webm", "text": {"byt5": "b.npy"}}\n'
+    )
+    a, b = list_inputs(str(tmp_path / "list.jsonl"))
+    assert (a.key, a.caption, a.index, a.path) == ("v/a.mp4", "a cat", 0, str(tmp_path / "v/a.mp4"))
+    assert b.text_files == {"byt5": str(tmp_path / "b.npy")} and b.caption is None and b.index == 1
+    (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
+    with pytest.raises(DataError, match="line 1"):
+        list_inputs(str(tmp_path / "bad.jsonl"))

@@ -44,6 +44,8 @@ def probe(path: str) -> VideoInfo:
             frames = stream.frames
             if not frames and stream.duration and stream.time_base:
                 frames = round(float(stream.duration * stream.time_base * stream.average_rate))
+            if not frames and container.duration:  # WebM declares only the container's duration
+                frames = round(container.duration / av.time_base * float(stream.average_rate))
             return VideoInfo(codec.name, stream.width, stream.height, float(stream.average_rate), frames)
     except BadVideo:
         raise
