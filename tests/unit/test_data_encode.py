@@ -174,3 +174,20 @@ def test_list_file_inputs(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "no path"}\n')
     with pytest.raises(DataError, match="line 1"):
         list_inputs(str(tmp_path / "bad.jsonl"))
+
+
+def test_bad_options_fail_in_one_line_before_out_is_touched(tmp_path, capsys):
+    (tmp_path / "a.mp4").write_bytes(b"not a video")
+    np.save(tmp_path / "a.ul2.npy", np.zeros((3, 24), np.float32))
+    out = tmp_path / "out"
+    base = ["data", "encode", str(tmp_path), "--out", str(out), "--buckets", "tiny"]
+    for extra, message in [
+        (["--tae", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+        (["--tae", "x", "--fps", "40"], "outside 16"),
+        (["--tae", "x", "--buckets", "64x60@1"], "multiple of 8"),
+    ]:
+        capsys.readouterr()
+        assert main([*base, *extra]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()

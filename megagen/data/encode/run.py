@@ -102,15 +102,13 @@ def encode(
     this rank's share of it elsewhere. No manifest (summary.samples 0) when nothing could be encoded."""
     start = time.perf_counter()
     ranks = ranks or Ranks()
-    buckets = options.check()
     inputs = list_inputs(src)
-    device = _device()
-    embedder = TextEmbedder(inputs, options.text_encoders, options.text_len, device)
-    text = {enc: TextEncoderInfo(dim, options.text_len) for enc, dim in embedder.dims.items()}
+    encoder = _build_encoder(inputs, options, log)  # every bad option fails here, before OUT is touched
+    text = {enc: TextEncoderInfo(dim, options.text_len) for enc, dim in encoder.embedder.dims.items()}
     if ranks.rank == 0:
         prog.prepare_output(out, options.plan_key(src), options.overwrite)
     ranks.barrier()
-    summary = _encode_share(inputs, out, options, ranks, device, buckets, embedder, text, log)
+    summary = _encode_share(inputs, out, ranks, encoder, text, log)
     ranks.barrier()
     summary.seconds = time.perf_counter() - start
     total = EncodeSummary.merged(ranks.gather(summary))
@@ -120,6 +118,15 @@ def encode(
     return total
 
 
+def _build_encoder(inputs: list[EncodeInput], options: EncodeOptions, log) -> _Encoder:
+    buckets = options.check()
+    device = _device()
+    embedder = TextEmbedder(inputs, options.text_encoders, options.text_len, device)
+    tae, _ = load_tae(options.tae, device)
+    device_id = (device.index or 0) if device.type == "cuda" else None
+    return _Encoder(VideoDecoder(options.decoder, device_id, log), buckets, embedder, tae, options, device)
+
+
 def _device() -> torch.device:
     """This rank's GPU (LOCAL_RANK under torchrun) when there is one, else the CPU."""
     if not torch.cuda.is_available():
@@ -127,17 +134,14 @@ def _device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
-def _encode_share(inputs, out, options, ranks, device, buckets, embedder, text, log) -> EncodeSummary:
+def _encode_share(inputs, out, ranks: Ranks, encoder: _Encoder, text, log) -> EncodeSummary:
     """This rank's inputs (rank-strided), minus those done earlier: encoded, or recorded as bad."""
     share = inputs[ranks.rank :: ranks.world]
     finished = prog.read_progress(out).finished()
     todo = [i for i in share if i.key not in finished]
     summary = EncodeSummary(inputs=len(share), skipped_done=len(share) - len(todo), out=out)
-    device_id = (device.index or 0) if device.type == "cuda" else None
-    tae, _ = load_tae(options.tae, device)
-    encoder = _Encoder(VideoDecoder(options.decoder, device_id, log), buckets, embedder, tae, options, device)
     first = prog.shards_written(out, ranks.rank)
-    writer = RankShardWriter(out, ranks.rank, first, text, options.shard_mb * 2**20)
+    writer = RankShardWriter(out, ranks.rank, first, text, encoder.options.shard_mb * 2**20)
     for inp in todo:
         try:
             clip, backend = encoder.clip(inp)
