@@ -149,6 +149,11 @@ def test_decoder_falls_back_to_pyav_once_per_codec(tmp_path):
     decoder = VideoDecoder("auto", log=logged.append)
     got = [decoder.decode(str(tmp_path / n)) for n in ("a.mp4", "b.mp4", "c.mp4")]
     assert all(v.frames.shape == (8, 64, 64, 3) and v.fps == 16.0 for v in got)
+    # a long clip is decoded only as far as the longest bucket needs: 0.25 s at 16 fps, + 1 frame
+    assert [len(decoder.decode(str(tmp_path / n), max_seconds=0.25).frames) for n in ("a.mp4", "c.mp4")] == [
+        5,
+        5,
+    ]
     if not dali_video_available():
         pytest.skip("DALI is not installed: everything is decoded with PyAV")
     assert [v.backend for v in got] == ["pyav", "pyav", "dali"]  # DALI's CPU backend has no H.264

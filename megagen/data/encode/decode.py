@@ -7,6 +7,7 @@ rest of its clips go straight to PyAV); if PyAV fails too, the clip is corrupt.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,24 +49,27 @@ class VideoDecoder:
         """Codecs DALI's backend refused in this run: their clips go to PyAV."""
         self.log = log
 
-    def decode(self, path: str) -> DecodedVideo:
-        """The clip's frames; BadVideo (corrupt / truncated / unsupported) for one that cannot be used."""
+    def decode(self, path: str, max_seconds: float | None = None) -> DecodedVideo:
+        """The clip's frames (its first `max_seconds` when given: nothing later is decoded); BadVideo
+        (corrupt / truncated / unsupported) for one that cannot be used."""
         info = probe(path)
-        frames, backend = self._frames(path, info)
-        if info.frames and len(frames) < TRUNCATED_BELOW * info.frames:
-            raise BadVideo("truncated", f"{len(frames)} of the {info.frames} frames it declares decode")
+        limit = None if max_seconds is None else math.ceil(max_seconds * info.fps) + 1
+        frames, backend = self._frames(path, info, limit)
+        expected = min(info.frames, limit or info.frames)
+        if expected and len(frames) < TRUNCATED_BELOW * expected:
+            raise BadVideo("truncated", f"{len(frames)} of the {expected} frames it declares decode")
         return DecodedVideo(frames, info.fps, backend)
 
-    def _frames(self, path: str, info: VideoInfo) -> tuple[np.ndarray, str]:
+    def _frames(self, path: str, info: VideoInfo, limit: int | None) -> tuple[np.ndarray, str]:
         if self.dali is None or info.codec in self.refused:
-            return decode_pyav(path), "pyav"
+            return decode_pyav(path, limit), "pyav"
         try:
-            return self.dali.decode(path), "dali"
+            return self.dali.decode(path, limit), "dali"
         except Exception as exc:
             if not self.fallback:
                 raise BadVideo("unsupported", f"DALI cannot decode it: {_last_line(exc)}") from None
             refused = CODEC_REFUSED in str(exc)
-        frames = decode_pyav(path)  # raises BadVideo("corrupt") when PyAV cannot either
+        frames = decode_pyav(path, limit)  # raises BadVideo("corrupt") when PyAV cannot either
         if refused:
             self.refused.add(info.codec)
             self.log(f"DALI's decoder refuses codec {info.codec}; its clips are decoded with PyAV")

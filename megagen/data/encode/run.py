@@ -79,7 +79,7 @@ class _Encoder:
     def clip(self, inp: EncodeInput) -> tuple[EncodedClip, str]:
         """One input → its encoded sample and the decoder used; BadVideo when it cannot be used."""
         text = self.embedder.embed(inp)
-        video = self.decoder.decode(inp.path)
+        video = self.decoder.decode(inp.path, max_seconds=max(self.buckets.durations))
         n, h, w = video.frames.shape[:3]
         bucket = self.buckets.choose(w, h, n / video.fps)
         if bucket is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+ALL_FRAMES = 2**31 - 1
+
 
 def dali_video_available() -> bool:
     try:
@@ -19,7 +21,9 @@ def dali_video_available() -> bool:
 
 
 class DaliVideoDecoder:
-    """`decode(path)` → (N, H, W, 3) uint8 numpy frames; raises whatever DALI raises for a clip it refuses."""
+    """`decode(path)` → (N, H, W, 3) uint8 numpy frames; raises whatever DALI raises for a clip it refuses.
+
+    Only the frames up to `max_frames` are decoded, so a long clip costs the memory of what is used."""
 
     def __init__(self, device_id: int | None = None):
         self.device_id = device_id
@@ -36,17 +40,22 @@ class DaliVideoDecoder:
         )
         def one_clip():
             data = fn.external_source(name="video", dtype=types.UINT8, ndim=1)
-            return fn.decoders.video(data, device=backend)
+            end = fn.external_source(name="end", dtype=types.INT32, ndim=0)
+            # pad_mode "none": a clip shorter than `end` comes back short (so truncation shows), not padded
+            return fn.decoders.video(data, device=backend, end_frame=end, pad_mode="none")
 
         pipe = one_clip()
         pipe.build()
         return pipe
 
-    def decode(self, path: str) -> np.ndarray:
+    def decode(self, path: str, max_frames: int | None = None) -> np.ndarray:
+        """The clip's first `max_frames` frames (all when None), decoded and nothing after them."""
         if self._pipe is None:
             self._pipe = self._build()
+        end = np.array(min(max_frames or ALL_FRAMES, ALL_FRAMES), dtype=np.int32)
         try:
             self._pipe.feed_input("video", [np.fromfile(path, dtype=np.uint8)])
+            self._pipe.feed_input("end", [end])
             (out,) = self._pipe.run()
         except Exception:
             self._pipe = None

@@ -53,15 +53,20 @@ def probe(path: str) -> VideoInfo:
         raise BadVideo("corrupt", f"cannot open: {exc}") from None
 
 
-def decode_pyav(path: str) -> np.ndarray:
-    """Every frame as (N, H, W, 3) uint8 RGB; BadVideo("corrupt") when decoding fails part-way."""
+def decode_pyav(path: str, max_frames: int | None = None) -> np.ndarray:
+    """The first `max_frames` frames (all when None) as (N, H, W, 3) uint8 RGB; BadVideo("corrupt") when
+    decoding fails part-way."""
     import av
 
+    frames = []
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
     except Exception as exc:
         raise BadVideo("corrupt", f"decoding failed: {exc}") from None
     if not frames:
