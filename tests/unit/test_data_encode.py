@@ -16,7 +16,8 @@ from megagen.data.encode.frames import fit_to_bucket, sample_times
 from megagen.specs.tae.load import tiny_tae_for_tests
 
 WORDS = "a red green blue cat dog runs jumps over the".split()
-ENCODE_ARGS = ["--fps", "16", "--buckets", "tiny", "--text-len", "8"]
+ENCODE_ARGS = ["--fps", "16", "--buckets", "tiny", "--text-len", "8", "--shard-mb", "0.002"]
+"""Tiny buckets at 16 fps; ~2 KB shards: one sample per shard, so a bucket has several."""
 
 
 def make_clip(path, codec, frames, width=64, height=64, fps=16, seed=0):
@@ -111,6 +112,7 @@ def test_encode_check_train_rerun(encoded, capsys):
     assert main(["data", "check", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert {b["name"]: b["samples"] for b in manifest["buckets"]} == {"t1_h8_w8": 2, "t2_h8_w12": 2}
+    assert [len(b["shards"]) for b in manifest["buckets"]] == [2, 2]
     assert manifest["fps_values"] == [16.0]
     assert set(manifest["text_encoders"]) == {"ul2", "byt5", "metaclip"}
 
@@ -196,3 +198,28 @@ def test_bad_options_fail_in_one_line_before_out_is_touched(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_progress_ignores_cut_lines_and_lost_shards(tmp_path):
+    """A crash can cut the done-list's last line or lose a shard file: those inputs are simply not done."""
+    from megagen.data.encode import progress
+    from megagen.data.format import DataError
+
+    progress.prepare_output(str(tmp_path), "encode:key", overwrite=False)
+    (tmp_path / "t1_h8_w8").mkdir()
+    (tmp_path / "t1_h8_w8" / "shard-r00000-00000.safetensors").write_bytes(b"x" * 10)
+    shard = {"file": "t1_h8_w8/shard-r00000-00000.safetensors", "samples": 1, "bytes": 10, "sha256": "0" * 64}
+    shard |= {"bucket": "t1_h8_w8", "latent_shape": [16, 1, 8, 8]}
+    lost = shard | {"file": "t1_h8_w8/shard-r00000-00001.safetensors"}
+    lines = [
+        json.dumps({"shard": shard, "inputs": ["a.mp4"], "fps": [16.0]}),
+        json.dumps({"shard": lost, "inputs": ["b.mp4"], "fps": [16.0]}),
+        json.dumps({"bad": "c.mp4", "reason": "corrupt"}),
+        '{"shard": {"file": "t1_h8_w8/shard-r00000-00002.safe',
+    ]
+    (tmp_path / progress.DONE_DIR / "rank-00000.jsonl").write_text("\n".join(lines))
+    done = progress.read_progress(str(tmp_path))
+    assert done.finished() == {"a.mp4", "c.mp4"} and done.bad == {"c.mp4": "corrupt"}
+    assert progress.shards_written(str(tmp_path), 0) == 3  # the next shard never reuses a name
+    with pytest.raises(DataError, match="another dataset or encode job"):
+        progress.prepare_output(str(tmp_path), "encode:other", overwrite=False)
