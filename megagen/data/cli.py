@@ -309,7 +309,12 @@ def _cmd_encode(args) -> int:
         overwrite=args.overwrite,
     )
     ranks = ranks_from_env()
-    summary = encode(args.src, args.out, options, ranks, log=(lambda msg: None) if args.quiet else print)
+    prefix = f"[rank {ranks.rank}] " if ranks.world > 1 else ""
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(prefix + msg, flush=True))
+    try:
+        summary = encode(args.src, args.out, options, ranks, log=log)
+    finally:
+        ranks.close()
     if ranks.rank != 0:
         return 0
     print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.format())

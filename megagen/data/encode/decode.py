@@ -57,7 +57,7 @@ class VideoDecoder:
         frames, backend = self._frames(path, info, limit)
         expected = min(info.frames, limit or info.frames)
         if expected and len(frames) < TRUNCATED_BELOW * expected:
-            raise BadVideo("truncated", f"{len(frames)} of the {expected} frames it declares decode")
+            raise BadVideo("truncated", f"only {len(frames)} of the {expected} frames it should have decode")
         return DecodedVideo(frames, info.fps, backend)
 
     def _frames(self, path: str, info: VideoInfo, limit: int | None) -> tuple[np.ndarray, str]:

@@ -31,6 +31,14 @@ class Ranks:
         dist.all_gather_object(out, obj)
         return out
 
+    def close(self) -> None:
+        """End the process group `ranks_from_env` started (torch warns about one left open at exit)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
 
 def ranks_from_env() -> Ranks:
     """Ranks of a torchrun job (process group started here if needed), else a one-process job."""
