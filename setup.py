@@ -36,6 +36,8 @@ setup(
             "import-linter>=2.0",
             "diffusers>=0.33",
             "accelerate>=1.0",
+            "av>=12",
+            "transformers>=4.40",  # megagen data encode's tests: a tiny local T5 text encoder
         ],
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "gpu": ["transformer-engine[pytorch]>=1.10", "nvtx>=0.2", "triton>=3.0"],

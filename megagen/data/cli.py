@@ -1,4 +1,4 @@
-"""`megagen data pack|synth|check|stats`: build, verify and summarise latent-shard datasets.
+"""`megagen data pack|synth|encode|check|stats`: build, verify and summarise latent-shard datasets.
 
 `add_data_commands(subparsers)` registers `data` on the top-level argparse subparsers; `run_data_command`
 runs the parsed command. Bad input or bad data ends in one line on stderr naming the file (and sample)
@@ -18,6 +18,7 @@ DATA_DESCRIPTION = """build, verify and summarise latent-shard datasets (docs/da
 commands:
   synth   write a synthetic dataset with learnable structure (several buckets)
   pack    pack per-sample latents + text embeddings (SRC/metadata.jsonl) into bucketed shards
+  encode  decode videos, encode them with the TAE and write bucketed latent shards
   check   verify manifest, sizes, checksums, shapes and values; print every problem
   stats   print buckets, sample counts, tokens and bytes
 """
@@ -69,7 +70,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     )
     data.set_defaults(data_parser=data)
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    for add in (_add_synth, _add_pack, _add_check, _add_prompts, _add_stats):
+    for add in (_add_synth, _add_pack, _add_encode, _add_check, _add_prompts, _add_stats):
         add(sub)
     return data
 
@@ -142,6 +143,49 @@ def _add_pack(sub) -> None:
     p.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=_SHARD_HELP)
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+
+
+def _add_encode(sub) -> None:
+    from megagen.data.encode.buckets import PRESETS
+
+    e = sub.add_parser(
+        "encode",
+        help="encode video files into latent shards",
+        description=(
+            "Decode SRC's videos (a directory with <stem>.txt captions / <stem>.<encoder>.npy embeddings, or "
+            "a .jsonl list), sample them at --fps, resize and crop them into aspect-ratio x duration "
+            "buckets, encode them with the TAE and write a bucketed shard dataset. Under torchrun each rank "
+            "encodes its share; a rerun skips finished inputs; bad videos are counted, never fatal."
+        ),
+    )
+    e.add_argument("src", metavar="SRC", help="directory of videos, or a .jsonl list of them")
+    e.add_argument("--tae", required=True, metavar="CKPT", help="TAE checkpoint")
+    e.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
+    e.add_argument(
+        "--fps", type=_positive_float, default=24.0, help="recorded frame rate, 16-32 (default 24)"
+    )
+    e.add_argument(
+        "--buckets",
+        default="moviegen",
+        metavar="SPEC",
+        help=f"a preset ({', '.join(PRESETS)}) or WxH,WxH,...@SECONDS,... (default moviegen: "
+        f"{PRESETS['moviegen']})",
+    )
+    e.add_argument(
+        "--text-encoder",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a local Hugging Face T5 encoder + tokenizer run on the captions, as text.NAME (default "
+        "name ul2); repeatable. Other encoders come from pre-computed embedding files",
+    )
+    e.add_argument("--text-len", type=_positive_int, default=256, help="text padding length (default 256)")
+    e.add_argument("--latent-dtype", default="float16", choices=LATENT_DTYPES, help="stored latent dtype")
+    e.add_argument("--decoder", default="auto", choices=("auto", "dali", "pyav"), help="video decoder")
+    e.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=_SHARD_HELP)
+    e.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
 
 def _add_check(sub) -> None:
@@ -248,6 +292,38 @@ def _cmd_pack(args) -> int:
     return 0
 
 
+def _cmd_encode(args) -> int:
+    from megagen.data.encode.ranks import ranks_from_env
+    from megagen.data.encode.run import EncodeOptions, encode
+    from megagen.data.encode.text import parse_text_encoders
+
+    options = EncodeOptions(
+        tae=args.tae,
+        fps=args.fps,
+        buckets=args.buckets,
+        text_encoders=parse_text_encoders(args.text_encoder),
+        text_len=args.text_len,
+        latent_dtype=args.latent_dtype,
+        shard_mb=args.shard_mb,
+        decoder=args.decoder,
+        overwrite=args.overwrite,
+    )
+    ranks = ranks_from_env()
+    prefix = f"[rank {ranks.rank}] " if ranks.world > 1 else ""
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(prefix + msg, flush=True))
+    try:
+        summary = encode(args.src, args.out, options, ranks, log=log)
+    finally:
+        ranks.close()
+    if ranks.rank != 0:
+        return 0
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.format())
+    if not summary.samples:
+        print(f"megagen data encode: no clip could be encoded; no dataset in {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_check(args) -> int:
     from megagen.data.check import check_dataset, dataset_stats
 
@@ -288,6 +364,7 @@ def run_data_command(args) -> int:
     handlers = {
         "synth": _cmd_synth,
         "pack": _cmd_pack,
+        "encode": _cmd_encode,
         "check": _cmd_check,
         "stats": _cmd_stats,
         "prompts": _cmd_prompts,
