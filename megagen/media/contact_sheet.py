@@ -1,0 +1,29 @@
+"""A PNG grid (rows = samples, columns = evenly spaced frames) to glance at many samples at once."""
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
+    """Tile evenly spaced frames of each (T,H,W,3) uint8 video into one (rows*H, columns*W, 3) image."""
+    height, width = videos[0].shape[1:3]
+    sheet = np.zeros((len(videos) * height, columns * width, 3), dtype=np.uint8)
+    for row, video in enumerate(videos):
+        picks = np.linspace(0, len(video) - 1, columns).round().astype(int)
+        for col, index in enumerate(picks):
+            sheet[row * height:(row + 1) * height, col * width:(col + 1) * width] = video[index]
+    return sheet
+
+
+def write_contact_sheet(path, videos: list[np.ndarray], columns: int = 8) -> bool:
+    """Save the grid as PNG; returns False (one log line) when Pillow is not installed."""
+    try:
+        from PIL import Image
+    except ImportError:
+        log.warning("Pillow not installed: skipping contact sheet %s", path)
+        return False
+    Image.fromarray(contact_sheet(videos, columns)).save(str(path))
+    return True

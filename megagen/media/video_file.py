@@ -1,0 +1,29 @@
+"""Write decoded frames to MP4 so sampled latents can be watched; PyAV is imported lazily (optional extra)."""
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def write_mp4(path, frames: np.ndarray, fps: int) -> bool:
+    """Encode (T,H,W,3) uint8 frames as H.264; returns False (one log line) when PyAV is not installed."""
+    try:
+        import av
+    except ImportError:
+        log.warning("PyAV (av) not installed: skipping MP4 %s", path)
+        return False
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    _, height, width, _ = frames.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height = width - width % 2, height - height % 2
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            image = av.VideoFrame.from_ndarray(frame[: stream.height, : stream.width], format="rgb24")
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return True
