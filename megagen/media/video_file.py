@@ -1,14 +1,16 @@
 """Write decoded frames to MP4 so sampled latents can be watched; PyAV is imported lazily (optional extra)."""
 
 import logging
+from fractions import Fraction
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 
-def write_mp4(path, frames: np.ndarray, fps: int) -> bool:
-    """Encode (T,H,W,3) uint8 frames as H.264; returns False (one log line) when PyAV is not installed."""
+def write_mp4(path, frames: np.ndarray, fps: float) -> bool:
+    """Encode (T,H,W,3) uint8 frames as H.264 at `fps` (fractional rates such as 23.976 kept);
+    returns False (one log line) when PyAV is not installed."""
     try:
         import av
     except ImportError:
@@ -17,7 +19,7 @@ def write_mp4(path, frames: np.ndarray, fps: int) -> bool:
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     _, height, width, _ = frames.shape
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=int(fps))
+        stream = container.add_stream("libx264", rate=Fraction(float(fps)).limit_denominator(1001))
         stream.width, stream.height = width - width % 2, height - height % 2
         stream.pix_fmt = "yuv420p"
         for frame in frames:
