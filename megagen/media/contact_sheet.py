@@ -14,7 +14,7 @@ def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
     for row, video in enumerate(videos):
         picks = np.linspace(0, len(video) - 1, columns).round().astype(int)
         for col, index in enumerate(picks):
-            sheet[row * height:(row + 1) * height, col * width:(col + 1) * width] = video[index]
+            sheet[row * height : (row + 1) * height, col * width : (col + 1) * width] = video[index]
     return sheet
 
 
