@@ -13,8 +13,9 @@ import torch
 
 from megagen.errors import ConfigError
 from megagen.media.contact_sheet import write_contact_sheet
-from megagen.media.tae_standin import decode_tiled, load_tae
 from megagen.media.video_file import write_mp4
+from megagen.specs.tae.load import load_tae
+from megagen.specs.tae.tiling import decode_tiled
 
 CONTACT_SHEET = "contact_sheet.png"
 

@@ -10,8 +10,8 @@ import torch
 from megagen.errors import ConfigError
 from megagen.media.contact_sheet import contact_sheet, write_contact_sheet
 from megagen.media.render import CONTACT_SHEET, to_uint8_frames
-from megagen.media.tae_standin import tiny_tae_for_tests
 from megagen.media.video_file import write_mp4
+from megagen.specs.tae.load import tiny_tae_for_tests
 
 av = pytest.importorskip("av")
 Image = pytest.importorskip("PIL.Image")
@@ -84,12 +84,14 @@ def test_sample_with_tae_writes_mp4s_and_contact_sheet(tmp_path, capsys):
 
 
 def test_sample_refuses_a_tae_of_other_latent_channels_before_sampling(tmp_path):
+    """8-channel latents (the spec would fail on them only later, in sampling) meet a 16-channel TAE."""
     from megagen.sample import run_sample_command
 
-    tae = tiny_tae_for_tests(tmp_path, latent_channels=8)
+    tae = tiny_tae_for_tests(tmp_path)
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"--tae: .*decodes 8 latent channels; spec video/tiny makes 16"):
-        run_sample_command(_sample_args(tmp_path, "--out", str(out), "--tae", str(tae)))
+    args = _sample_args(tmp_path, "--out", str(out), "--tae", str(tae), "--latent-shape", "8,4,8,8")
+    with pytest.raises(ConfigError, match=r"--tae: .*decodes 16 latent channels; spec video/tiny makes 8"):
+        run_sample_command(args)
     assert not out.exists()
 
 
