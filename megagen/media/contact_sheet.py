@@ -1,5 +1,6 @@
 """A PNG grid (rows = samples, columns = evenly spaced frames) to glance at many samples at once."""
 
+import functools
 import logging
 
 import numpy as np
@@ -18,12 +19,21 @@ def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
     return sheet
 
 
-def write_contact_sheet(path, videos: list[np.ndarray], columns: int = 8) -> bool:
-    """Save the grid as PNG; returns False (one log line) when Pillow is not installed."""
+@functools.cache
+def _pillow_image():
+    """PIL.Image, or None after one log line when Pillow is not installed."""
     try:
         from PIL import Image
     except ImportError:
-        log.warning("Pillow not installed: skipping contact sheet %s", path)
+        log.warning("Pillow not installed: contact sheets are skipped (pip install pillow)")
+        return None
+    return Image
+
+
+def write_contact_sheet(path, videos: list[np.ndarray], columns: int = 8) -> bool:
+    """Save the grid as PNG; returns False (one log line) when Pillow is not installed."""
+    Image = _pillow_image()
+    if Image is None:
         return False
     Image.fromarray(contact_sheet(videos, columns)).save(str(path))
     return True

@@ -1,7 +1,9 @@
-"""MP4 and contact-sheet writers: files come back with the frames and grid we wrote."""
+"""megagen/media: MP4 and contact-sheet files come back as written; `megagen sample --tae` and
+`megagen data stats --render` decode with the TAE into them; a wrong TAE is refused."""
 
 import argparse
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -139,3 +141,26 @@ def test_data_stats_render_decodes_a_bucket(tmp_path, capsys):
     assert data("stats", ds, "--render", "1") == 1
     assert data("stats", ds, "--tae", tae, "--render", "1", "--bucket", "t9_h8_w8") == 1
     assert "no bucket 't9_h8_w8'" in capsys.readouterr().err
+
+
+def test_missing_pyav_and_pillow_skip_files_with_one_log_line(tmp_path, monkeypatch, caplog):
+    from megagen.media import contact_sheet as sheet_module
+    from megagen.media import video_file
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    video_file._pyav.cache_clear()
+    sheet_module._pillow_image.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not write_mp4(tmp_path / "a.mp4", _video(), fps=16)
+            assert not write_mp4(tmp_path / "b.mp4", _video(), fps=16)
+            assert not write_contact_sheet(tmp_path / "s.png", [_video()])
+    finally:
+        video_file._pyav.cache_clear()
+        sheet_module._pillow_image.cache_clear()
+    assert not list(tmp_path.iterdir())
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "PyAV (av) not installed",
+        "Pillow not installed",
+    ]
