@@ -8,13 +8,18 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def frame_picks(frames: int, columns: int) -> np.ndarray:
+    """Indices of `columns` evenly spaced frames, first and last included (repeats for short videos)."""
+    return np.linspace(0, frames - 1, columns).round().astype(int)
+
+
 def contact_sheet(videos: list[np.ndarray], columns: int = 8) -> np.ndarray:
-    """Tile evenly spaced frames of each (T,H,W,3) uint8 video into one (rows*H, columns*W, 3) image."""
+    """Tile evenly spaced frames of each (T,H,W,3) uint8 video into one (rows*H, columns*W, 3) image.
+    A video of exactly `columns` frames is used as it is, so callers may pass only the picked frames."""
     height, width = videos[0].shape[1:3]
     sheet = np.zeros((len(videos) * height, columns * width, 3), dtype=np.uint8)
     for row, video in enumerate(videos):
-        picks = np.linspace(0, len(video) - 1, columns).round().astype(int)
-        for col, index in enumerate(picks):
+        for col, index in enumerate(frame_picks(len(video), columns)):
             sheet[row * height : (row + 1) * height, col * width : (col + 1) * width] = video[index]
     return sheet
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from megagen.errors import ConfigError
-from megagen.media.contact_sheet import write_contact_sheet
+from megagen.media.contact_sheet import frame_picks, write_contact_sheet
 from megagen.media.video_file import write_mp4
 from megagen.specs.tae.load import load_tae
 from megagen.specs.tae.tiling import decode_tiled
@@ -48,19 +48,24 @@ def to_uint8_frames(video: torch.Tensor) -> list[np.ndarray]:
 
 
 def render_latents(
-    tae, latents: torch.Tensor, out_dir, fps: float | Sequence[float], stem: str = "sample"
+    tae, latents: torch.Tensor, out_dir, fps: float | Sequence[float], stem: str = "sample", columns: int = 8
 ) -> list[str]:
     """Decode (B, C, T', H', W') latents (tiled) and write `<stem>_<i>.mp4` per sample and the contact
-    sheet into `out_dir`; returns the names written (a missing PyAV / Pillow skips its files)."""
+    sheet into `out_dir`; returns the names written (a missing PyAV / Pillow skips its files). Samples are
+    decoded one at a time and only the sheet's frames are kept, so memory holds one decoded video."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weight = next(tae.parameters())
-    with torch.no_grad():
-        video = decode_tiled(tae, latents.to(device=weight.device, dtype=weight.dtype))
-    clips = to_uint8_frames(video)
-    rates = list(fps) if isinstance(fps, Sequence) else [fps] * len(clips)
-    names = [f"{stem}_{i:03d}.mp4" for i in range(len(clips))]
-    written = [n for n, clip, rate in zip(names, clips, rates) if write_mp4(out / n, clip, rate)]
-    if write_contact_sheet(out / CONTACT_SHEET, clips, columns=min(8, len(clips[0]))):
+    rates = list(fps) if isinstance(fps, Sequence) else [fps] * len(latents)
+    written, stills = [], []
+    for i, rate in enumerate(rates):
+        with torch.no_grad():
+            video = decode_tiled(tae, latents[i : i + 1].to(device=weight.device, dtype=weight.dtype))
+        (clip,) = to_uint8_frames(video)
+        name = f"{stem}_{i:03d}.mp4"
+        if write_mp4(out / name, clip, rate):
+            written.append(name)
+        stills.append(clip[frame_picks(len(clip), columns)])
+    if write_contact_sheet(out / CONTACT_SHEET, stills, columns=columns):
         written.append(CONTACT_SHEET)
     return written
