@@ -104,12 +104,19 @@ def sample_latents(
         "files": ["latents.npy", "latents.safetensors"],
     }
     if decoder is not None:
-        from megagen.media.render import render_latents
-
-        record.update(tae=str(tae), fps=fps)
-        record["files"] += render_latents(decoder, array, out_dir, fps)
+        _decode_videos(record, decoder, array, out_dir, tae, fps)
     _write(out_dir, array, record)
     return record
+
+
+def _decode_videos(record: dict, decoder, latents: torch.Tensor, out_dir: Path, tae: str, fps: float) -> None:
+    """`--tae`: the MP4s and contact sheet beside the latents, recorded in `sample.json`."""
+    from megagen.media.render import render_latents
+
+    start = time.perf_counter()
+    files = render_latents(decoder, latents, out_dir, fps)
+    record.update(tae=str(tae), fps=fps, decode_seconds=round(time.perf_counter() - start, 3))
+    record["files"] += files
 
 
 def _write(out_dir: Path, latents: torch.Tensor, record: dict) -> None:
