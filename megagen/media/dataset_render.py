@@ -32,13 +32,14 @@ def render_bucket_samples(
             known = ", ".join(b.name for b in reader.manifest.buckets)
             raise ConfigError("--bucket", f"{directory} has no bucket {name!r}; its buckets: {known}")
         total = reader.num_samples(name)
+        if total == 0:
+            raise ConfigError("--bucket", f"bucket {name} of {directory} holds no samples")
         ids = sorted({int(i) for i in np.linspace(0, total - 1, min(count, total)).round()})
-        samples = [reader.read(name, i) for i in ids]
+        samples = [reader.read(name, i) for i in ids]  # views of the memory maps: copied before close
+        latents = torch.from_numpy(np.stack([np.asarray(s[LATENTS], dtype=np.float32) for s in samples]))
+        rates = [float(s[FPS]) if FPS in s and float(s[FPS]) > 0 else fps for s in samples]
     finally:
         reader.close()
-    latents = torch.from_numpy(np.stack([np.asarray(s[LATENTS], dtype=np.float32) for s in samples]))
-    producer = f"dataset {directory} (bucket {name})"
-    decoder = load_decoder(tae, tuple(latents.shape), producer)
-    rates = [float(s[FPS]) if FPS in s and float(s[FPS]) > 0 else fps for s in samples]
+    decoder = load_decoder(tae, tuple(latents.shape), f"dataset {directory} (bucket {name})")
     target = Path(out) if out else Path(directory) / "renders" / name
     return name, ids, target, render_latents(decoder, latents, target, rates)
