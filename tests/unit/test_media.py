@@ -119,8 +119,12 @@ def test_data_stats_render_decodes_a_bucket(tmp_path, capsys):
     assert data("stats", ds, "--tae", tae, "--render", "2") == 0
     assert "rendered 2 sample(s) of t2_h8_w8 (ids [0, 5])" in capsys.readouterr().out
     out = tmp_path / "ds" / "renders" / "t2_h8_w8"
+    from megagen.data.shard_reader import ShardReader
+
+    recorded = float(ShardReader(ds).read("t2_h8_w8", 5)["fps"])
     with av.open(str(out / "sample_001.mp4")) as container:
         assert len(list(container.decode(video=0))) == 16
+        assert container.streams.video[0].average_rate == recorded  # each sample at its own fps
     assert Image.open(out / CONTACT_SHEET).size == (8 * 64, 2 * 64)
     assert (
         data(
