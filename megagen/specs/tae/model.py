@@ -4,7 +4,7 @@ Every convolution is "2.5D": a 2-D spatial 3x3 convolution on each frame, then a
 of width 3 on each pixel, so the image-autoencoder part and the temporal part stay separable. The middle
 of each side runs spatial self-attention (within a frame) and then temporal self-attention (along each
 pixel's time line). The decoder mirrors the encoder. The encoder ends in the KL bottleneck's mean and
-log-variance.
+log-variance. Normalisation is per frame (`FrameGroupNorm`).
 
 Frames: each temporal downsampling is a stride-2 convolution padded by one frame on both sides, so T
 frames become ceil(T / 2) (a one-frame image stays one frame: images are one-frame videos). The decoder
@@ -32,6 +32,16 @@ class TAEArch:
     heads: int = 1
 
     @property
+    def dim(self) -> int:
+        """The widest feature width: the GEMM width the throughput meter measures the device peak at."""
+        return max(self.channels)
+
+    @property
+    def text_encoders(self) -> dict[str, int]:
+        """A TAE reads no text (synthetic data and `megagen data synth` ask every spec)."""
+        return {}
+
+    @property
     def compression(self) -> tuple[int, int, int]:
         factor = 2 ** (len(self.channels) - 1)
         return (factor, factor, factor)
@@ -49,14 +59,24 @@ class Conv25d(nn.Module):
         return self.temporal(self.spatial(x))
 
 
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per frame: nothing but the temporal convolutions and attention mixes
+    frames, so a tile's result does not depend on the clip around it and an image is a one-frame video."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        return super().forward(frames).reshape(b, t, c, h, w).transpose(1, 2)
+
+
 class ResBlock(nn.Module):
     """Pre-norm residual block of two 2.5D convolutions (1x1x1 skip projection when widths differ)."""
 
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm1 = FrameGroupNorm(groups, cin)
         self.conv1 = Conv25d(cin, cout)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = FrameGroupNorm(groups, cout)
         self.conv2 = Conv25d(cout, cout)
         self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -73,7 +93,7 @@ class AxisAttention(nn.Module):
         super().__init__()
         self.axis = axis
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, dim)
+        self.norm = FrameGroupNorm(groups, dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
@@ -147,7 +167,7 @@ class OutputHead(nn.Module):
 
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, cin)
+        self.norm = FrameGroupNorm(groups, cin)
         self.conv = Conv25d(cin, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

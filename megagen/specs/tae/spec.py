@@ -46,8 +46,12 @@ class TAESpec(ModelSpec):
     def parallel_plan(self, cfg: Config) -> ParallelPlan:
         return ParallelPlan(blocks="blocks")
 
+    def latent_shape(self, cfg: Config) -> tuple[int, int, int, int]:
+        """The shape of a data sample's `latents` field, which for the TAE is the pixel clip (3, T, H, W)."""
+        return (3, cfg.data.latent_frames, cfg.data.latent_height, cfg.data.latent_width)
+
     def sample_shapes(self, cfg: Config) -> dict[str, tuple[int, ...]]:
-        return {"latents": (3, cfg.data.latent_frames, cfg.data.latent_height, cfg.data.latent_width)}
+        return {"latents": self.latent_shape(cfg)}
 
     def condition_names(self, cfg: Config) -> list[str]:
         return []
