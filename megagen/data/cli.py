@@ -20,7 +20,7 @@ commands:
   pack    pack per-sample latents + text embeddings (SRC/metadata.jsonl) into bucketed shards
   encode  decode videos, encode them with the TAE and write bucketed latent shards
   check   verify manifest, sizes, checksums, shapes and values; print every problem
-  stats   print buckets, sample counts, tokens and bytes
+  stats   print buckets, sample counts, tokens and bytes (--tae CKPT --render N: decode N samples to MP4)
 """
 
 
@@ -224,7 +224,9 @@ def _add_stats(sub) -> None:
         help="print buckets, counts, tokens, bytes",
         description=(
             "Print each bucket's latent shape, samples, shards, tokens per sample (T/pt*H/ph*W/pw), "
-            "total tokens and bytes, from the manifest."
+            "total tokens and bytes, from the manifest. With --tae CKPT --render N, also decode N evenly "
+            "spaced samples of one bucket (--bucket) to one MP4 each (at their recorded fps) and a "
+            "contact_sheet.png, as `megagen sample --tae` does."
         ),
     )
     t.add_argument("dir", metavar="DIR", help="dataset directory")
@@ -236,6 +238,30 @@ def _add_stats(sub) -> None:
         help="patch size for token counts (default 1,2,2: the video spec)",
     )
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_render_arguments(t)
+
+
+def _add_render_arguments(t) -> None:
+    """`stats --tae CKPT --render N`: look at a bucket's samples as the TAE decodes them."""
+    t.add_argument("--tae", metavar="CKPT", help="with --render: the TAE that decodes the latents")
+    t.add_argument(
+        "--render",
+        type=_positive_int,
+        metavar="N",
+        help="decode N evenly spaced samples of a bucket to MP4s + contact_sheet.png (needs --tae)",
+    )
+    t.add_argument(
+        "--bucket", metavar="KEY", help="with --render: bucket name (default: the one with most frames)"
+    )
+    t.add_argument(
+        "--render-out", metavar="OUT", help="with --render: output directory (default DIR/renders/KEY)"
+    )
+    t.add_argument(
+        "--fps",
+        type=_positive_float,
+        default=24.0,
+        help="with --render: frame rate of samples that record none (default 24)",
+    )
 
 
 def _summary(res, verb: str) -> str:
@@ -344,9 +370,26 @@ def _cmd_check(args) -> int:
 def _cmd_stats(args) -> int:
     from megagen.data.check import dataset_stats
 
+    if bool(args.render) != bool(args.tae):
+        print("megagen data stats: --render N and --tae CKPT go together", file=sys.stderr)
+        return 1
     st = dataset_stats(args.dir, patch=args.patch)
     print(json.dumps(st.to_dict(), indent=1) if args.json else st.format())
+    if args.render:
+        _render_samples(args)
     return 0
+
+
+def _render_samples(args) -> None:
+    from megagen.media.dataset_render import render_bucket_samples
+
+    bucket, ids, out, files = render_bucket_samples(
+        args.dir, args.tae, args.render, args.bucket, args.render_out, args.fps
+    )
+    print(
+        f"rendered {len(ids)} sample(s) of {bucket} (ids {ids}) → {out}: {', '.join(files) or 'nothing'}",
+        file=sys.stderr if args.json else sys.stdout,
+    )
 
 
 def _cmd_prompts(args) -> int:
