@@ -32,13 +32,17 @@ setup(
         "dev": [
             "pytest>=8",
             "ruff>=0.5",
+            "pillow>=10",  # contact sheets in tests/unit/test_media.py (megagen imports it lazily)
             "hypothesis>=6.100",
             "import-linter>=2.0",
             "diffusers>=0.33",
             "accelerate>=1.0",
+            "av>=12",
+            "transformers>=4.40",  # megagen data encode's tests: a tiny local T5 text encoder
         ],
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "gpu": ["transformer-engine[pytorch]>=1.10", "nvtx>=0.2", "triton>=3.0"],
+        "media": ["av>=12", "pillow>=10"],
     },
     entry_points={"console_scripts": ["megagen = megagen.cli:main"]},
 )

@@ -22,7 +22,10 @@ the output shape; otherwise the shape is `--latent-shape` or the spec's shape fo
 
 The spec's sampler runs (default: Euler over Movie Gen's linear-quadratic schedule with classifier-free
 guidance; windowed MultiDiffusion for the specs that define it), and DIR receives `latents.npy` and
-`latents.safetensors` (B, C, ...) float32, and `sample.json` describing the run. The decoder is upstream.
+`latents.safetensors` (B, C, ...) float32, and `sample.json` describing the run. With `--tae CKPT` the
+latents are also decoded by that temporal autoencoder (tiled over time) into `sample_<i>.mp4` per sample
+(at `--fps`, default 24) and `contact_sheet.png` (rows = samples, columns = evenly spaced frames); a TAE
+whose latent channels differ from the model's is refused before sampling.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from megagen.sample_model import load_model
 
 log = logging.getLogger("megagen")
 
+DEFAULT_FPS = 24.0
+"""Frame rate of `--tae` videos when `--fps` is not given (the configs record none)."""
+
 
 def sample_latents(
     source: str,
@@ -59,14 +65,23 @@ def sample_latents(
     latent_shape: tuple[int, ...] | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    tae: str | None = None,
+    fps: float = DEFAULT_FPS,
 ) -> dict:
-    """Load, sample, write; returns the `sample.json` record."""
+    """Load, sample, write (with `tae`: also decode to MP4s + a contact sheet); returns the `sample.json`
+    record."""
     out_dir = Path(out)
     targets = [out_dir / "latents.npy", out_dir / "latents.safetensors", out_dir / "sample.json"]
     if not overwrite and any(t.exists() for t in targets):
         raise ConfigError("--out", f"{out_dir} already holds samples; pass --overwrite to replace them")
     cfg, spec, model, origin = load_model(source, overrides, config, weights, ema)
     batch = make_batch(spec, cfg, read_prompt_file(prompt_file), latent_shape)
+    decoder = None
+    if tae:
+        from megagen.media.render import load_decoder
+
+        producer = f"spec {cfg.model.spec}/{cfg.model.preset}"
+        decoder = load_decoder(tae, tuple(batch["latents"].shape), producer, device=device)
     dev = torch.device(device)
     model.to(dev)
     batch = {k: v.to(dev) for k, v in batch.items()}
@@ -88,8 +103,20 @@ def sample_latents(
         "seconds": round(seconds, 3),
         "files": ["latents.npy", "latents.safetensors"],
     }
+    if decoder is not None:
+        _decode_videos(record, decoder, array, out_dir, tae, fps)
     _write(out_dir, array, record)
     return record
+
+
+def _decode_videos(record: dict, decoder, latents: torch.Tensor, out_dir: Path, tae: str, fps: float) -> None:
+    """`--tae`: the MP4s and contact sheet beside the latents, recorded in `sample.json`."""
+    from megagen.media.render import render_latents
+
+    start = time.perf_counter()
+    files = render_latents(decoder, latents, out_dir, fps)
+    record.update(tae=str(tae), fps=fps, decode_seconds=round(time.perf_counter() - start, 3))
+    record["files"] += files
 
 
 def _write(out_dir: Path, latents: torch.Tensor, record: dict) -> None:
@@ -138,6 +165,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return v
+
+
 def add_sample_command(subparsers) -> argparse.ArgumentParser:
     """Register `sample` on the top-level argparse subparsers; returns its parser."""
     p = subparsers.add_parser(
@@ -165,6 +202,17 @@ def add_sample_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="with a checkpoint: use its EMA weights")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace samples already in DIR")
+    p.add_argument(
+        "--tae",
+        metavar="CKPT",
+        help="decode the latents with this TAE: one MP4 per sample + contact_sheet.png",
+    )
+    p.add_argument(
+        "--fps",
+        type=_positive_float,
+        default=DEFAULT_FPS,
+        help=f"with --tae: video frame rate (default {DEFAULT_FPS:g})",
+    )
     return p
 
 
@@ -185,6 +233,8 @@ def run_sample_command(args) -> int:
             latent_shape=args.latent_shape,
             device=args.device,
             overwrite=args.overwrite,
+            tae=args.tae,
+            fps=args.fps,
         )
     except ConfigError:
         raise
@@ -193,5 +243,8 @@ def run_sample_command(args) -> int:
         return 1
     what = f"{record['spec']}/{record['preset']}, {record['steps']} steps, cfg {record['cfg_scale']}"
     files = f"{args.out}/latents.npy and latents.safetensors {tuple(record['shape'])}"
+    if args.tae:
+        videos = [f for f in record["files"] if not f.startswith("latents.")]
+        files += f"; decoded with {args.tae}: {', '.join(videos) or 'nothing (PyAV / Pillow missing)'}"
     print(f"megagen sample: {what} → {files} in {record['seconds']} s")
     return 0

@@ -290,6 +290,23 @@ class KernelsConfig:
 
 
 @dataclass
+class TAEConfig:
+    """The TAE spec's loss (`model.spec=tae`; other specs ignore it): see megagen/specs/tae/loss.py."""
+
+    kl_weight: float = opt(1e-6, "β: weight of the KL term (a mean over latent elements)", min=0.0)
+    opl_weight: float = opt(1.0, "weight of the outlier penalty loss", min=0.0)
+    opl_radius: float = opt(
+        3.0, "OPL radius r: latent values within r std of their channel mean cost nothing", min=0.0
+    )
+    perceptual_weights: str = opt(
+        "", "safetensors file of VGG16 `features` weights for a perceptual term; empty = no such term"
+    )
+    perceptual_weight: float = opt(
+        0.1, "weight of the perceptual term (used only with perceptual_weights)", min=0.0
+    )
+
+
+@dataclass
 class Config:
     """Everything a run needs; one object flows to every component."""
 
@@ -303,3 +320,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tae: TAEConfig = field(default_factory=TAEConfig)

@@ -1,4 +1,4 @@
-"""`megagen data pack|synth|check|stats`: build, verify and summarise latent-shard datasets.
+"""`megagen data pack|synth|encode|check|stats`: build, verify and summarise latent-shard datasets.
 
 `add_data_commands(subparsers)` registers `data` on the top-level argparse subparsers; `run_data_command`
 runs the parsed command. Bad input or bad data ends in one line on stderr naming the file (and sample)
@@ -18,8 +18,9 @@ DATA_DESCRIPTION = """build, verify and summarise latent-shard datasets (docs/da
 commands:
   synth   write a synthetic dataset with learnable structure (several buckets)
   pack    pack per-sample latents + text embeddings (SRC/metadata.jsonl) into bucketed shards
+  encode  decode videos, encode them with the TAE and write bucketed latent shards
   check   verify manifest, sizes, checksums, shapes and values; print every problem
-  stats   print buckets, sample counts, tokens and bytes
+  stats   print buckets, sample counts, tokens and bytes (--tae CKPT --render N: decode N samples to MP4)
 """
 
 
@@ -69,7 +70,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
     )
     data.set_defaults(data_parser=data)
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    for add in (_add_synth, _add_pack, _add_check, _add_prompts, _add_stats):
+    for add in (_add_synth, _add_pack, _add_encode, _add_check, _add_prompts, _add_stats):
         add(sub)
     return data
 
@@ -144,6 +145,49 @@ def _add_pack(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
 
 
+def _add_encode(sub) -> None:
+    from megagen.data.encode.buckets import PRESETS
+
+    e = sub.add_parser(
+        "encode",
+        help="encode video files into latent shards",
+        description=(
+            "Decode SRC's videos (a directory with <stem>.txt captions / <stem>.<encoder>.npy embeddings, or "
+            "a .jsonl list), sample them at --fps, resize and crop them into aspect-ratio x duration "
+            "buckets, encode them with the TAE and write a bucketed shard dataset. Under torchrun each rank "
+            "encodes its share; a rerun skips finished inputs; bad videos are counted, never fatal."
+        ),
+    )
+    e.add_argument("src", metavar="SRC", help="directory of videos, or a .jsonl list of them")
+    e.add_argument("--tae", required=True, metavar="CKPT", help="TAE checkpoint")
+    e.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
+    e.add_argument(
+        "--fps", type=_positive_float, default=24.0, help="recorded frame rate, 16-32 (default 24)"
+    )
+    e.add_argument(
+        "--buckets",
+        default="moviegen",
+        metavar="SPEC",
+        help=f"a preset ({', '.join(PRESETS)}) or WxH,WxH,...@SECONDS,... (default moviegen: "
+        f"{PRESETS['moviegen']})",
+    )
+    e.add_argument(
+        "--text-encoder",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a local Hugging Face T5 encoder + tokenizer run on the captions, as text.NAME (default "
+        "name ul2); repeatable. Other encoders come from pre-computed embedding files",
+    )
+    e.add_argument("--text-len", type=_positive_int, default=256, help="text padding length (default 256)")
+    e.add_argument("--latent-dtype", default="float16", choices=LATENT_DTYPES, help="stored latent dtype")
+    e.add_argument("--decoder", default="auto", choices=("auto", "dali", "pyav"), help="video decoder")
+    e.add_argument("--shard-mb", type=_positive_float, default=DEFAULT_SHARD_MB, help=_SHARD_HELP)
+    e.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    e.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+
+
 def _add_check(sub) -> None:
     c = sub.add_parser(
         "check",
@@ -180,7 +224,9 @@ def _add_stats(sub) -> None:
         help="print buckets, counts, tokens, bytes",
         description=(
             "Print each bucket's latent shape, samples, shards, tokens per sample (T/pt*H/ph*W/pw), "
-            "total tokens and bytes, from the manifest."
+            "total tokens and bytes, from the manifest. With --tae CKPT --render N, also decode N evenly "
+            "spaced samples of one bucket (--bucket) to one MP4 each (at their recorded fps) and a "
+            "contact_sheet.png, as `megagen sample --tae` does."
         ),
     )
     t.add_argument("dir", metavar="DIR", help="dataset directory")
@@ -192,6 +238,30 @@ def _add_stats(sub) -> None:
         help="patch size for token counts (default 1,2,2: the video spec)",
     )
     t.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_render_arguments(t)
+
+
+def _add_render_arguments(t) -> None:
+    """`stats --tae CKPT --render N`: look at a bucket's samples as the TAE decodes them."""
+    t.add_argument("--tae", metavar="CKPT", help="with --render: the TAE that decodes the latents")
+    t.add_argument(
+        "--render",
+        type=_positive_int,
+        metavar="N",
+        help="decode N evenly spaced samples of a bucket to MP4s + contact_sheet.png (needs --tae)",
+    )
+    t.add_argument(
+        "--bucket", metavar="KEY", help="with --render: bucket name (default: the one with most frames)"
+    )
+    t.add_argument(
+        "--render-out", metavar="OUT", help="with --render: output directory (default DIR/renders/KEY)"
+    )
+    t.add_argument(
+        "--fps",
+        type=_positive_float,
+        default=24.0,
+        help="with --render: frame rate of samples that record none (default 24)",
+    )
 
 
 def _summary(res, verb: str) -> str:
@@ -248,6 +318,38 @@ def _cmd_pack(args) -> int:
     return 0
 
 
+def _cmd_encode(args) -> int:
+    from megagen.data.encode.ranks import ranks_from_env
+    from megagen.data.encode.run import EncodeOptions, encode
+    from megagen.data.encode.text import parse_text_encoders
+
+    options = EncodeOptions(
+        tae=args.tae,
+        fps=args.fps,
+        buckets=args.buckets,
+        text_encoders=parse_text_encoders(args.text_encoder),
+        text_len=args.text_len,
+        latent_dtype=args.latent_dtype,
+        shard_mb=args.shard_mb,
+        decoder=args.decoder,
+        overwrite=args.overwrite,
+    )
+    ranks = ranks_from_env()
+    prefix = f"[rank {ranks.rank}] " if ranks.world > 1 else ""
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(prefix + msg, flush=True))
+    try:
+        summary = encode(args.src, args.out, options, ranks, log=log)
+    finally:
+        ranks.close()
+    if ranks.rank != 0:
+        return 0
+    print(json.dumps(summary.to_dict(), indent=1) if args.json else summary.format())
+    if not summary.samples:
+        print(f"megagen data encode: no clip could be encoded; no dataset in {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_check(args) -> int:
     from megagen.data.check import check_dataset, dataset_stats
 
@@ -268,9 +370,26 @@ def _cmd_check(args) -> int:
 def _cmd_stats(args) -> int:
     from megagen.data.check import dataset_stats
 
+    if bool(args.render) != bool(args.tae):
+        print("megagen data stats: --render N and --tae CKPT go together", file=sys.stderr)
+        return 1
     st = dataset_stats(args.dir, patch=args.patch)
     print(json.dumps(st.to_dict(), indent=1) if args.json else st.format())
+    if args.render:
+        _render_samples(args)
     return 0
+
+
+def _render_samples(args) -> None:
+    from megagen.media.dataset_render import render_bucket_samples
+
+    bucket, ids, out, files = render_bucket_samples(
+        args.dir, args.tae, args.render, args.bucket, args.render_out, args.fps
+    )
+    print(
+        f"rendered {len(ids)} sample(s) of {bucket} (ids {ids}) → {out}: {', '.join(files) or 'nothing'}",
+        file=sys.stderr if args.json else sys.stdout,
+    )
 
 
 def _cmd_prompts(args) -> int:
@@ -288,6 +407,7 @@ def run_data_command(args) -> int:
     handlers = {
         "synth": _cmd_synth,
         "pack": _cmd_pack,
+        "encode": _cmd_encode,
         "check": _cmd_check,
         "stats": _cmd_stats,
         "prompts": _cmd_prompts,

@@ -10,7 +10,9 @@ Presets: `video_tiny` (the video spec's tiny encoders); `audio_tiny` (1-D bucket
 audio latents, plus `video_features` (Fv, Dv): the class's own smooth pattern over the clip's video frames,
 Fv = round(T · 24 / 25)); `upsampler_tiny` (video buckets plus `lowres_latents`: the high-res pattern
 averaged over 2×2 latent pixels and repeated back to the full grid — a blurred copy of the target);
-`wan_tiny` (video buckets of the wan spec's tiny preset: 16-channel latents, one `umt5` text encoder).
+`wan_tiny` (video buckets of the wan spec's tiny preset: 16-channel latents, one `umt5` text encoder);
+`tae_tiny` (pixel clips (3, T, H, W) in [-1, 1] for the TAE spec, no text: per class a Gaussian blob
+moving at constant speed over a linear colour gradient, so a small autoencoder learns it in a few steps).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ SYNTH_PRESETS = {
     "audio_tiny": SynthPreset("audio", "tiny", text_len=8, buckets="t32,t48"),
     "upsampler_tiny": SynthPreset("upsampler", "tiny", text_len=8, buckets="t4_h8_w8,t8_h8_w12"),
     "wan_tiny": SynthPreset("wan", "tiny", text_len=8, buckets="t1_h16_w16,t4_h8_w8,t8_h8_w12"),
+    "tae_tiny": SynthPreset("tae", "tiny", text_len=8, buckets="t1_h32_w32,t16_h32_w32"),
 }
 VIDEO_FEATURES = "video_features"
 LOWRES_LATENTS = "lowres_latents"
@@ -88,6 +91,33 @@ def class_latent(seed: int, cls: int, latent_shape: tuple[int, ...], stream: int
             out[c] += np.cos(arg)
     std = out.std()
     return ((out - out.mean()) / (std if std > 1e-6 else 1.0)).astype(np.float32)
+
+
+def class_clip(seed: int, cls: int, shape: tuple[int, int, int, int]) -> np.ndarray:
+    """Class `cls`'s pixel clip (3, T, H, W) in [-1, 1]: a blob moving in a straight line over a gradient."""
+    channels, t, h, w = shape
+    rng = _class_rng(seed, cls, 200)
+    axes = [np.linspace(0, 1, t) if t > 1 else np.zeros(1), np.linspace(-1, 1, h), np.linspace(-1, 1, w)]
+    tt, yy, xx = np.meshgrid(*axes, indexing="ij")
+    start, velocity = rng.uniform(-0.5, 0.5, 2), rng.uniform(-0.5, 0.5, 2)
+    dist2 = (yy - start[0] - velocity[0] * tt) ** 2 + (xx - start[1] - velocity[1] * tt) ** 2
+    blob = np.exp(-dist2 / (2 * 0.3**2))
+    out = np.zeros(shape)
+    for c in range(channels):
+        angle = rng.uniform(0, 2 * math.pi)
+        gradient = math.cos(angle) * xx + math.sin(angle) * yy
+        out[c] = 0.4 * gradient + rng.uniform(-1, 1) * blob + rng.uniform(-0.3, 0.3)
+    return np.clip(out, -1, 1).astype(np.float32)
+
+
+def sample_channels(p: SynthPreset, arch) -> int:
+    """Channels of a sample's `latents` field: RGB pixels for the TAE, latent channels otherwise."""
+    return 3 if p.spec == "tae" else arch.latent_channels
+
+
+def class_sample(p: SynthPreset, seed: int, cls: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Class `cls`'s `latents` field on `shape`: a pixel clip for the TAE, a latent pattern otherwise."""
+    return class_clip(seed, cls, shape) if p.spec == "tae" else class_latent(seed, cls, shape)
 
 
 def class_text(
@@ -179,7 +209,7 @@ def synth(
         bucket_infos.append(_write_bucket(writer, job, bi, thw, n, shard_mb, fps_values, log))
     manifest = Manifest(
         spec=job.preset.spec,
-        latent_channels=job.arch.latent_channels,
+        latent_channels=sample_channels(job.preset, job.arch),
         latent_dtype="float16",
         text_encoders=job.encoders,
         fps_values=sorted(fps_values),
@@ -226,7 +256,8 @@ def _fps_and_duration(
     if thw[0] == 1:  # an image: no frame rate, no duration
         return np.zeros(n), np.zeros(n)
     fps_all = np.array([VIDEO_FPS[c % len(VIDEO_FPS)] for c in cls_all])
-    return fps_all, thw[0] * TAE_TEMPORAL_STRIDE / fps_all
+    frames = thw[0] if job.preset.spec == "tae" else thw[0] * TAE_TEMPORAL_STRIDE  # TAE samples are pixels
+    return fps_all, frames / fps_all
 
 
 def _write_bucket(
@@ -241,9 +272,11 @@ def _write_bucket(
 ) -> BucketInfo:
     """Write (or keep, when resuming) the `n` samples of bucket number `bi`; adds its frame rates to
     `fps_values` and its extra fields to `job.fields`."""
-    latent_shape = (job.arch.latent_channels, *thw)
+    latent_shape = (sample_channels(job.preset, job.arch), *thw)
     name = bucket_name(latent_shape)
-    patterns = [class_latent(job.seed, c, latent_shape).astype(np.float16) for c in range(job.classes)]
+    patterns = [
+        class_sample(job.preset, job.seed, c, latent_shape).astype(np.float16) for c in range(job.classes)
+    ]
     extras = [
         {
             k: v.astype(np.float16)

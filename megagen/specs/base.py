@@ -119,6 +119,30 @@ class ModelSpec(ABC):
         drop = {n: torch.ones(b, dtype=torch.bool, device=noise.device) for n in names}
         return noise, keep, drop, linear_quadratic_schedule(steps, emulated_steps=max(250, steps))
 
+    def training_loss(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        req,
+        runtime,
+        sample_valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """One micro-batch's (loss sum on this rank, loss units per sample); the trainer divides the sum by
+        global batch x units, so the loss is a mean over the global batch's units.
+
+        Default: flow matching (megagen/train/objective.py), units = tokens, noise keyed by `req.step` and
+        `req.positions`. A spec with another objective (the TAE's reconstruction loss) overrides this.
+        """
+        from megagen.train.objective import draw_for_samples, flow_matching_micro_step
+
+        latent_shape = tuple(batch["latents"].shape[1:])
+        draws = draw_for_samples(cfg, self, req.step, list(req.positions), latent_shape)
+        loss_sum, _, tokens_per_sample = flow_matching_micro_step(
+            cfg, self, model, batch, draws, runtime.shard_targets, sample_valid
+        )
+        return loss_sum, tokens_per_sample
+
     def validate(self, cfg: Config) -> None:
         """Cross-checks between this spec and the config (e.g. heads divisible by tp)."""
         return None

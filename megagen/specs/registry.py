@@ -30,7 +30,7 @@ def _load_builtins() -> None:
         return
     _BUILTINS_LOADED = True
     importlib.import_module("megagen.specs.video")
-    for mod in ("megagen.specs.audio", "megagen.specs.upsampler", "megagen.specs.wan"):
+    for mod in ("megagen.specs.audio", "megagen.specs.upsampler", "megagen.specs.wan", "megagen.specs.tae"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

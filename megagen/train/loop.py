@@ -25,7 +25,6 @@ from megagen.train.cuda_graphs import check_cuda_graphs, enable_cuda_graphs
 from megagen.train.gather import full_tensors
 from megagen.train.interrupt import TrainingInterrupted, was_interrupted
 from megagen.train.nonfinite import NonFiniteGuard
-from megagen.train.objective import draw_for_samples, flow_matching_micro_step
 from megagen.train.optim import build_optimizer
 from megagen.train.runtime_choice import launched_distributed, make_runtime
 from megagen.train.side_jobs import StepReport, collective_counts, side_jobs
@@ -184,12 +183,11 @@ class Trainer:
         return _Accumulated(step_loss, requests, batch, global_batch, tokens_per_sample, wait)
 
     def _micro_step(self, req, batch: dict[str, torch.Tensor], global_batch: int):
-        cfg, spec, runtime = self.cfg, self.spec, self.runtime
-        latent_shape = tuple(batch["latents"].shape[1:])
-        draws = draw_for_samples(cfg, spec, req.step, list(req.positions), latent_shape)
+        """Forward and backward of one micro-batch through the spec's objective (`spec.training_loss`)."""
+        runtime = self.runtime
         sample_valid = batch.pop("sample_valid", None)
-        loss_sum, _, tokens_per_sample = flow_matching_micro_step(
-            cfg, spec, self.model, batch, draws, runtime.shard_targets, sample_valid
+        loss_sum, tokens_per_sample = self.spec.training_loss(
+            self.cfg, self.model, batch, req, runtime, sample_valid
         )
         scale = getattr(runtime, "loss_scale", 1.0)
         loss = normalised_loss(loss_sum, global_batch * tokens_per_sample, scale)

@@ -1,4 +1,4 @@
-"""Parity of the audio and upsampler specs: 4-rank meshes train exactly like one process.
+"""Parity of the audio, upsampler and TAE specs: 4-rank meshes train exactly like one process.
 
 Same harness, live init and tolerances as test_parity.py (loss and grad norm within 1e-5 relative; every
 parameter and gradient ‖a−b‖/‖b‖ ≤ 1e-5 after 3 steps). The audio runs draw generation / extension / infilling
@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 AUDIO = ["model.spec=audio", "data.latent_frames=20"]
 AUDIO_PADDED = ["model.spec=audio", "data.latent_frames=18"]  # 18 frames over cp2×tp2 = 4 shards: padded
 UPSAMPLER = ["model.spec=upsampler"]
+# the TAE on synthetic pixel clips (3, 8, 16, 16): FSDP/HSDP only (it refuses tp and cp)
+TAE = ["model.spec=tae", "data.latent_frames=8", "data.latent_height=16", "data.latent_width=16"]
 
 TP2 = ["parallel.tp=2"]
 CP2_TP2 = ["parallel.cp=2", "parallel.tp=2", "parallel.dp_shard=1"]
@@ -41,6 +43,8 @@ CASES = {
     "upsampler-fsdp2xtp2": (UPSAMPLER, TP2),
     "upsampler-cp2xtp2-allgather": (UPSAMPLER, CP2_TP2),
     "upsampler-cp2xtp2-ulysses": (UPSAMPLER, [*CP2_TP2, *ULYSSES]),
+    "tae-fsdp4": (TAE, []),
+    "tae-hsdp2x2": (TAE, ["parallel.dp_replicate=2"]),
 }
 
 _references: dict[tuple[str, ...], dict] = {}
