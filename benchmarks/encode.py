@@ -27,14 +27,13 @@ from megagen.data.encode.ranks import Ranks
 from megagen.data.encode.run import EncodeOptions, encode
 from megagen.data.encode.video_dali import DaliVideoDecoder, dali_video_available
 from megagen.data.encode.video_pyav import decode_pyav
+from megagen.media.video_file import write_video
 
 FPS = 16
 
 
 def make_clips(root: str, clips: int, width: int, height: int, frames: int) -> list[str]:
     """VP9-in-MP4 clips of moving noise (hard to compress, like real video) + a ul2 embedding each."""
-    import av
-
     src = os.path.join(root, f"clips-{clips}x{width}x{height}x{frames}")
     paths = [os.path.join(src, f"clip{i:04d}.mp4") for i in range(clips)]
     if all(os.path.exists(p) for p in paths):
@@ -43,15 +42,9 @@ def make_clips(root: str, clips: int, width: int, height: int, frames: int) -> l
     rng = np.random.default_rng(0)
     for path in paths:
         base = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        with av.open(path, "w") as container:
-            stream = container.add_stream("libvpx-vp9", rate=FPS)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for k in range(frames):
-                frame = av.VideoFrame.from_ndarray(np.roll(base, 3 * k, axis=1), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        video = np.stack([np.roll(base, 3 * k, axis=1) for k in range(frames)])
+        if not write_video(path, video, FPS, codec="libvpx-vp9"):
+            raise SystemExit("benchmarks/encode.py needs PyAV (pip install av)")
         np.save(path[:-4] + ".ul2.npy", rng.standard_normal((8, 24)).astype(np.float32))
     return paths
 

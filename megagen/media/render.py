@@ -13,7 +13,7 @@ import torch
 
 from megagen.errors import ConfigError
 from megagen.media.contact_sheet import frame_picks, write_contact_sheet
-from megagen.media.video_file import write_mp4
+from megagen.media.video_file import write_video
 from megagen.specs.tae.load import load_tae
 from megagen.specs.tae.tiling import decode_tiled
 
@@ -63,7 +63,7 @@ def render_latents(
             video = decode_tiled(tae, latents[i : i + 1].to(device=weight.device, dtype=weight.dtype))
         (clip,) = to_uint8_frames(video)
         name = f"{stem}_{i:03d}.mp4"
-        if write_mp4(out / name, clip, rate):
+        if write_video(out / name, clip, rate):
             written.append(name)
         stills.append(clip[frame_picks(len(clip), columns)])
     if write_contact_sheet(out / CONTACT_SHEET, stills, columns=columns):

@@ -20,18 +20,19 @@ def _pyav():
     return av
 
 
-def write_mp4(path, frames: np.ndarray, fps: float) -> bool:
-    """Encode (T,H,W,3) uint8 frames as H.264 at `fps` (fractional rates such as 23.976 kept);
-    returns False (one log line) when PyAV is not installed."""
+def write_video(path, frames: np.ndarray, fps: float, codec: str = "libx264") -> bool:
+    """Encode (T,H,W,3) uint8 frames with `codec` (H.264 by default; the container follows the path's
+    suffix) at `fps` (fractional rates such as 23.976 kept); returns False (one log line) when PyAV is
+    not installed."""
     av = _pyav()
     if av is None:
         return False
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     _, height, width, _ = frames.shape
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(float(fps)).limit_denominator(1001))
+        stream = container.add_stream(codec, rate=Fraction(float(fps)).limit_denominator(1001))
         stream.width, stream.height = width - width % 2, height - height % 2
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         for frame in frames:
             image = av.VideoFrame.from_ndarray(frame[: stream.height, : stream.width], format="rgb24")
             for packet in stream.encode(image):

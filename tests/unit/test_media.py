@@ -12,7 +12,7 @@ import torch
 from megagen.errors import ConfigError
 from megagen.media.contact_sheet import contact_sheet, write_contact_sheet
 from megagen.media.render import CONTACT_SHEET, to_uint8_frames
-from megagen.media.video_file import write_mp4
+from megagen.media.video_file import write_video
 from megagen.specs.tae.load import tiny_tae_for_tests
 
 av = pytest.importorskip("av")
@@ -24,7 +24,7 @@ def _video(frames=9, height=32, width=48):
 
 
 def test_mp4_reads_back_with_frame_count_and_size(tmp_path):
-    assert write_mp4(tmp_path / "a.mp4", _video(), fps=16)
+    assert write_video(tmp_path / "a.mp4", _video(), fps=16)
     with av.open(str(tmp_path / "a.mp4")) as container:
         frames = list(container.decode(video=0))
     assert len(frames) == 9
@@ -157,8 +157,8 @@ def test_missing_pyav_and_pillow_skip_files_with_one_log_line(tmp_path, monkeypa
     sheet_module._pillow_image.cache_clear()
     try:
         with caplog.at_level("WARNING"):
-            assert not write_mp4(tmp_path / "a.mp4", _video(), fps=16)
-            assert not write_mp4(tmp_path / "b.mp4", _video(), fps=16)
+            assert not write_video(tmp_path / "a.mp4", _video(), fps=16)
+            assert not write_video(tmp_path / "b.mp4", _video(), fps=16)
             assert not write_contact_sheet(tmp_path / "s.png", [_video()])
     finally:
         video_file._pyav.cache_clear()
