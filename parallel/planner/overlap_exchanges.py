@@ -10,41 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from megagen.parallel.overlap_schedule import ulysses_head_chunks
 from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, padded_tokens
 from megagen.parallel.planner.workload import AttentionUse, LinearUse, RegionUse, Workload, cached
-
-
-# STAND-IN: `ulysses_head_chunks` lands in parallel/overlap_schedule.py (branch cp-fused), `sp_pieces` and
-# `local_first_pays` in parallel/tp_overlap_schedule.py (branch tp-overlap). Until they do, these local
-# versions with the same signatures keep the planner running; the imports below switch to the engine's as
-# soon as it has them, so planner and engine use one choice of chunking.
-def _standin_ulysses_head_chunks(local_heads: int, cp: int, tokens_local: int, head_dim: int) -> int:
-    """Head groups whose all-to-alls pipeline against attention: 2 when each group still splits over cp."""
-    return 2 if local_heads % (2 * cp) == 0 else 1
-
-
-def _standin_sp_pieces(tokens_local: int, dim: int, tp: int) -> int:
-    """Sequence pieces of a token-wise region: one per tp rank (each rank's shard is a piece)."""
-    return tp
-
-
-def _standin_local_first_pays(tokens_local: int, dim: int, tp: int) -> bool:
-    """Whether a region that is not token-wise multiplies its local rows under the gather: under tp."""
-    return tp > 1
-
-
-try:
-    from megagen.parallel.overlap_schedule import ulysses_head_chunks
-except ImportError:
-    ulysses_head_chunks = _standin_ulysses_head_chunks
-try:
-    from megagen.parallel.tp_overlap_schedule import sp_pieces
-except ImportError:
-    sp_pieces = _standin_sp_pieces
-try:
-    from megagen.parallel.tp_overlap_schedule import local_first_pays
-except ImportError:
-    local_first_pays = _standin_local_first_pays
+from megagen.parallel.tp_overlap_schedule import local_first_pays, sp_pieces
 
 
 @dataclass(frozen=True)
