@@ -75,4 +75,5 @@ class ContextParallelAttention(nn.Module):
         if self.head_chunks is not None:
             return self.head_chunks
         _, tokens_local, heads, head_dim = q.shape
-        return ulysses_head_chunks(heads, dist.get_world_size(self.group), tokens_local, head_dim)
+        cp = dist.get_world_size(self.group)
+        return ulysses_head_chunks(heads, cp, tokens_local, head_dim, q.device.type)

@@ -12,18 +12,26 @@ MIN_GROUP_ELEMENTS = 1 << 16
 # Beyond a few groups only the first group's all-to-all and the last's return stay exposed anyway; more
 # groups mean more, smaller kernels and collectives for a shrinking gain.
 MAX_HEAD_CHUNKS = 4
+# Devices whose all-to-all is carried out by the same cores that run attention (gloo on CPU): splitting the
+# heads only adds collectives there, since nothing travels while the cores compute. Measured on the 2-core
+# CPU (benchmarks/overlap.py, cp2 ulysses, 1K-4K tokens): 4 head groups exposed 54 ms per step at 1K against
+# 32 ms for the one stacked all-to-all, and no less at 2K-4K.
+NO_PIPELINE_DEVICES = frozenset({"cpu"})
 
 
-def ulysses_head_chunks(local_heads: int, cp: int, tokens_local: int, head_dim: int) -> int:
+def ulysses_head_chunks(
+    local_heads: int, cp: int, tokens_local: int, head_dim: int, device: str = "cuda"
+) -> int:
     """Number of head groups Ulysses pipelines (all-to-all of group i+1 under attention of group i).
 
     `local_heads`: attention heads on this rank before the all-to-all (after tp); `cp`: the context-parallel
-    size; `tokens_local`: this rank's sequence chunk; `head_dim`: per-head width. Rule: the largest
+    size; `tokens_local`: this rank's sequence chunk; `head_dim`: per-head width; `device`: the device type
+    ("cuda", "cpu"; the planner passes its cluster's). Rule: 1 on `NO_PIPELINE_DEVICES`; else the largest
     h ≤ MAX_HEAD_CHUNKS such that every group still splits its heads evenly over cp (h divides
     local_heads / cp) and one group's q (or k, or v) message holds at least MIN_GROUP_ELEMENTS elements;
     1 (one stacked all-to-all, no pipelining) when no h > 1 qualifies, e.g. few heads or tiny messages.
     """
-    if cp <= 1 or local_heads % cp:
+    if cp <= 1 or local_heads % cp or device in NO_PIPELINE_DEVICES:
         return 1
     heads_per_rank = local_heads // cp
     for chunks in range(min(MAX_HEAD_CHUNKS, heads_per_rank), 1, -1):

@@ -38,6 +38,11 @@ class Cluster:
     hbm_gbps: float = 0.0
     """Achievable device-memory bandwidth, GB/s (elementwise kernels are bound by it); 0 = ignore."""
 
+    @property
+    def device_type(self) -> str:
+        """torch's device type for this cluster ("cpu" or "cuda"): what the engine's chunking rules see."""
+        return "cpu" if self.device.strip().lower() == "cpu" else "cuda"
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)
 

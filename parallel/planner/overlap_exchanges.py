@@ -29,18 +29,20 @@ class Exchange:
     chunks: int = 1
 
 
-def exchanges(work: Workload, plan: PlanPoint) -> Counter:
-    """{Exchange: times per micro-batch} of every overlap `parallel.overlap` turns on (cached per layout)."""
+def exchanges(work: Workload, plan: PlanPoint, device: str = "cuda") -> Counter:
+    """{Exchange: times per micro-batch} of every overlap `parallel.overlap` turns on (cached per layout);
+    `device` is the cluster's device type, which the chunking rules depend on."""
     if not plan.overlap:
         return Counter()
     recomputed = plan.recomputed_blocks(work.layers)
-    key = ("overlap", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, recomputed)
-    return cached(work, key, lambda: _count(work, plan, recomputed))
+    layout = (plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, device)
+    key = ("overlap", *layout, recomputed)
+    return cached(work, key, lambda: _count(work, plan, recomputed, device))
 
 
-def _count(work: Workload, plan: PlanPoint, recomputed: int) -> Counter:
+def _count(work: Workload, plan: PlanPoint, recomputed: int, device: str) -> Counter:
     found: Counter = Counter()
-    for layer, (forward, backward) in enumerate(_layer_exchanges(work, plan)):
+    for layer, (forward, backward) in enumerate(_layer_exchanges(work, plan, device)):
         repeats = 2 if layer < recomputed else 1  # a recomputed block's forward runs again in backward
         for ex in forward:
             found[ex] += repeats
@@ -49,22 +51,25 @@ def _count(work: Workload, plan: PlanPoint, recomputed: int) -> Counter:
     return found
 
 
-def _layer_exchanges(work: Workload, plan: PlanPoint) -> list[tuple[list[Exchange], list[Exchange]]]:
+def _layer_exchanges(
+    work: Workload, plan: PlanPoint, device: str
+) -> list[tuple[list[Exchange], list[Exchange]]]:
     """Per block: (forward exchanges, backward exchanges), whatever the recompute (cached per layout)."""
 
     def compute():
         out = []
         for layer in range(work.layers):
-            pairs = list(_cp_exchanges(work, plan, layer)) if plan.cp > 1 else []
+            pairs = list(_cp_exchanges(work, plan, layer, device)) if plan.cp > 1 else []
             pairs += list(_sp_exchanges(work, plan, layer)) if plan.sp else []
             out.append(([fwd for fwd, _ in pairs], [bwd for _, bwd in pairs]))
         return out
 
     key = ("overlap-layers", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype)
+    key += (device,)
     return cached(work, key, compute)
 
 
-def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
+def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int, device: str):
     """(forward, backward) exchanges of each CP self-attention of block `layer`."""
     fa, b = DTYPE_BYTES[plan.param_dtype], plan.micro_batch
     s_pad = padded_tokens(work.tokens, plan)
@@ -85,7 +90,7 @@ def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int):
             # ulysses_pipeline.py: head groups in, attention, out; backward the same pipeline reversed
             one = b * s_cp * width * fa
             heads = work.heads or 1
-            chunks = ulysses_head_chunks(heads // plan.tp, plan.cp, s_cp, att.width // heads)
+            chunks = ulysses_head_chunks(heads // plan.tp, plan.cp, s_cp, att.width // heads, device)
             qkv, out = ("all_to_all", 3 * one), ("all_to_all", one)
             yield (
                 Exchange("ulysses_chunks", qkv, out, attention_flops=attn, chunks=chunks),

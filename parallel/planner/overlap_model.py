@@ -169,7 +169,7 @@ def exposure(
     """Exposed communication per axis of one step, given each axis' collective seconds and the compute."""
     result = Exposure()
     m = plan.accumulation
-    for ex, count in exchanges(work, plan).items():
+    for ex, count in exchanges(work, plan, cluster.device_type).items():
         hidden = _hidden_seconds(ex, plan, cluster) * count * m
         result.hidden_by_rule[ex.rule] = result.hidden_by_rule.get(ex.rule, 0.0) + hidden
         if RULES[ex.rule].pattern == "pipelined":

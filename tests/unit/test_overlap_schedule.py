@@ -18,3 +18,9 @@ def test_large_messages_pipeline_in_groups_that_split_over_cp():
     assert 1 < chunks <= MAX_HEAD_CHUNKS
     assert (16 // 2) % chunks == 0
     assert ulysses_head_chunks(12, 2, 4096, 64) == 3  # 6 heads per rank: 4 does not divide, 3 does
+
+
+def test_cpu_keeps_one_stacked_all_to_all():
+    """gloo's all-to-all runs on the cores attention uses: no head groups on CPU, whatever the size."""
+    assert ulysses_head_chunks(16, 2, 4096, 64, "cuda") > 1
+    assert ulysses_head_chunks(16, 2, 4096, 64, "cpu") == 1

@@ -69,6 +69,8 @@ def cpu():
 @pytest.mark.parametrize("rule", RULE_PLANS)
 def test_each_rule_lowers_its_axis_and_never_below_zero(video_tiny, cpu, rule):
     plan = RULE_PLANS[rule]
+    if rule == "ulysses_chunks":  # the CPU all-to-all is not pipelined (overlap_schedule.NO_PIPELINE_DEVICES)
+        cpu = load_cluster("h100")
     on = step_cost(video_tiny, plan, cpu)
     off = step_cost(video_tiny, replace(plan, overlap=False), cpu)
     axis = RULES[rule].axis
@@ -140,16 +142,21 @@ def test_chunk_counts_come_from_the_schedule_functions(video_tiny, cpu, monkeypa
     assert seen[4].hidden_by_rule[rule] > 0.0
 
 
+@pytest.mark.parametrize("cluster_name", ["cpu", "h100"])
 @pytest.mark.parametrize("tokens", [None, LONG_TOKENS])
-def test_chunk_counts_are_what_the_engine_asks_for(cpu, tokens):
-    """The engine's arguments: Ulysses (local heads after tp, cp, the rank's sequence chunk, head dim) and
-    SP (the rank's sequence shard, the region input's width, tp)."""
+def test_chunk_counts_are_what_the_engine_asks_for(cluster_name, tokens):
+    """The engine's arguments: Ulysses (local heads after tp, cp, the rank's sequence chunk, head dim, the
+    device type) and SP (the rank's sequence shard, the region input's width, tp)."""
+    cluster = load_cluster(cluster_name)
     work = _video_tiny(tokens)
     s_cp = work.tokens // 2
     heads, width = work.heads, work.layer_items(0)[2][0].width
-    ulysses = step_cost(work, RULE_PLANS["ulysses_chunks"], cpu).overlap_chunks["ulysses_chunks"]
-    assert ulysses == overlap_exchanges.ulysses_head_chunks(heads, 2, s_cp, width // heads)
-    sp = step_cost(work, RULE_PLANS["sp_pieces"], cpu).overlap_chunks["sp_pieces"]
+    ulysses = step_cost(work, RULE_PLANS["ulysses_chunks"], cluster).overlap_chunks["ulysses_chunks"]
+    expected = overlap_exchanges.ulysses_head_chunks(heads, 2, s_cp, width // heads, cluster.device_type)
+    assert ulysses == expected
+    if tokens and cluster.device_type == "cuda":
+        assert ulysses == 4  # the long sequence does pipeline where the rule allows it
+    sp = step_cost(work, RULE_PLANS["sp_pieces"], cluster).overlap_chunks["sp_pieces"]
     assert sp == overlap_exchanges.sp_pieces(work.tokens // 2, work.hidden, 2)
 
 
