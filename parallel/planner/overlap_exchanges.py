@@ -98,15 +98,6 @@ def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int, device: str):
             )
 
 
-def token_wise(work: Workload, region: RegionUse) -> bool:
-    """Whether the engine pipelines `region` in sequence pieces: its `TPRegion.token_wise` declaration."""
-    if region.token_wise is not None:
-        return region.token_wise
-    # STAND-IN until TPRegion.token_wise (branch tp-overlap) reaches the traced workload: the regions the
-    # specs declare token-wise are exactly those without a self-attention core inside (MLP, cross-attention)
-    return not any(att.self_attention for att in _inside(work).get(region.name, ([], []))[1])
-
-
 def _inside(work: Workload) -> dict[str, tuple[list[LinearUse], list[AttentionUse]]]:
     """{region name: (its linears, its attention cores)} (cached per workload)."""
 
@@ -133,7 +124,7 @@ def _sp_exchanges(work: Workload, plan: PlanPoint, layer: int):
     for region in regions:
         if not region.seq:
             continue
-        if token_wise(work, region):
+        if region.token_wise:
             yield _pieces_exchanges(work, plan, region, rows)
         else:
             columns = [lin for lin in _inside(work).get(region.name, ([], []))[0] if lin.style == "col"]

@@ -26,7 +26,10 @@ def decoder_lm_workload(
         ):
             work.linears.append(LinearUse(p + name, seq, d_in, d_out, style, True))
         work.attention.append(AttentionUse(p + "attn.core", seq, seq, dim, True, causal=True))
-        work.regions += [RegionUse(p + "attn", ((seq, dim),), ()), RegionUse(p + "mlp", ((seq, dim),), ())]
+        work.regions += [
+            RegionUse(p + "attn", ((seq, dim),), ()),  # self-attention inside: local-first, not pieces
+            RegionUse(p + "mlp", ((seq, dim),), (), token_wise=True),
+        ]
         work.block_params.append(
             [
                 ParamShape(p + "attn.q.weight", (dim, dim), 0),

@@ -51,8 +51,8 @@ class RegionUse:
     name: str
     seq: tuple[tuple[int, int], ...]
     replicated: tuple[tuple[int, int], ...]
-    token_wise: bool | None = None
-    """Its `TPRegion.token_wise` (pipelined in sequence pieces under SP + overlap); None: not declared."""
+    token_wise: bool = False
+    """Its `TPRegion.token_wise`: pipelined in sequence pieces under SP + overlap (else local-first)."""
     tables: tuple[tuple[int, int], ...] = ()
     """Sequence args with no batch dim and no gradient (e.g. rotary tables): (tokens, bytes per token).
     Gathered with the sequence under SP; nothing flows back."""
@@ -176,7 +176,7 @@ def _region_tracer(work: Workload, name: str, region, arg_names: list[str], batc
             for a in region.replicated_args
             if isinstance(bound.get(a), torch.Tensor)
         )
-        work.regions.append(RegionUse(name, seq, rep, getattr(region, "token_wise", None), tables))
+        work.regions.append(RegionUse(name, seq, rep, region.token_wise, tables))
 
     return on_region
 
