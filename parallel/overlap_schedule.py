@@ -14,8 +14,9 @@ MIN_GROUP_ELEMENTS = 1 << 16
 MAX_HEAD_CHUNKS = 4
 # Devices whose all-to-all is carried out by the same cores that run attention (gloo on CPU): splitting the
 # heads only adds collectives there, since nothing travels while the cores compute. Measured on the 2-core
-# CPU (benchmarks/overlap.py, cp2 ulysses, 1K-4K tokens): 4 head groups exposed 54 ms per step at 1K against
-# 32 ms for the one stacked all-to-all, and no less at 2K-4K.
+# CPU (benchmarks/overlap.py, cp2 ulysses, 5 steps, separate runs): 4 head groups exposed 54 ms per step at
+# 1K and 60 ms at 2K, the one stacked all-to-all 32 ms and 48 ms; at 4K the runs differed by more than the
+# two settings did.
 NO_PIPELINE_DEVICES = frozenset({"cpu"})
 
 

@@ -29,15 +29,19 @@ class Exchange:
     chunks: int = 1
 
 
-def exchanges(work: Workload, plan: PlanPoint, device: str = "cuda") -> Counter:
+def exchanges(work: Workload, plan: PlanPoint, device: str) -> Counter:
     """{Exchange: times per micro-batch} of every overlap `parallel.overlap` turns on (cached per layout);
-    `device` is the cluster's device type, which the chunking rules depend on."""
+    `device` is the cluster's device type (`Cluster.device_type`), which the chunking rules depend on."""
     if not plan.overlap:
         return Counter()
     recomputed = plan.recomputed_blocks(work.layers)
-    layout = (plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, device)
-    key = ("overlap", *layout, recomputed)
+    key = ("overlap", *_layout(plan, device), recomputed)
     return cached(work, key, lambda: _count(work, plan, recomputed, device))
+
+
+def _layout(plan: PlanPoint, device: str) -> tuple:
+    """What the exchanges of a block depend on: the cache key of both caches here."""
+    return (plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype, device)
 
 
 def _count(work: Workload, plan: PlanPoint, recomputed: int, device: str) -> Counter:
@@ -64,9 +68,7 @@ def _layer_exchanges(
             out.append(([fwd for fwd, _ in pairs], [bwd for _, bwd in pairs]))
         return out
 
-    key = ("overlap-layers", plan.tp, plan.cp, plan.sp, plan.cp_kind, plan.micro_batch, plan.param_dtype)
-    key += (device,)
-    return cached(work, key, compute)
+    return cached(work, ("overlap-layers", *_layout(plan, device)), compute)
 
 
 def _cp_exchanges(work: Workload, plan: PlanPoint, layer: int, device: str):

@@ -34,8 +34,9 @@ RULE_PLANS = {
 
 
 LONG_TOKENS = 8192
-"""Long enough that the engine's schedule rules pipeline the tiny spec: 4 Ulysses head groups at cp2
-(each group's message clears overlap_schedule.MIN_GROUP_ELEMENTS) and 4 SP pieces at tp2."""
+"""Long enough that the engine's schedule rules pipeline the tiny spec: 4 Ulysses head groups at cp2 on a
+GPU cluster (each group's message clears overlap_schedule.MIN_GROUP_ELEMENTS; 1 on CPU) and 4 SP pieces at
+tp2."""
 
 
 def _video_tiny(tokens: int | None = None):
@@ -69,12 +70,12 @@ def cpu():
 @pytest.mark.parametrize("rule", RULE_PLANS)
 def test_each_rule_lowers_its_axis_and_never_below_zero(video_tiny, cpu, rule):
     plan = RULE_PLANS[rule]
-    if rule == "ulysses_chunks":  # the CPU all-to-all is not pipelined (overlap_schedule.NO_PIPELINE_DEVICES)
-        cpu = load_cluster("h100")
-    on = step_cost(video_tiny, plan, cpu)
-    off = step_cost(video_tiny, replace(plan, overlap=False), cpu)
+    # the CPU all-to-all is not pipelined (overlap_schedule.NO_PIPELINE_DEVICES): Ulysses' rule on a GPU
+    cluster = load_cluster("h100") if rule == "ulysses_chunks" else cpu
+    on = step_cost(video_tiny, plan, cluster)
+    off = step_cost(video_tiny, replace(plan, overlap=False), cluster)
     axis = RULES[rule].axis
-    seen = exposure(video_tiny, plan, cpu, on.comm_s, on.compute_s)
+    seen = exposure(video_tiny, plan, cluster, on.comm_s, on.compute_s)
     assert seen.hidden_by_rule[rule] > 0
     assert 0.0 <= on.exposed_by_axis[axis] < on.comm_s[axis]
     assert on.exposed_by_axis[axis] < off.exposed_by_axis[axis]
