@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from megagen.train.interrupt import interrupts_held
+
 log = logging.getLogger("megagen")
 
 
@@ -241,7 +243,8 @@ class StepEndCallback(SideJob):
         self.trainer, self.fn = trainer, fn
 
     def after_step(self, report: StepReport) -> None:
-        self.fn(self.trainer, report.step)
+        with interrupts_held():
+            self.fn(self.trainer, report.step)
 
 
 class CollectGarbage(SideJob):
