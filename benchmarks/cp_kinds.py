@@ -25,7 +25,7 @@ def planner_prediction(config: str, overrides: list[str]) -> dict:
     from megagen.planning import plan_point_for_config, workload_for_config
 
     cfg = load_config(config, overrides)
-    cost = step_cost(workload_for_config(cfg), plan_point_for_config(cfg, 2), load_cluster("cpu"))
+    cost = step_cost(workload_for_config(cfg), plan_point_for_config(cfg, 2, "cpu"), load_cluster("cpu"))
     cp_bytes = sum(v["bytes"] for v in cost.comm.get("cp", {}).values())
     return {"cp_bytes": cp_bytes, "step_s": cost.step_s}
 

@@ -66,12 +66,13 @@ def _measure(cfg):
     return measured, trainer.runtime
 
 
-def _predict(cfg, world: int, cluster) -> tuple[str, dict]:
-    """The plan's label and the planner's bytes and exposed seconds per axis and state bytes on rank 0."""
+def _predict(cfg, world: int, cluster, device_type: str) -> tuple[str, dict]:
+    """The plan's label and the planner's bytes and exposed seconds per axis and state bytes on rank 0,
+    for the run as it ran on `device_type` (which decided `parallel.overlap=auto`)."""
     from megagen.parallel.planner.step_cost import step_cost
     from megagen.planning import plan_point_for_config, workload_for_config
 
-    plan = plan_point_for_config(cfg, world)
+    plan = plan_point_for_config(cfg, world, device_type)
     cost = step_cost(workload_for_config(cfg), plan, cluster)
     return plan.label(), {
         "comm": cost.bytes_by_axis(),
@@ -152,7 +153,7 @@ def validate_config(path: str, overrides: list[str], cluster_name: str, as_json:
     measured, runtime = _measure(cfg)
     world = dist.get_world_size() if dist.is_initialized() else 1
     cluster = cluster_for_run(cluster_name, runtime.device)
-    report = _report(*_predict(cfg, world, cluster), measured, cluster.name)
+    report = _report(*_predict(cfg, world, cluster, runtime.device.type), measured, cluster.name)
     if not dist.is_initialized() or dist.get_rank() == 0:
         if as_json:
             sys.stdout.write(json.dumps(report) + "\n")

@@ -6,6 +6,7 @@ import torch
 
 from megagen.config import Config
 from megagen.parallel.mesh import ParallelDims
+from megagen.parallel.overlap_schedule import overlap_on
 from megagen.parallel.planner.activations import trace_saved
 from megagen.parallel.planner.plan_point import PlanPoint
 from megagen.parallel.planner.workload import Workload, trace_workload
@@ -30,10 +31,15 @@ def workload_for_config(cfg: Config, latent_shape: tuple[int, ...] | None = None
 
 
 def plan_point_for_config(
-    cfg: Config, world_size: int, global_batch: int | None = None, micro_batch: int | None = None
+    cfg: Config,
+    world_size: int,
+    device_type: str,
+    global_batch: int | None = None,
+    micro_batch: int | None = None,
 ) -> PlanPoint:
-    """The PlanPoint a config would run as on `world_size` ranks (micro-batch `auto`: the largest that
-    divides the batch, as memory permitting it would be)."""
+    """The PlanPoint a config would run as on `world_size` ranks of `device_type` ("cuda", "cpu": it
+    decides `parallel.overlap=auto`); micro-batch `auto`: the largest that divides the batch, as memory
+    permitting it would be."""
     p = cfg.parallel
     dims = ParallelDims.resolve(p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size)
     g = global_batch or cfg.train.global_batch_size
@@ -55,7 +61,7 @@ def plan_point_for_config(
         reduce_dtype=p.reduce_dtype,
         reshard_after_forward=p.reshard_after_forward,
         grad_sync=p.grad_sync,
-        overlap=p.overlap,
+        overlap=overlap_on(p.overlap, device_type),
     )
 
 
@@ -119,7 +125,7 @@ def activation_fit(cfg: Config, latent_shape: tuple[int, ...], world_size: int, 
 
         logging.getLogger("megagen").info("micro-batch: no memory model for this spec (%s)", exc)
         return None
-    plan = plan_point_for_config(cfg, world_size, micro_batch=1)
+    plan = plan_point_for_config(cfg, world_size, device.type, micro_batch=1)
     per_sample, _ = activation_bytes(work, plan)
     left = memory_for_rank(device) - sum(state_memory(work, plan))
     return lambda n, share: n * per_sample <= share * left

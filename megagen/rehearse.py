@@ -21,6 +21,7 @@ import time
 import warnings
 
 from megagen.config import ConfigError, load_config
+from megagen.parallel.overlap_schedule import overlap_on
 
 QUIET = [
     "train.step_timeout_s=0",  # no peers to wait for: the watchdog has nothing to watch
@@ -32,6 +33,9 @@ QUIET = [
     "checkpoint.every=0",
     "eval.every=0",
 ]
+LAUNCH_DEVICE = "cuda"
+"""The device of the launch a rehearsal plays a rank of (it runs on CPU): settings that depend on the
+device, like `parallel.overlap=auto`, are decided as that launch decides them."""
 CATEGORIES = ("params", "grads", "optimizer", "activations_peak", "comm_buffers")
 
 
@@ -96,7 +100,7 @@ def predicted_bytes(cfg, work, world_size: int, micro_batch: int, shard: int = 0
     from megagen.parallel.planner.memory import state_memory
     from megagen.planning import plan_point_for_config
 
-    plan = plan_point_for_config(cfg, world_size, micro_batch=micro_batch)
+    plan = plan_point_for_config(cfg, world_size, LAUNCH_DEVICE, micro_batch=micro_batch)
     params, grads, optimizer = state_memory(work, plan, shard)
     return {
         "params": params,
@@ -110,6 +114,17 @@ def predicted_bytes(cfg, work, world_size: int, micro_batch: int, shard: int = 0
     }
 
 
+def rehearsal_config(config: str, overrides: list[str], steps: int):
+    """The config a rehearsal runs: the user's, quiet, `steps` long in a scratch run.dir, its
+    device-dependent settings decided for `LAUNCH_DEVICE`."""
+    if steps < 1:
+        raise ConfigError("--steps", f"must be at least 1, got {steps}")
+    run_dir = tempfile.mkdtemp(prefix="megagen-rehearse-")
+    cfg = load_config(config, [*overrides, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}"])
+    cfg.parallel.overlap = overlap_on(cfg.parallel.overlap, LAUNCH_DEVICE)
+    return cfg
+
+
 def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, steps: int = 1) -> dict:
     """Run the rehearsal; the report `--json` prints (see the module docstring)."""
     from megagen.data.pipeline import build_data
@@ -119,10 +134,7 @@ def rehearse(config: str, overrides: list[str], world_size: int, rank: int = 0, 
     from megagen.runtime_setup import distributed_runtime
     from megagen.train.loop import Trainer
 
-    if steps < 1:
-        raise ConfigError("--steps", f"must be at least 1, got {steps}")
-    run_dir = tempfile.mkdtemp(prefix="megagen-rehearse-")
-    cfg = load_config(config, [*overrides, *QUIET, f"train.steps={steps}", f"run.dir={run_dir}"])
+    cfg = rehearsal_config(config, overrides, steps)
     start_fake_world(world_size, rank)
     return_large_frees_to_the_system()
     warnings.filterwarnings("ignore", message=r".*fake.*")

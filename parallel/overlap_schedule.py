@@ -20,6 +20,18 @@ MAX_HEAD_CHUNKS = 4
 NO_PIPELINE_DEVICES = frozenset({"cpu"})
 
 
+def overlap_on(setting: bool | str, device: str) -> bool:
+    """Whether `parallel.overlap` (true, false or auto) turns the overlaps on for a run on `device` (a type).
+
+    auto is on where the collectives travel beside the compute (NCCL has its own engines), off on
+    `NO_PIPELINE_DEVICES`: on the 2-core CPU the overlapped paths lowered exposed communication but never
+    the step time (docs/benchmarking.md "Overlap on vs off"), because gloo's sends run on the same cores.
+    """
+    if setting == "auto":
+        return device not in NO_PIPELINE_DEVICES
+    return bool(setting)
+
+
 def ulysses_head_chunks(
     local_heads: int, cp: int, tokens_local: int, head_dim: int, device: str = "cuda"
 ) -> int:

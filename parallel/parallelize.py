@@ -17,6 +17,7 @@ from megagen.parallel.context_parallel import ContextParallelAttention
 from megagen.parallel.fsdp import apply_fsdp
 from megagen.parallel.grad_reduction import DATA_AXES, engine_reductions
 from megagen.parallel.mesh import Mesh
+from megagen.parallel.overlap_schedule import overlap_on
 from megagen.parallel.plan import ParallelPlan
 from megagen.parallel.precision import autocast_forward
 from megagen.parallel.recompute import apply_recompute
@@ -55,11 +56,12 @@ def parallelize(
     sharder = SequenceSharder(shards, index, plan.sequence_inputs, plan.token_mask)
     state = ParallelState(sharder=sharder)
     fsdp = dims.fsdp * dims.dp_replicate > 1
+    overlap = overlap_on(parallel_cfg.overlap, mesh.device_type)
     # FSDP's mesh (Mesh.fsdp_mesh) spans dp_replicate × dp_shard×cp and sums the gradients over all three
     state.engine_sums = engine_reductions(model, plan, dims.sizes(), sp, DATA_AXES if fsdp else ())
 
     if dims.tp > 1:
-        apply_tensor_parallel(model, plan, mesh["tp"], sp, parallel_cfg.overlap)
+        apply_tensor_parallel(model, plan, mesh["tp"], sp, overlap)
 
     if dims.tp > 1 and plan.sharded_norms:
         apply_sharded_norms(model, plan, mesh["tp"])
@@ -73,7 +75,6 @@ def parallelize(
                 "parallel plan declares no self-attention core, so the sequence cannot be sharded"
             )
         group = mesh.group("cp") if dims.cp > 1 else None
-        overlap = parallel_cfg.overlap
         for name in cores:
             _replace(
                 model,

@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import nn
 
+from megagen.parallel.overlap_schedule import overlap_on
+
 
 class LocalRuntime:
     """One process, no mesh: every hook is the identity."""
@@ -125,7 +127,7 @@ class DistributedRuntime(LocalRuntime):
         self.is_logging_rank = self.rank == 0
         self.sequence_parallel = p.sequence_parallel and self.dims.tp > 1
         self.grad_sync = p.grad_sync
-        self.overlap = p.overlap
+        self.overlap = overlap_on(p.overlap, device.type)
         self.state = None
         self.partial_sum = None
         """`BucketedPartialSum` when `parallel.overlap` launches the engine's gradient sums in backward."""

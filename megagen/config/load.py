@@ -30,15 +30,17 @@ def _field_type(owner: Any, name: str) -> type:
 
 def _coerce(key: str, value: Any, typ: type, words: tuple = ()) -> Any:
     """Convert `value` (YAML scalar or override string) to `typ`, or raise naming `key`. A field typed
-    `int | str` holds an integer or one of its `words` (e.g. `auto`)."""
+    `int | str` (or `bool | str`) holds an integer (a boolean) or one of its `words` (e.g. `auto`)."""
     from_string = isinstance(value, str)
     if words:
         if from_string and value.strip().lower() in words:
             return value.strip().lower()
+        base = next(t for t in typing.get_args(typ) if t is not str)
         try:
-            return _coerce(key, value, int)
+            return _coerce(key, value, base)
         except ConfigError:
-            raise ConfigError(key, f"expected an integer or {' / '.join(words)}, got {value!r}") from None
+            kind = "a boolean (true/false)" if base is bool else "an integer"
+            raise ConfigError(key, f"expected {kind} or {' / '.join(words)}, got {value!r}") from None
     if typ is bool:
         if isinstance(value, bool):
             return value

@@ -98,12 +98,13 @@ class ParallelConfig:
         "inductor", "torch.compile backend for parallel.compile", choices=("inductor", "aot_eager", "eager")
     )
     backend: str = opt("auto", "process-group backend", choices=("auto", "gloo", "nccl"))
-    overlap: bool = opt(
-        False,
+    overlap: bool | str = opt(
+        "auto",
         "communication/compute overlap, every kind at once (docs/parallelism.md): CP all-gather K/V behind "
         "local attention with a log-sum-exp merge, stacked Ulysses all-to-all, tp-partial gradient sums in "
-        "backward, TP+SP sequence pieces; off by default: not bitwise to the plain paths, and not yet "
-        "measured faster per step (docs/benchmarking.md)",
+        "backward, TP+SP sequence pieces; true, false, or auto: on for CUDA, off on CPU, where gloo shares "
+        "the cores with the compute and no step was measured faster (docs/benchmarking.md)",
+        words=("auto",),
     )
 
 

@@ -12,6 +12,7 @@ import math
 import pytest
 
 from megagen.config import load_config
+from megagen.parallel.overlap_schedule import overlap_on
 from megagen.specs import get_spec
 from tests.distributed.cases_parity import BASE, EXAMPLE
 
@@ -107,8 +108,8 @@ def test_context_parallel(dist_pool, kind):
     arch, s, lc, model = shapes()
     got = run(dist_pool, ["parallel.cp=2", f"parallel.cp_kind={kind}", f"train.global_batch_size={B}"])
     full = B * s * arch.dim * F  # K or V over the whole sequence (all local heads)
-    # parallel.overlap (off unless configured on) stacks K/V, and Ulysses' q/k/v, into one collective each
-    stacked = load_config(EXAMPLE, BASE).parallel.overlap
+    # parallel.overlap (auto: off on this CPU) stacks K/V, and Ulysses' q/k/v, into one collective each
+    stacked = overlap_on(load_config(EXAMPLE, BASE).parallel.overlap, "cpu")
     if kind == "allgather_kv":
         calls = arch.layers * (1 if stacked else 2)
         assert got["cp"] == {

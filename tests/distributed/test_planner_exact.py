@@ -34,7 +34,7 @@ MORE = {
 
 
 def _shards_and_accumulates(world: int, overrides: list[str]) -> bool:
-    plan = plan_point_for_config(load_config(EXAMPLE, [*BASE, *overrides]), world)
+    plan = plan_point_for_config(load_config(EXAMPLE, [*BASE, *overrides]), world, "cpu")
     return plan.fsdp * plan.dp_replicate > 1 and plan.accumulation > 1
 
 
@@ -53,7 +53,7 @@ def test_predicted_bytes_and_memory_equal_measured(dist_pool, world, name, overr
     measured = dist_pool(world).run("tests.distributed.cases_parity:comm_and_state", overrides=overrides)[0]
     cfg = load_config(EXAMPLE, [*BASE, *overrides])
     work = workload_for_config(cfg)
-    plan = plan_point_for_config(cfg, world)
+    plan = plan_point_for_config(cfg, world, "cpu")
     assert communication(work, plan) == measured["comm"], name
     params, grads, optim = state_memory(work, plan)
     assert (params, grads, optim) == (measured["params"], measured["grad_peak"], measured["optimizer"]), name
@@ -67,7 +67,7 @@ def test_the_grad_sync_cases_differ_in_traffic_and_memory():
     every = load_config(EXAMPLE, [*BASE, *overrides])
     last = load_config(EXAMPLE, [*BASE, *overrides[:-1], "parallel.grad_sync=last_micro"])
     work = workload_for_config(every)
-    p_every, p_last = plan_point_for_config(every, world), plan_point_for_config(last, world)
+    p_every, p_last = plan_point_for_config(every, world, "cpu"), plan_point_for_config(last, world, "cpu")
     rs = [communication(work, p)["dp_shard_cp"]["reduce_scatter"]["calls"] for p in (p_every, p_last)]
     assert rs[0] == p_every.accumulation * rs[1]
     assert state_memory(work, p_every)[1] < state_memory(work, p_last)[1]

@@ -3,7 +3,7 @@ RMSNorm whose normalised width is split over tp (the engine's sharded norm, `par
 
 Same harness, live init and tolerances as test_parity.py (loss and grad norm within 1e-5 relative; every
 parameter and gradient ‖a−b‖/‖b‖ ≤ 1e-5 after 3 steps), on the video tiny example's data shape, with
-parallel.overlap off (the default) and on.
+parallel.overlap auto (off on CPU) and on.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def test_json_plans_carry_structured_fields_and_the_override_line(capsys):
             "last_micro",
         )
         cfg = load_config(EXAMPLE, row["overrides"].split())
-        plan = plan_point_for_config(cfg, 8)
+        plan = plan_point_for_config(cfg, 8, "cuda")
         assert plan.label() == row["plan"], (row["overrides"], fields)
         assert cfg.train.global_batch_size == 32
 
@@ -193,7 +193,7 @@ def test_plan_write_round_trip(tmp_path, capsys, extra, batch):
     best = _plan_json(capsys, [*argv, *overrides])["plans"][0]
     written = load_config(out)
     assert written.train.global_batch_size == batch and written.optim.lr == 0.002
-    plan = plan_point_for_config(written, 8)
+    plan = plan_point_for_config(written, 8, "cuda")
     assert plan.label() == best["plan"]
     expected = rank(workload_for_config(written), 8, batch, load_cluster("h100"), top=1)[0].plan
     assert plan == expected  # every field: mesh, kinds, schedule, dtypes, resharding, grad sync
