@@ -4,8 +4,8 @@
    tp when its class says so (`partial_over_tp`: IN_REGION always, BETWEEN under sequence parallelism).
 2. summed by: FSDP's reduce-scatter / all-reduce over the axes of its mesh, told to SUM (`fsdp_sums`);
    the runtime all-reduces every other partial axis once after backward (`engine_reductions` → `sum_partial`),
-   or, with `parallel.overlap` and no FSDP, in buckets launched during the step's last backward as their
-   gradients become final (`BucketedPartialSum`) — the same all-reduce of the same values, only earlier.
+   or, with `parallel.overlap`, in buckets launched during the step's last backward as their gradients
+   become final (`BucketedPartialSum`) — the same all-reduce of the same values, only earlier.
 3. the loss is normalised by the global count of valid tokens (`normalised_loss`), times the FSDP
    group size where an old torch can only average (`fsdp_average_undo`): the sum then equals one process's.
 4. the grad norm counts each distinct element once: a rank divides its squared norm by the number of
@@ -41,6 +41,7 @@ import fnmatch
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
 from megagen.parallel.collectives import Pending, all_reduce_sum, all_reduce_sum_async
@@ -208,14 +209,32 @@ def _copy_back(grads: list[torch.Tensor], flat: torch.Tensor) -> None:
         offset += g.numel()
 
 
+def arrival_order(model: nn.Module, names: list[str]) -> list[str]:
+    """`names` (registration order) in roughly the order the last backward finishes their gradients:
+    reversed, since backward runs the layers last to first; under FSDP the parameters of no FSDP block,
+    whose reduce-scatter is the root unit's post-backward at the very end, go last."""
+    blocks = [n for n, m in model.named_modules() if n and isinstance(m, FSDPModule)]
+
+    def in_root_unit(name: str) -> bool:
+        return bool(blocks) and not any(_inside(name, b) for b in blocks)
+
+    return sorted(reversed(names), key=in_root_unit)  # stable: the reversed order within each group
+
+
 class BucketedPartialSum:
     """`sum_partial` overlapped with backward: the partial gradients of each axis are grouped in buckets of
-    about `bucket_bytes`, in reverse registration order (roughly the order backward finishes them); a
+    about `bucket_bytes`, in the order backward finishes them (`arrival_order`); a
     bucket's all-reduce is issued from the post-accumulate-grad hook of its last parameter to get its
     gradient, and waited only in `finish` (before clipping). Only an armed backward (the step's last
     micro-batch: `arm(True)`) launches, so accumulated gradients are summed once, as `sum_partial` does;
     a bucket whose gradients never all arrived is launched in `finish`. Flattening does not change a
-    value: the all-reduce sums element by element."""
+    value: the all-reduce sums element by element.
+
+    Under FSDP the parameters are the sharded ones, whose gradients autograd never accumulates: FSDP2
+    runs their post-accumulate-grad hooks itself, in each unit's post-backward right after the unit's
+    reduce-scatter (and HSDP all-reduce) wrote the sharded gradient, so a bucket of shards launches as
+    soon as its units are reduced. On CUDA that hook runs on FSDP's reduce stream; the sums are consumed
+    on the compute stream, so `finish` records that stream on them before they can be freed."""
 
     def __init__(
         self, model: nn.Module, reductions: dict[str, list[str]], group_of, bucket_bytes: int | None = None
@@ -228,7 +247,7 @@ class BucketedPartialSum:
         self.buckets: list[tuple[str, list[nn.Parameter]]] = []
         for axis, names in reductions.items():
             bucket, size = [], 0
-            for name in reversed(names):
+            for name in arrival_order(model, names):
                 p = params[name]
                 bucket.append(p)
                 size += _local(p).numel() * p.element_size()
@@ -278,7 +297,10 @@ class BucketedPartialSum:
         for issued in self._issued:
             if issued is not None:
                 grads, pending = issued
-                _copy_back(grads, pending.wait())  # the wait is timed under the axis it was issued on
+                summed = pending.wait()  # the wait is timed under the axis it was issued on
+                _copy_back(grads, summed)
+                if summed.is_cuda:  # made on FSDP's reduce stream, read here on the compute stream
+                    summed.record_stream(torch.cuda.current_stream(summed.device))
         self._reset()
         self.armed = False
 

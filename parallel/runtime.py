@@ -162,11 +162,11 @@ class DistributedRuntime(LocalRuntime):
         from megagen.parallel.fsdp import set_gradient_sync
 
         set_gradient_sync(model, last_micro or self.grad_sync == "every_micro")
-        if self.partial_sum is None and self.overlap and self.state.engine_sums and not self.state.fsdp:
+        if self.partial_sum is None and self.overlap and self.state.engine_sums:
             from megagen.parallel.grad_reduction import BucketedPartialSum
 
             # Made here, not in parallelize: the model is materialised (new parameters) in between. Under
-            # FSDP the sharded gradients appear only in its post-backward, so they are summed after it.
+            # FSDP the hooks sit on the sharded parameters; FSDP runs them after each unit's reduce-scatter.
             self.partial_sum = BucketedPartialSum(model, self.state.engine_sums, self.mesh.group)
         if self.partial_sum is not None:
             self.partial_sum.arm(last_micro)  # the engine sums accumulated gradients once, as sum_partial

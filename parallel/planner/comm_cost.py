@@ -17,8 +17,9 @@ from megagen.parallel.planner.plan_point import DTYPE_BYTES, PlanPoint, uses_fsd
 from megagen.parallel.planner.workload import ParamShape, Workload, cached
 
 
-def tp_partial_rank0_numel(work: Workload, tp: int, n: int, sp: bool) -> int:
-    """Elements of rank 0's gradients that are partial over tp (the gradient rule of grad_reduction.py)."""
+def tp_partial_rank0_numel(work: Workload, tp: int, n: int, sp: bool, blocks_only: bool = False) -> int:
+    """Elements of rank 0's gradients that are partial over tp (the gradient rule of grad_reduction.py);
+    `blocks_only`: of the blocks' parameters alone (the root unit's left out)."""
 
     def partial(p: ParamShape) -> bool:
         cls = p.grad_class or (SHARDED if p.tp_dim is not None else BETWEEN)
@@ -26,10 +27,11 @@ def tp_partial_rank0_numel(work: Workload, tp: int, n: int, sp: bool) -> int:
 
     def compute():
         params = [p for blk in work.block_params for p in blk if partial(p)]
-        params += [p for p in work.root_params if partial(p)]
+        if not blocks_only:
+            params += [p for p in work.root_params if partial(p)]
         return rank0_numel(params, tp, n)
 
-    return cached(work, ("tp_partial", tp, n, sp), compute)
+    return cached(work, ("tp_partial", tp, n, sp, blocks_only), compute)
 
 
 def communication(work: Workload, plan: PlanPoint) -> dict:

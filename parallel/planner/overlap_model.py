@@ -85,7 +85,7 @@ RULES = {
         OverlapRule(
             "grad_buckets",
             "tp",
-            "bucketed all-reduce of tp-partial gradients (no FSDP)",
+            "bucketed all-reduce of tp-partial gradients (under FSDP, of their shards)",
             "the rest of the last micro-batch's backward",
             "behind",
         ),
@@ -139,17 +139,24 @@ def _hidden_seconds(ex: Exchange, plan: PlanPoint, cluster: Cluster) -> float:
 
 
 def grad_bucket_hidden(work: Workload, plan: PlanPoint, cluster: Cluster, compute_s: float) -> float:
-    """BucketedPartialSum (no FSDP): buckets of ~BUCKET_BYTES all-reduced as backward finishes them, waited
-    before clipping. All but the last bucket hide behind the rest of the last micro-batch's backward."""
-    if not (plan.overlap and plan.tp > 1) or uses_fsdp(plan):
+    """BucketedPartialSum: buckets of ~BUCKET_BYTES all-reduced as backward finishes them (under FSDP,
+    FSDP's shards of them, as each unit's reduce-scatter ends), waited before clipping. All but the last
+    bucket hide behind the rest of the last micro-batch's backward; under FSDP the root unit's gradients
+    come last of all (its post-backward ends backward), so only buckets the blocks fill launch early."""
+    if not (plan.overlap and plan.tp > 1):
         return 0.0
-    nbytes = tp_partial_rank0_numel(work, plan.tp, 1, plan.sp) * 4
+    n = plan.fsdp if uses_fsdp(plan) else 1
+    nbytes = tp_partial_rank0_numel(work, plan.tp, n, plan.sp) * 4
     if not nbytes:
         return 0.0
-    buckets = -(-nbytes // BUCKET_BYTES)
-    last = nbytes - (buckets - 1) * BUCKET_BYTES
+    early_bytes = (-(-nbytes // BUCKET_BYTES) - 1) * BUCKET_BYTES
+    if uses_fsdp(plan):
+        blocks = tp_partial_rank0_numel(work, plan.tp, n, plan.sp, blocks_only=True) * 4
+        early_bytes = min(early_bytes, blocks // BUCKET_BYTES * BUCKET_BYTES)
+    if not early_bytes:
+        return 0.0
     whole = collective_seconds("all_reduce", nbytes, 1, "tp", plan, cluster)
-    early = collective_seconds("all_reduce", nbytes - last, buckets - 1, "tp", plan, cluster)
+    early = collective_seconds("all_reduce", early_bytes, early_bytes // BUCKET_BYTES, "tp", plan, cluster)
     backward = compute_s / plan.accumulation * BACKWARD_SHARE
     return min(whole, max(0.0, early - behind_exposed(early, backward)))
 

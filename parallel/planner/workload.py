@@ -165,9 +165,7 @@ def _region_tracer(work: Workload, name: str, region, arg_names: list[str], batc
         bound = dict(zip(arg_names, args))
         bound.update(kwargs)
         present = [bound[a] for a in region.seq_args if isinstance(bound.get(a), torch.Tensor)]
-        seq = tuple(
-            (_per_sample_tokens(x, batch), x.shape[-1]) for x in present if not _is_table(x, batch)
-        )
+        seq = tuple((_per_sample_tokens(x, batch), x.shape[-1]) for x in present if not _is_table(x, batch))
         tables = tuple(
             (x.shape[1], x.numel() // x.shape[1] * x.element_size()) for x in present if _is_table(x, batch)
         )

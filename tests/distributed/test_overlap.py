@@ -8,20 +8,32 @@ import pytest
 import torch
 
 QK = "model.qk_norm=true"
-# tiny model, 2 tp ranks, dp = 1: the global batch of 8 runs as 4 accumulated micro-batches of 2
+# tiny model, 2 tp ranks, dp = 1: the global batch of 8 runs as 4 accumulated micro-batches of 2; on 4
+# ranks FSDP shards over the other 2, and the buckets hold its shards (FSDP2 runs their hooks)
 CASES = {
-    "tp2+sp": ["parallel.tp=2"],
-    "tp2+sp-qknorm": [QK, "parallel.tp=2"],
-    "tp2-qknorm-no-sp": [QK, "parallel.tp=2", "parallel.sequence_parallel=false"],
-    "tp2+sp-every-micro": ["parallel.tp=2", "parallel.grad_sync=every_micro", "train.micro_batch_size=4"],
+    (2, "tp2+sp"): ["parallel.tp=2"],
+    (2, "tp2+sp-qknorm"): [QK, "parallel.tp=2"],
+    (2, "tp2-qknorm-no-sp"): [QK, "parallel.tp=2", "parallel.sequence_parallel=false"],
+    (2, "tp2+sp-every-micro"): [
+        "parallel.tp=2",
+        "parallel.grad_sync=every_micro",
+        "train.micro_batch_size=4",
+    ],
+    (4, "fsdp2xtp2+sp-qknorm"): [QK, "parallel.tp=2"],
+    (4, "fsdp2xtp2+sp-every-micro"): [
+        "parallel.tp=2",
+        "parallel.grad_sync=every_micro",
+        "train.micro_batch_size=2",
+    ],
+    (4, "hsdp2xtp2+sp"): ["parallel.tp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
-def test_bucketed_partial_sum_is_bitwise_the_sum_after_backward(dist_pool, name):
-    results = dist_pool(2).run(
-        "tests.distributed.cases_overlap:overlap_on_and_off", overrides=CASES[name], bucket_bytes=64
+@pytest.mark.parametrize(("world", "name"), list(CASES), ids=[n for _, n in CASES])
+def test_bucketed_partial_sum_is_bitwise_the_sum_after_backward(dist_pool, world, name):
+    results = dist_pool(world).run(
+        "tests.distributed.cases_overlap:overlap_on_and_off", overrides=CASES[(world, name)], bucket_bytes=64
     )
     off, on = results[0]["false"], results[0]["true"]
     assert off["buckets"] is None and on["buckets"] > 1, name  # the switch picks the path

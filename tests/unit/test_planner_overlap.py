@@ -10,6 +10,7 @@ import pytest
 
 from megagen.parallel.planner import overlap_exchanges, overlap_model
 from megagen.parallel.planner.cluster import load_cluster
+from megagen.parallel.planner.comm_cost import tp_partial_rank0_numel
 from megagen.parallel.planner.overlap_model import (
     RULES,
     exposure,
@@ -97,10 +98,18 @@ def test_tp_partial_gradient_buckets_hide_all_but_the_last(monkeypatch):
     # one bucket (everything arrives at the end of backward): nothing hides
     monkeypatch.setattr(overlap_model, "BUCKET_BYTES", 2**50)
     assert "grad_buckets" not in exposure(work, plan, h100, on.comm_s, on.compute_s).hidden_by_rule
-    # with FSDP the engine sums tp-partial gradients after backward: nothing hides either
-    monkeypatch.setattr(overlap_model, "BUCKET_BYTES", 2**20)
+    # with FSDP the buckets hold shards, and the root unit's (the embeddings') arrive at the very end:
+    # only buckets the blocks' norm weights fill can hide
     fsdp = replace(plan, dp_shard=2)
+    block_bytes = tp_partial_rank0_numel(work, 2, 2, True, blocks_only=True) * 4
+    assert 0 < block_bytes < tp_partial_rank0_numel(work, 2, 2, True) * 4 // 100
+    monkeypatch.setattr(overlap_model, "BUCKET_BYTES", block_bytes + 1)  # the blocks fill no bucket
     assert "grad_buckets" not in exposure(work, fsdp, h100, on.comm_s, on.compute_s).hidden_by_rule
+    monkeypatch.setattr(overlap_model, "BUCKET_BYTES", block_bytes // 4)  # they fill four
+    fsdp_on = step_cost(work, fsdp, h100)
+    fsdp_hidden = exposure(work, fsdp, h100, fsdp_on.comm_s, fsdp_on.compute_s).hidden_by_rule["grad_buckets"]
+    unsharded = exposure(work, plan, h100, on.comm_s, on.compute_s).hidden_by_rule["grad_buckets"]
+    assert 0.0 < fsdp_hidden < unsharded
 
 
 @pytest.mark.parametrize("rule", [*RULE_PLANS, "grad_buckets"])
