@@ -45,11 +45,21 @@ class ActivationMeter:
         self.peak_bytes = 0
         self.live_bytes = 0
         self._refs: dict[int, list[int]] = {}  # storage address -> [references, bytes]
-        self._model: nn.Module | None = None
+        self._owners: list[dict] = []  # the `_parameters` of every module that registers some
+        self._seen: tuple[int, ...] | None = None
+        self._storages: set[int] = set()
 
     def _parameter_storages(self) -> set[int]:
-        """Addresses of the storages the model's parameters use right now (FSDP swaps in unsharded ones)."""
-        return {_storage_address(p)[0] for p in self._model.parameters()}
+        """Addresses of the storages the model's parameters use right now. FSDP swaps in unsharded
+        parameters (new storages) unit by unit, so the set is rebuilt whenever a parameter's data pointer
+        moved; reading the pointers is cheap, walking the module tree on every saved tensor was not (most
+        of a billion-parameter rehearsal's step)."""
+        tensors = [getattr(p, "_local_tensor", p) for d in self._owners for p in d.values() if p is not None]
+        seen = tuple(t.data_ptr() for t in tensors)
+        if seen != self._seen:
+            self._seen = seen
+            self._storages = {t.untyped_storage().data_ptr() for t in tensors}
+        return self._storages
 
     def _pack(self, t: torch.Tensor) -> _Held:
         key, nbytes = _storage_address(t)
@@ -75,7 +85,8 @@ class ActivationMeter:
 
     @contextlib.contextmanager
     def watching(self, model: nn.Module):
-        self._model = model
+        self._owners = [m._parameters for m in model.modules() if m._parameters]
+        self._seen = None
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor):
             yield self
 
