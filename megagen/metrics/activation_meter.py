@@ -52,13 +52,13 @@ class ActivationMeter:
     def _parameter_storages(self) -> set[int]:
         """Addresses of the storages the model's parameters use right now. FSDP swaps in unsharded
         parameters (new storages) unit by unit, so the set is rebuilt whenever a parameter's data pointer
-        moved; reading the pointers is cheap, walking the module tree on every saved tensor was not (most
-        of a billion-parameter rehearsal's step)."""
+        moved; reading the pointers is cheaper than walking the module tree on every saved tensor (a 1B
+        rehearsal's first step: 13.2 -> 11.5 s)."""
         tensors = [getattr(p, "_local_tensor", p) for d in self._owners for p in d.values() if p is not None]
         seen = tuple(t.data_ptr() for t in tensors)
         if seen != self._seen:
             self._seen = seen
-            self._storages = {t.untyped_storage().data_ptr() for t in tensors}
+            self._storages = {_storage_address(t)[0] for t in tensors}
         return self._storages
 
     def _pack(self, t: torch.Tensor) -> _Held:
